@@ -1,0 +1,73 @@
+"""Business errors: specific, typed, and stable enough for other services to branch on."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RefusalCode(StrEnum):
+    """Why a decision, withdrawal or retry was refused. Part of the public contract: the update
+    failure's `type` and the API's 409 `code` carry it."""
+
+    WRONG_SELLER = "wrong_seller"
+    WRONG_BUYER = "wrong_buyer"
+    ALREADY_DECIDED = "already_decided"
+    NOT_PENDING = "not_pending"
+    NOT_ESCALATED = "not_escalated"
+    NOT_REFUND_FAILED = "not_refund_failed"
+    INVALID_PAYLOAD = "invalid_payload"
+
+
+class DecisionRefused(Exception):
+    """A decision that is not allowed now. Changes nothing."""
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LedgerError(Exception):
+    """Base of the ledger's domain errors."""
+
+    error_type = "LedgerError"
+
+
+class SubOrderNotFound(LedgerError):
+    error_type = "SubOrderNotFound"
+
+
+class SubOrderAlreadyCancelled(LedgerError):
+    error_type = "SubOrderAlreadyCancelled"
+
+
+class CancellationNotFound(LedgerError):
+    error_type = "CancellationNotFound"
+
+
+class RefundLimitExceeded(LedgerError):
+    """The refund would take the payment's refunded total above what was paid (R9)."""
+
+    error_type = "RefundLimitExceeded"
+
+
+class OrderConflict(LedgerError):
+    """An order id is already loaded with different content."""
+
+    error_type = "OrderConflict"
+
+
+class ProviderError(Exception):
+    """Base of the payment provider's errors."""
+
+
+class ProviderTransientError(ProviderError):
+    """Worth retrying with the same idempotency key (timeout, 5xx, rate limit)."""
+
+
+class ProviderFinalError(ProviderError):
+    """The provider will never accept this refund (card closed, refund rejected)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code

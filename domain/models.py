@@ -1,0 +1,347 @@
+"""The data that crosses boundaries: workflow/activity inputs and results, ledger rows, views.
+
+Every model is a pydantic v2 model, serialised by `temporalio.contrib.pydantic`. Models that
+travel through Temporal histories may gain optional fields later; they never lose or rename one.
+Money is always integer minor units plus an ISO 4217 code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# Identifiers come from other systems; keep them to a safe, readable alphabet so they can be
+# embedded in workflow ids, idempotency keys and log lines without escaping.
+Identifier = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"),
+]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+MinorUnits = Annotated[int, Field(ge=0, le=10**15)]
+FreeText = Annotated[str, StringConstraints(max_length=2000)]
+
+
+class Strict(BaseModel):
+    """Base for inputs from outside: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Record(BaseModel):
+    """Base for values this service produces itself (results, views, ledger rows).
+
+    Unknown fields are ignored so that an older worker can read what a newer one wrote.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Money(Strict):
+    amount_minor: MinorUnits
+    currency: Currency
+
+    def __str__(self) -> str:
+        # Display only; two decimals is right for the currencies the demo uses. Amounts are
+        # never computed from this text.
+        return f"{self.amount_minor // 100}.{self.amount_minor % 100:02d} {self.currency}"
+
+
+# --- reasons (R6) -------------------------------------------------------------------------------
+
+
+class Fault(StrEnum):
+    BUYER = "buyer"
+    SELLER = "seller"
+
+
+class CancellationReason(StrEnum):
+    ORDERED_BY_MISTAKE = "ordered_by_mistake"
+    DUPLICATE_ORDER = "duplicate_order"
+    OUT_OF_STOCK = "out_of_stock"
+    CANNOT_SHIP = "cannot_ship"
+    SELLER_UNREACHABLE = "seller_unreachable"
+    OTHER = "other"
+
+    @property
+    def fault(self) -> Fault:
+        return REASON_FAULT[self]
+
+
+# R6 lists "other" among the seller-attributed reasons; buyers who simply changed their mind
+# choose "ordered_by_mistake".
+REASON_FAULT: dict[CancellationReason, Fault] = {
+    CancellationReason.ORDERED_BY_MISTAKE: Fault.BUYER,
+    CancellationReason.DUPLICATE_ORDER: Fault.BUYER,
+    CancellationReason.OUT_OF_STOCK: Fault.SELLER,
+    CancellationReason.CANNOT_SHIP: Fault.SELLER,
+    CancellationReason.SELLER_UNREACHABLE: Fault.SELLER,
+    CancellationReason.OTHER: Fault.SELLER,
+}
+
+
+# --- orders (owned by the order system; loaded, never edited here) ------------------------------
+
+
+class PaymentMethod(StrEnum):
+    CARD = "card"
+    WALLET = "wallet"
+    BALANCE = "balance"
+    BANK_TRANSFER = "bank_transfer"
+
+
+class PaymentValidation(StrEnum):
+    UNVALIDATED = "unvalidated"
+    VALIDATED = "validated"
+
+
+class CaptureState(StrEnum):
+    AUTHORIZED = "authorized"
+    CAPTURED = "captured"
+
+
+class SubOrderStatus(StrEnum):
+    UNVALIDATED = "unvalidated"  # payment being verified, seller has not accepted: instant path
+    ACCEPTED = "accepted"  # payment validated and seller accepted: request path
+    CANCELLED = "cancelled"
+
+
+# --- cancellations ------------------------------------------------------------------------------
+
+
+class CancellationPath(StrEnum):
+    INSTANT = "instant"
+    REQUEST = "request"
+
+
+class CancellationStatus(StrEnum):
+    """One value per state; the `CancellationStatus` search attribute carries it."""
+
+    OPENING = "opening"
+    AWAITING_SELLER = "awaiting_seller"
+    ESCALATED = "escalated"
+    REJECTED = "rejected"
+    WITHDRAWN = "withdrawn"
+    APPROVED = "approved"
+    REFUND_REQUESTED = "refund_requested"
+    REFUND_SUBMITTED = "refund_submitted"
+    REFUND_CONFIRMED = "refund_confirmed"
+    REFUND_FAILED = "refund_failed"
+    COMPLETED = "completed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (
+            CancellationStatus.REJECTED,
+            CancellationStatus.WITHDRAWN,
+            CancellationStatus.COMPLETED,
+        )
+
+
+class Decision(StrEnum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+
+
+class TimeoutPolicy(StrEnum):
+    AUTO_APPROVE = "auto_approve"
+    AUTO_REJECT = "auto_reject"
+    ESCALATE = "escalate"
+
+
+class RefundKind(StrEnum):
+    VOID = "void"  # money only authorised (R2)
+    REFUND = "refund"  # money captured
+
+
+class RefundStage(StrEnum):
+    REQUESTED = "requested"  # dot 1: dispute finished
+    SUBMITTED = "submitted"  # dot 2: refund in progress
+    CONFIRMED = "confirmed"  # dot 3: refund completed
+    FAILED = "failed"
+
+    @property
+    def dots(self) -> int:
+        return {"requested": 1, "submitted": 2, "confirmed": 3, "failed": 2}[self.value]
+
+
+class CouponOutcomeKind(StrEnum):
+    RESTORED = "restored"
+    PARTIAL_REFUND = "partial_refund"
+    EXPIRED = "expired"
+    NO_COUPON = "no_coupon"
+
+
+class RequestCancellationInput(Strict):
+    """What a buyer asks for. Workflow input of `OrderCancellation`."""
+
+    order_id: Identifier
+    seller_id: Identifier
+    buyer_id: Identifier
+    reason: CancellationReason
+    reason_text: FreeText = ""
+    # Per-request override of the seller response window (business data, e.g. a category with a
+    # shorter window, or the demo's short-window scenario). None: the worker's configured window.
+    response_window: timedelta | None = Field(
+        default=None, ge=timedelta(seconds=1), le=timedelta(days=60)
+    )
+
+
+class SellerDecision(Strict):
+    """Payload of signal `seller_decision` and update `decide`: plain JSON for any client."""
+
+    seller_id: Identifier
+    decision: Decision
+    reason: FreeText = ""
+
+
+class WithdrawRequest(Strict):
+    """Payload of signal `withdraw`."""
+
+    buyer_id: Identifier
+    reason: FreeText = ""
+
+
+class OperatorDecision(Strict):
+    """Payload of update `resolve_escalation`: an operator decides an escalated request."""
+
+    operator_id: Identifier
+    decision: Decision
+    reason: FreeText = ""
+
+
+class RetryRefundRequest(Strict):
+    """Payload of update `retry_refund`."""
+
+    operator_id: Identifier
+    reason: FreeText = ""
+
+
+class DecisionReceipt(Record):
+    """What an update returns: the decision took effect and what the cancellation does next."""
+
+    cancellation_id: str
+    accepted: bool
+    status: CancellationStatus
+    message: str
+
+
+class EtaRange(Record):
+    earliest: datetime
+    latest: datetime
+
+
+class RefundDot(Record):
+    stage: RefundStage
+    label: str
+    done: bool
+    at: datetime | None = None
+    eta: EtaRange | None = None
+
+
+class RefundView(Record):
+    idempotency_key: str
+    kind: RefundKind
+    amount: Money
+    stage: RefundStage
+    provider_ref: str | None = None
+    eta: EtaRange | None = None
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class CouponOutcome(Record):
+    outcome: CouponOutcomeKind
+    reason: str
+    redemption_id: str | None = None
+    active_sub_orders: list[str] = Field(default_factory=list)
+
+
+class AuditEntry(Record):
+    at: datetime
+    actor: str
+    kind: str
+    detail: str = ""
+
+
+class CancellationView(Record):
+    """Query `status` result (and the CLI's view of a finished cancellation, from the ledger)."""
+
+    cancellation_id: str
+    order_id: str
+    seller_id: str
+    buyer_id: str
+    reason: CancellationReason
+    path: CancellationPath | None = None
+    status: CancellationStatus
+    seller_deadline: datetime | None = None
+    refund: RefundView | None = None
+    dots: list[RefundDot] = Field(default_factory=list)
+    coupon: CouponOutcome | None = None
+    last_error: str | None = None
+    audit: list[AuditEntry] = Field(default_factory=list)
+
+
+class CancellationResult(Record):
+    """Workflow result."""
+
+    cancellation_id: str
+    status: CancellationStatus
+    path: CancellationPath
+    refund: RefundView | None = None
+    coupon: CouponOutcome | None = None
+
+
+# --- activity contracts --------------------------------------------------------------------------
+
+
+class OpenCancellationInput(Record):
+    cancellation_id: str
+    request: RequestCancellationInput
+
+
+class OpenCancellationResult(Record):
+    """The sub-order as the ledger saw it, and which path the atomic transition chose (R1)."""
+
+    path: CancellationPath
+    amount: Money  # cash paid for the sub-order: what a refund returns
+    payment_method: PaymentMethod
+    capture: CaptureState
+    response_window: timedelta  # fixed when the cancellation starts (R4)
+    timeout_policy: TimeoutPolicy
+
+
+class TransitionInput(Record):
+    """A state change recorded in one ledger transaction together with its audit row (R12)."""
+
+    cancellation_id: str
+    status: CancellationStatus
+    actor: str
+    kind: str
+    detail: str = ""
+    # Deterministic per transition so an activity retry writes the audit row once.
+    event_key: str
+    # Approval cancels the sub-order in the same transaction.
+    cancel_sub_order: bool = False
+
+
+class RefundRequestInput(Record):
+    cancellation_id: str
+
+
+class RefundStepInput(Record):
+    cancellation_id: str
+    idempotency_key: str
+
+
+class RefundFailureInput(Record):
+    cancellation_id: str
+    idempotency_key: str
+    error: str
+    attempts: int
+
+
+class CouponInput(Record):
+    cancellation_id: str
