@@ -164,7 +164,7 @@ class RefundStage(StrEnum):
 
     @property
     def dots(self) -> int:
-        return {"requested": 1, "submitted": 2, "confirmed": 3, "failed": 2}[self.value]
+        return {"requested": 1, "submitted": 2, "confirmed": 3, "failed": 1}[self.value]
 
 
 class CouponOutcomeKind(StrEnum):
@@ -302,6 +302,14 @@ class OpenCancellationInput(Record):
     request: RequestCancellationInput
 
 
+class RefundPolicy(Record):
+    submit_initial_interval: timedelta = timedelta(seconds=1)
+    submit_max_interval: timedelta = timedelta(minutes=5)
+    submit_max_attempts: int = 8
+    poll_interval: timedelta = timedelta(seconds=5)
+    poll_max_interval: timedelta = timedelta(hours=1)
+
+
 class OpenCancellationResult(Record):
     """The sub-order as the ledger saw it, and which path the atomic transition chose (R1)."""
 
@@ -311,6 +319,9 @@ class OpenCancellationResult(Record):
     capture: CaptureState
     response_window: timedelta  # fixed when the cancellation starts (R4)
     timeout_policy: TimeoutPolicy
+    # How the refund is driven, from the worker's configuration when the cancellation opened;
+    # recorded in history so a replay sees the same values.
+    refund_policy: RefundPolicy
 
 
 class TransitionInput(Record):
@@ -327,13 +338,25 @@ class TransitionInput(Record):
     cancel_sub_order: bool = False
 
 
+class EventInput(Record):
+    """An audit row with no state change (e.g. a refused signal)."""
+
+    cancellation_id: str
+    actor: str
+    kind: str
+    detail: str = ""
+    event_key: str
+
+
 class RefundRequestInput(Record):
     cancellation_id: str
+    event_key: str
 
 
 class RefundStepInput(Record):
     cancellation_id: str
     idempotency_key: str
+    event_key: str
 
 
 class RefundFailureInput(Record):
@@ -341,7 +364,9 @@ class RefundFailureInput(Record):
     idempotency_key: str
     error: str
     attempts: int
+    event_key: str
 
 
 class CouponInput(Record):
     cancellation_id: str
+    event_key: str

@@ -18,7 +18,10 @@ from domain.models import (
     Decision,
     EtaRange,
     PaymentMethod,
+    RefundDot,
     RefundKind,
+    RefundStage,
+    RefundView,
     TimeoutPolicy,
 )
 
@@ -135,10 +138,10 @@ def check_withdrawal(*, status: CancellationStatus, expected_buyer: str, buyer_i
             RefusalCode.WRONG_BUYER,
             f"buyer {buyer_id!r} did not request this cancellation",
         )
-    if status is not CancellationStatus.AWAITING_SELLER:
+    if status not in (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED):
         raise DecisionRefused(
             RefusalCode.NOT_PENDING,
-            f"only a request awaiting the seller can be withdrawn (status: {status.value})",
+            f"only a pending request can be withdrawn (status: {status.value})",
         )
 
 
@@ -223,3 +226,26 @@ def parse_duration(text: str) -> timedelta:
     if pos != len(value) or not value:
         raise ValueError(f"not a duration: {text!r} (expected e.g. '48h', '30m', '5s', '1h30m')")
     return timedelta(seconds=seconds)
+
+
+# --- the three dots (R7) -------------------------------------------------------------------------
+
+DOT_LABELS = (
+    (RefundStage.REQUESTED, "Dispute finished"),
+    (RefundStage.SUBMITTED, "Refund in progress"),
+    (RefundStage.CONFIRMED, "Refund completed"),
+)
+
+
+def refund_dots(refund: RefundView | None) -> list[RefundDot]:
+    """What the buyer sees: three dots, each done or not, the last one with its ETA."""
+    reached = refund.stage.dots if refund is not None else 0
+    return [
+        RefundDot(
+            stage=stage,
+            label=label,
+            done=n < reached,
+            eta=refund.eta if refund is not None and stage is RefundStage.CONFIRMED else None,
+        )
+        for n, (stage, label) in enumerate(DOT_LABELS)
+    ]

@@ -119,6 +119,9 @@ CREATE TABLE coupon_decisions (
     outcome           text NOT NULL CHECK (outcome IN ('restored', 'partial_refund', 'expired', 'no_coupon')),
     reason            text NOT NULL,
     active_sub_orders text[] NOT NULL DEFAULT '{}',
+    -- Siblings that finish together may both see the footprint fully refunded and both record
+    -- `restored`; only the one that flipped coupon_redemptions.restored_at performed it.
+    performed_restore boolean NOT NULL DEFAULT false,
     decided_at        timestamptz NOT NULL DEFAULT now()
 );
 -- One decision per cancellation and redemption: a retried activity reads the first one back.
@@ -126,7 +129,7 @@ CREATE UNIQUE INDEX coupon_decisions_once
     ON coupon_decisions (cancellation_id, coalesce(redemption_id, ''));
 -- A coupon is restored at most once, whichever sibling sub-order gets there.
 CREATE UNIQUE INDEX coupon_restored_once
-    ON coupon_decisions (redemption_id) WHERE outcome = 'restored';
+    ON coupon_decisions (redemption_id) WHERE performed_restore;
 
 -- The append-only audit trail (R12).
 CREATE TABLE cancellation_events (

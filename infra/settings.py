@@ -1,0 +1,80 @@
+"""Every setting the service reads, from the environment (names in the README's table)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.models import RefundPolicy, TimeoutPolicy
+from domain.rules import parse_duration
+
+TASK_QUEUE = "order-cancellation"
+
+
+def _duration(value: object) -> object:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORDERCANCEL_", extra="ignore")
+
+    # Servers the user already runs. Unset: `ordercancel dev` starts embedded ones.
+    database_url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "ORDERCANCEL_DATABASE_URL")
+    )
+    temporal_address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TEMPORAL_ADDRESS", "ORDERCANCEL_TEMPORAL_ADDRESS"),
+    )
+    temporal_namespace: str = Field(
+        default="default",
+        validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "ORDERCANCEL_TEMPORAL_NAMESPACE"),
+    )
+    task_queue: str = TASK_QUEUE
+
+    # The rule book's defaults (R4, R10); every one is configuration.
+    seller_response_window: Duration = timedelta(hours=48)
+    timeout_policy: TimeoutPolicy = TimeoutPolicy.AUTO_APPROVE
+    refund_submit_initial_interval: Duration = timedelta(seconds=1)
+    refund_submit_max_interval: Duration = timedelta(minutes=5)
+    refund_submit_max_attempts: int = Field(default=8, ge=1, le=1000)
+    refund_poll_interval: Duration = timedelta(seconds=5)
+    refund_poll_max_interval: Duration = timedelta(hours=1)
+
+    # The embedded stack (`ordercancel dev`).
+    data_dir: Path = Path(".data")
+    temporal_port: int = 7233
+    ui_port: int = 8233
+
+    # The payment provider: the built-in simulator (a real adapter plugs in later).
+    provider: Literal["simulator"] = "simulator"
+    sim_latency: Duration = timedelta(0)
+    sim_transient_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    sim_confirm_after_polls: int = Field(default=1, ge=0)
+
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=10, ge=1)
+
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def refund_policy(self) -> RefundPolicy:
+        return RefundPolicy(
+            submit_initial_interval=self.refund_submit_initial_interval,
+            submit_max_interval=self.refund_submit_max_interval,
+            submit_max_attempts=self.refund_submit_max_attempts,
+            poll_interval=self.refund_poll_interval,
+            poll_max_interval=self.refund_poll_max_interval,
+        )
+
+    def database_dsn(self) -> str:
+        if self.database_url is None:
+            raise RuntimeError("DATABASE_URL is not set and no embedded PostgreSQL was started")
+        return self.database_url.get_secret_value()

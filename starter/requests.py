@@ -1,0 +1,66 @@
+"""Starting cancellations and sending decisions: what the CLI (and later the API) calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from domain.models import CancellationResult, CancellationStatus, RequestCancellationInput
+from domain.rules import cancellation_id
+from infra.settings import TASK_QUEUE
+from workflows import search_attributes as sa
+from workflows.order_cancellation import OrderCancellation
+
+
+def summary(request: RequestCancellationInput) -> str:
+    return (
+        f"Cancel order {request.order_id} / seller {request.seller_id}: "
+        f"{request.reason.value} ({request.reason.fault.value} fault)"
+    )
+
+
+async def start_cancellation(
+    client: Client, request: RequestCancellationInput, *, task_queue: str = TASK_QUEUE
+) -> WorkflowHandle[Any, CancellationResult]:
+    """Start the cancellation of one sub-order, or return the one that already exists.
+
+    One cancellation per sub-order: a running one is joined (USE_EXISTING); an ended one is
+    returned rather than started again (a new run is allowed only after a failure or a
+    termination, when the first one never completed).
+    """
+    workflow_id = cancellation_id(request.order_id, request.seller_id)
+    try:
+        return await client.start_workflow(
+            OrderCancellation.run,
+            request,
+            id=workflow_id,
+            task_queue=task_queue,
+            result_type=CancellationResult,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(sa.ORDER_ID, request.order_id),
+                    SearchAttributePair(sa.SELLER_ID, request.seller_id),
+                    SearchAttributePair(sa.BUYER_ID, request.buyer_id),
+                    SearchAttributePair(sa.CANCELLATION_STATUS, CancellationStatus.OPENING.value),
+                ]
+            ),
+            static_summary=summary(request),
+            static_details=(
+                f"**Order** {request.order_id}  \n**Seller** {request.seller_id}  \n"
+                f"**Buyer** {request.buyer_id}  \n**Reason** {request.reason.value} "
+                f"({request.reason.fault.value} fault)"
+                + (f"  \n> {request.reason_text}" if request.reason_text else "")
+            ),
+        )
+    except WorkflowAlreadyStartedError:
+        return client.get_workflow_handle(workflow_id, result_type=CancellationResult)

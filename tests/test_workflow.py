@@ -1,0 +1,515 @@
+"""`OrderCancellation` on the time-skipping server, with named fake activities that record calls.
+
+Every path of the rule book (R1-R5, R10) and every refused decision. The 48 h window is skipped,
+not waited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from domain.models import (
+    CancellationPath,
+    CancellationReason,
+    CancellationResult,
+    CancellationStatus,
+    CancellationView,
+    CaptureState,
+    CouponInput,
+    CouponOutcome,
+    CouponOutcomeKind,
+    EventInput,
+    Money,
+    OpenCancellationInput,
+    OpenCancellationResult,
+    PaymentMethod,
+    RefundFailureInput,
+    RefundKind,
+    RefundPolicy,
+    RefundRequestInput,
+    RefundStage,
+    RefundStepInput,
+    RefundView,
+    RequestCancellationInput,
+    TimeoutPolicy,
+    TransitionInput,
+)
+from domain.rules import cancellation_id, refund_idempotency_key
+from workers.worker import workflow_runner
+from workflows import search_attributes as sa
+from workflows.order_cancellation import OrderCancellation
+
+AMOUNT = Money(amount_minor=2540, currency="EUR")
+
+
+@dataclass
+class FakeActivities:
+    """Stands in for the ledger and the provider; records every call in order."""
+
+    path: CancellationPath = CancellationPath.REQUEST
+    timeout_policy: TimeoutPolicy = TimeoutPolicy.AUTO_APPROVE
+    # Exceptions raised by successive submit_refund calls; empty: succeed.
+    submit_failures: list[Exception] = field(default_factory=list)
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def args(self, name: str) -> list[Any]:
+        return [arg for n, arg in self.calls if n == name]
+
+    def _refund(self, stage: RefundStage, cid: str) -> RefundView:
+        return RefundView(
+            idempotency_key=refund_idempotency_key(cid),
+            kind=RefundKind.REFUND,
+            amount=AMOUNT,
+            stage=stage,
+            provider_ref="re_1" if stage is not RefundStage.REQUESTED else None,
+        )
+
+    def activities(self) -> list[Callable[..., Awaitable[Any]]]:
+        @activity.defn(name="open_cancellation")
+        async def open_cancellation(params: OpenCancellationInput) -> OpenCancellationResult:
+            self.calls.append(("open_cancellation", params))
+            return OpenCancellationResult(
+                path=self.path,
+                amount=AMOUNT,
+                payment_method=PaymentMethod.CARD,
+                capture=CaptureState.CAPTURED,
+                response_window=params.request.response_window or timedelta(hours=48),
+                timeout_policy=self.timeout_policy,
+                refund_policy=RefundPolicy(
+                    submit_initial_interval=timedelta(milliseconds=10),
+                    submit_max_attempts=2,
+                    poll_interval=timedelta(milliseconds=10),
+                ),
+            )
+
+        @activity.defn(name="record_transition")
+        async def record_transition(params: TransitionInput) -> None:
+            self.calls.append(("record_transition", params))
+
+        @activity.defn(name="record_event")
+        async def record_event(params: EventInput) -> None:
+            self.calls.append(("record_event", params))
+
+        @activity.defn(name="request_refund")
+        async def request_refund(params: RefundRequestInput) -> RefundView:
+            self.calls.append(("request_refund", params))
+            return self._refund(RefundStage.REQUESTED, params.cancellation_id)
+
+        @activity.defn(name="submit_refund")
+        async def submit_refund(params: RefundStepInput) -> RefundView:
+            self.calls.append(("submit_refund", params))
+            if self.submit_failures:
+                raise self.submit_failures.pop(0)
+            return self._refund(RefundStage.SUBMITTED, params.cancellation_id)
+
+        @activity.defn(name="confirm_refund")
+        async def confirm_refund(params: RefundStepInput) -> RefundView:
+            self.calls.append(("confirm_refund", params))
+            return self._refund(RefundStage.CONFIRMED, params.cancellation_id)
+
+        @activity.defn(name="record_refund_failed")
+        async def record_refund_failed(params: RefundFailureInput) -> RefundView:
+            self.calls.append(("record_refund_failed", params))
+            return self._refund(RefundStage.FAILED, params.cancellation_id)
+
+        @activity.defn(name="restore_coupon")
+        async def restore_coupon(params: CouponInput) -> CouponOutcome:
+            self.calls.append(("restore_coupon", params))
+            return CouponOutcome(outcome=CouponOutcomeKind.NO_COUPON, reason="no coupon")
+
+        return [
+            open_cancellation,
+            record_transition,
+            record_event,
+            request_refund,
+            submit_refund,
+            confirm_refund,
+            record_refund_failed,
+            restore_coupon,
+        ]
+
+
+@dataclass
+class Harness:
+    env: WorkflowEnvironment
+    fakes: FakeActivities
+    task_queue: str
+
+    async def start(self, **overrides: Any) -> WorkflowHandle[Any, CancellationResult]:
+        request = RequestCancellationInput(
+            order_id=overrides.pop("order_id", f"O-{uuid.uuid4().hex[:8]}"),
+            seller_id="S-7",
+            buyer_id="B-1",
+            reason=CancellationReason.OUT_OF_STOCK,
+            **overrides,
+        )
+        return await self.env.client.start_workflow(
+            OrderCancellation.run,
+            request,
+            id=cancellation_id(request.order_id, request.seller_id),
+            task_queue=self.task_queue,
+            result_type=CancellationResult,
+        )
+
+
+@pytest.fixture(params=[1000, 0], ids=["cached", "replay-every-task"])
+def cache_size(request: pytest.FixtureRequest) -> int:
+    """Each test also runs with no workflow cache: every task replays the history."""
+    return int(request.param)
+
+
+@pytest.fixture
+async def harness(
+    time_skipping_env: WorkflowEnvironment, cache_size: int
+) -> AsyncIterator[Callable[[FakeActivities], Awaitable[Harness]]]:
+    workers: list[Worker] = []
+
+    async def make(fakes: FakeActivities) -> Harness:
+        task_queue = f"tq-{uuid.uuid4()}"
+        worker = Worker(
+            time_skipping_env.client,
+            task_queue=task_queue,
+            workflows=[OrderCancellation],
+            activities=fakes.activities(),
+            workflow_runner=workflow_runner(),
+            max_cached_workflows=cache_size,
+        )
+        workers.append(worker)
+        asyncio.get_running_loop().create_task(worker.run())
+        return Harness(time_skipping_env, fakes, task_queue)
+
+    yield make
+    for worker in workers:
+        await worker.shutdown()
+
+
+async def status_of(handle: WorkflowHandle[Any, Any]) -> CancellationView:
+    return await handle.query(OrderCancellation.status, result_type=CancellationView)
+
+
+async def wait_for_status(
+    handle: WorkflowHandle[Any, Any], status: CancellationStatus, timeout: float = 10
+) -> CancellationView:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        view = await status_of(handle)
+        if view.status is status:
+            return view
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"status stayed {view.status}, expected {status}")
+        await asyncio.sleep(0.05)
+
+
+async def refused(handle: WorkflowHandle[Any, Any], update: Any, payload: Any) -> ApplicationError:
+    with pytest.raises(WorkflowUpdateFailedError) as info:
+        await handle.execute_update(update, payload)
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError)
+    return cause
+
+
+def accept(seller: str = "S-7", reason: str = "ok") -> dict[str, str]:
+    return {"seller_id": seller, "decision": "accept", "reason": reason}
+
+
+def reject(seller: str = "S-7", reason: str = "already shipped") -> dict[str, str]:
+    return {"seller_id": seller, "decision": "reject", "reason": reason}
+
+
+REFUND_STEPS = ["request_refund", "submit_refund", "confirm_refund", "restore_coupon"]
+
+
+async def test_instant_path_refunds_without_the_seller(harness: Any) -> None:
+    h = await harness(FakeActivities(path=CancellationPath.INSTANT))
+    handle = await h.start()
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    assert result.path is CancellationPath.INSTANT
+    assert result.refund is not None and result.refund.stage is RefundStage.CONFIRMED
+    assert h.fakes.names() == ["open_cancellation", *REFUND_STEPS, "record_transition"]
+    # R9: the idempotency key is derived from the cancellation id, the same for every step.
+    keys = {a.idempotency_key for a in h.fakes.args("submit_refund") + h.fakes.args("confirm_refund")}
+    assert keys == {refund_idempotency_key(handle.id)}
+    view = await status_of(handle)
+    assert [d.done for d in view.dots] == [True, True, True]
+    kinds = [e.kind for e in view.audit]
+    assert kinds[:2] == ["requested", "cancelled_instantly"]
+    assert kinds[-1] == "completed"
+    attrs = (await handle.describe()).typed_search_attributes
+    assert attrs.get(sa.CANCELLATION_STATUS) == "completed"
+    assert attrs.get(sa.REFUND_STAGE) == 3
+    assert attrs.get(sa.ORDER_ID) == view.order_id
+
+
+async def test_seller_accepts_through_the_update(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    pending = await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    assert pending.seller_deadline is not None
+    attrs = (await handle.describe()).typed_search_attributes
+    assert attrs.get(sa.CANCELLATION_STATUS) == "awaiting_seller"
+    assert attrs.get(sa.SELLER_DEADLINE) == pending.seller_deadline
+
+    receipt = await handle.execute_update(OrderCancellation.decide, accept(reason="sorry"))
+    assert receipt.accepted and receipt.status is CancellationStatus.APPROVED
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    approved = h.fakes.args("record_transition")[0]
+    assert approved.status is CancellationStatus.APPROVED
+    assert approved.actor == "seller:S-7" and approved.detail == "sorry"
+    assert approved.cancel_sub_order is True
+    assert h.fakes.names()[2:] == REFUND_STEPS + ["record_transition"]
+
+
+async def test_seller_accepts_through_the_signal(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.signal(OrderCancellation.seller_decision, accept())
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    assert h.fakes.args("record_transition")[0].actor == "seller:S-7"
+
+
+async def test_seller_rejects_and_nothing_is_refunded(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    receipt = await handle.execute_update(OrderCancellation.decide, reject())
+    assert receipt.status is CancellationStatus.REJECTED
+    result = await handle.result()
+    assert result.status is CancellationStatus.REJECTED and result.refund is None
+    assert "request_refund" not in h.fakes.names()
+    transition = h.fakes.args("record_transition")[0]
+    assert transition.status is CancellationStatus.REJECTED
+    assert transition.cancel_sub_order is False
+    assert transition.detail == "already shipped"
+
+
+async def test_silent_seller_is_auto_approved_after_48h(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    started = await h.env.get_current_time()
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    approved = h.fakes.args("record_transition")[0]
+    assert approved.status is CancellationStatus.APPROVED and approved.actor == "timer"
+    # The durable timer really covered the window (skipped, not waited).
+    assert await h.env.get_current_time() - started >= timedelta(hours=48)
+
+
+async def test_per_request_window_overrides_the_default(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start(response_window=timedelta(seconds=5))
+    view = await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    assert view.seller_deadline is not None
+    started = await h.env.get_current_time()
+    assert view.seller_deadline - started <= timedelta(seconds=6)
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+
+
+async def test_silent_seller_auto_rejected_under_that_policy(harness: Any) -> None:
+    h = await harness(FakeActivities(timeout_policy=TimeoutPolicy.AUTO_REJECT))
+    handle = await h.start()
+    result = await handle.result()
+    assert result.status is CancellationStatus.REJECTED
+    assert h.fakes.args("record_transition")[0].actor == "timer"
+    assert "request_refund" not in h.fakes.names()
+
+
+async def test_escalation_waits_for_an_operator(harness: Any) -> None:
+    h = await harness(FakeActivities(timeout_policy=TimeoutPolicy.ESCALATE))
+    handle = await h.start(response_window=timedelta(seconds=2))
+    # Let the window pass, then the request waits for an operator.
+    await h.env.sleep(timedelta(seconds=3))
+    await wait_for_status(handle, CancellationStatus.ESCALATED)
+    # The seller is too late now.
+    late = await refused(handle, OrderCancellation.decide, accept())
+    assert late.type == "not_pending"
+    receipt = await handle.execute_update(
+        OrderCancellation.resolve_escalation,
+        {"operator_id": "ops-1", "decision": "accept", "reason": "buyer protection"},
+    )
+    assert receipt.status is CancellationStatus.APPROVED
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    transitions = h.fakes.args("record_transition")
+    assert [t.status for t in transitions[:2]] == [
+        CancellationStatus.ESCALATED,
+        CancellationStatus.APPROVED,
+    ]
+    assert transitions[1].actor == "operator:ops-1"
+
+
+async def test_refused_decisions_are_specific_and_change_nothing(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    # Before the request is open, nothing is pending.
+    first = await refused(handle, OrderCancellation.decide, accept())
+    assert first.type in ("not_pending",)
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+
+    wrong = await refused(handle, OrderCancellation.decide, accept(seller="S-99"))
+    assert wrong.type == "wrong_seller" and "S-99" in wrong.message
+    bad = await refused(handle, OrderCancellation.decide, {"seller_id": "S-7", "decision": "maybe"})
+    assert bad.type == "invalid_payload" and "decision" in bad.message
+    missing = await refused(handle, OrderCancellation.decide, {"decision": "accept"})
+    assert missing.type == "invalid_payload" and "seller_id" in missing.message
+    extra = await refused(handle, OrderCancellation.decide, {**accept(), "amount": 1})
+    assert extra.type == "invalid_payload" and "amount" in extra.message
+    not_json_object = await refused(handle, OrderCancellation.decide, "accept")
+    assert not_json_object.type == "invalid_payload"
+    retry = await refused(handle, OrderCancellation.retry_refund, {"operator_id": "ops-1"})
+    assert retry.type == "not_refund_failed"
+    escalation = await refused(
+        handle, OrderCancellation.resolve_escalation, {"operator_id": "o", "decision": "accept"}
+    )
+    assert escalation.type == "not_escalated"
+    # None of that moved the request.
+    assert (await status_of(handle)).status is CancellationStatus.AWAITING_SELLER
+    assert "record_transition" not in h.fakes.names()
+
+    await handle.execute_update(OrderCancellation.decide, reject())
+    second = await refused(handle, OrderCancellation.decide, accept())
+    assert second.type == "already_decided"
+    result = await handle.result()
+    assert result.status is CancellationStatus.REJECTED
+
+
+async def test_refused_signals_are_recorded_and_ignored(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.signal(OrderCancellation.seller_decision, accept(seller="S-99"))
+    await handle.signal(OrderCancellation.seller_decision, {"decision": 42})
+    await handle.signal(OrderCancellation.withdraw, {"buyer_id": "B-other"})
+
+    async def refusals() -> list[EventInput]:
+        return h.fakes.args("record_event")
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(await refusals()) < 3:
+        assert asyncio.get_running_loop().time() < deadline, h.fakes.names()
+        await asyncio.sleep(0.05)
+    # The three audit writes run concurrently; their keys keep the order the signals arrived in.
+    events = sorted(await refusals(), key=lambda e: e.event_key)
+    assert [e.kind for e in events] == [
+        "seller_decision_refused",
+        "seller_decision_refused",
+        "withdraw_refused",
+    ]
+    assert events[0].detail.startswith("wrong_seller") and events[0].actor == "seller:S-99"
+    assert events[1].detail.startswith("invalid_payload")
+    assert events[2].detail.startswith("wrong_buyer")
+    assert len({e.event_key for e in events}) == 3
+    # Still waiting for the real seller, who can still decide.
+    assert (await status_of(handle)).status is CancellationStatus.AWAITING_SELLER
+    await handle.signal(OrderCancellation.seller_decision, accept())
+    assert (await handle.result()).status is CancellationStatus.COMPLETED
+
+
+async def test_buyer_withdraws_a_pending_request(harness: Any) -> None:
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.signal(OrderCancellation.withdraw, {"buyer_id": "B-1", "reason": "found it"})
+    result = await handle.result()
+    assert result.status is CancellationStatus.WITHDRAWN
+    transition = h.fakes.args("record_transition")[0]
+    assert transition.status is CancellationStatus.WITHDRAWN
+    assert transition.actor == "buyer:B-1"
+    assert "request_refund" not in h.fakes.names()
+    # The request has ended: a decision now is refused by the server (workflow closed).
+    with pytest.raises(Exception):
+        await handle.execute_update(OrderCancellation.decide, accept())
+
+
+async def test_final_refund_failure_parks_and_an_operator_retry_resumes(harness: Any) -> None:
+    fakes = FakeActivities(
+        path=CancellationPath.INSTANT,
+        submit_failures=[
+            ApplicationError("card closed", type="RefundRejected", non_retryable=True)
+        ],
+    )
+    h = await harness(fakes)
+    handle = await h.start()
+    parked = await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
+    assert parked.last_error is not None and "RefundRejected" in parked.last_error
+    attrs = (await handle.describe()).typed_search_attributes
+    assert attrs.get(sa.CANCELLATION_STATUS) == "refund_failed"
+    # The workflow waits; it has not failed.
+    assert (await handle.describe()).status is not None
+    bad = await refused(handle, OrderCancellation.retry_refund, {"operator": "x"})
+    assert bad.type == "invalid_payload"
+
+    receipt = await handle.execute_update(
+        OrderCancellation.retry_refund, {"operator_id": "sre-1", "reason": "provider back"}
+    )
+    assert receipt.accepted
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    # One refund intent; the same key for both submissions.
+    assert fakes.names().count("request_refund") == 1
+    submits = fakes.args("submit_refund")
+    assert len(submits) == 2
+    assert {s.idempotency_key for s in submits} == {refund_idempotency_key(handle.id)}
+    assert len({s.event_key for s in submits}) == 2
+    retry = [t for t in fakes.args("record_transition") if t.kind == "refund_retry"]
+    assert retry and retry[0].actor == "operator:sre-1"
+
+
+async def test_transient_failures_exhausting_retries_also_park(harness: Any) -> None:
+    fakes = FakeActivities(
+        path=CancellationPath.INSTANT,
+        submit_failures=[
+            ApplicationError("503", type="ProviderUnavailable"),
+            ApplicationError("503", type="ProviderUnavailable"),
+        ],
+    )
+    h = await harness(fakes)
+    handle = await h.start()
+    parked = await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
+    assert parked.last_error is not None and "ProviderUnavailable" in parked.last_error
+    # submit_max_attempts=2 in the fake's policy.
+    assert fakes.names().count("submit_refund") == 2
+    await handle.execute_update(OrderCancellation.retry_refund, {"operator_id": "sre-1"})
+    assert (await handle.result()).status is CancellationStatus.COMPLETED
+
+
+async def test_starting_twice_returns_the_existing_cancellation(harness: Any) -> None:
+    from starter.requests import start_cancellation
+
+    h = await harness(FakeActivities())
+    request = RequestCancellationInput(
+        order_id=f"O-{uuid.uuid4().hex[:8]}",
+        seller_id="S-7",
+        buyer_id="B-1",
+        reason=CancellationReason.CANNOT_SHIP,
+    )
+    first = await start_cancellation(h.env.client, request, task_queue=h.task_queue)
+    second = await start_cancellation(h.env.client, request, task_queue=h.task_queue)
+    assert first.id == second.id == cancellation_id(request.order_id, request.seller_id)
+    assert first.result_run_id == second.result_run_id
+    await wait_for_status(first, CancellationStatus.AWAITING_SELLER)
+    await first.execute_update(OrderCancellation.decide, reject())
+    await first.result()
+    # Once it has ended, asking again still returns it, not a second workflow.
+    third = await start_cancellation(h.env.client, request, task_queue=h.task_queue)
+    assert (await third.describe()).run_id == first.result_run_id
+    assert h.fakes.names().count("open_cancellation") == 1

@@ -1,0 +1,561 @@
+"""`OrderCancellation`: one workflow per cancelled sub-order.
+
+It only orchestrates: the rules are pure functions in `domain.rules`, every write goes through
+an activity. Names here (workflow type, signals, updates, query) are a public contract.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel, ValidationError
+
+    from activities.ledger_activities import LedgerActivities
+    from activities.refund_activities import (
+        REFUND_FAILED_AT_PROVIDER,
+        REFUND_REJECTED,
+        RefundActivities,
+    )
+    from domain import rules
+    from domain.errors import DecisionRefused, RefusalCode
+    from domain.models import (
+        AuditEntry,
+        CancellationPath,
+        CancellationResult,
+        CancellationStatus,
+        CancellationView,
+        CouponInput,
+        CouponOutcome,
+        Decision,
+        DecisionReceipt,
+        EventInput,
+        OpenCancellationInput,
+        OpenCancellationResult,
+        OperatorDecision,
+        RefundFailureInput,
+        RefundRequestInput,
+        RefundStepInput,
+        RefundView,
+        RequestCancellationInput,
+        RetryRefundRequest,
+        SellerDecision,
+        TransitionInput,
+        WithdrawRequest,
+    )
+    from workflows import search_attributes as sa
+
+LEDGER_TIMEOUT = timedelta(seconds=30)
+# A ledger write that fails for a business reason says so with a non-retryable type; anything
+# else (database restarting, network) is retried until it goes through.
+LEDGER_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    maximum_interval=timedelta(seconds=30),
+)
+PROVIDER_TIMEOUT = timedelta(seconds=60)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], payload: Any) -> M:
+    """Messages arrive as plain JSON from any client; a malformed one is a refusal with the
+    fields at fault, never an exception that fails the workflow task."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in err.errors()
+        )
+        raise DecisionRefused(RefusalCode.INVALID_PAYLOAD, f"invalid payload: {fields}") from err
+
+
+def _refusal(err: DecisionRefused) -> ApplicationError:
+    return ApplicationError(err.message, type=err.code.value, non_retryable=True)
+
+
+@workflow.defn(name="OrderCancellation")
+class OrderCancellation:
+    @workflow.init
+    def __init__(self, request: RequestCancellationInput) -> None:
+        # Validators can run before `run` (an update sent right after start): everything they
+        # read is set here.
+        self._request = request
+        self._id = workflow.info().workflow_id
+        self._status = CancellationStatus.OPENING
+        self._opened: OpenCancellationResult | None = None
+        self._decision: Decision | None = None
+        self._decided_by = ""
+        self._decision_reason = ""
+        self._withdrawal: WithdrawRequest | None = None
+        self._retry: RetryRefundRequest | None = None
+        self._deadline: datetime | None = None
+        self._refund: RefundView | None = None
+        self._coupon: CouponOutcome | None = None
+        self._last_error: str | None = None
+        self._audit: list[AuditEntry] = []
+        # Audit rows written by the ledger get keys from this counter, in workflow order, so a
+        # retried activity writes its row once and a replay produces the same keys.
+        # 000 and 001 are written by `open_cancellation`.
+        self._seq = 1
+
+    # --- main flow --------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, request: RequestCancellationInput) -> CancellationResult:
+        workflow.upsert_search_attributes(
+            [
+                sa.ORDER_ID.value_set(request.order_id),
+                sa.SELLER_ID.value_set(request.seller_id),
+                sa.BUYER_ID.value_set(request.buyer_id),
+                sa.CANCELLATION_STATUS.value_set(self._status.value),
+                sa.REFUND_STAGE.value_set(0),
+            ]
+        )
+        opened = await workflow.execute_activity_method(
+            LedgerActivities.open_cancellation,
+            OpenCancellationInput(cancellation_id=self._id, request=request),
+            start_to_close_timeout=LEDGER_TIMEOUT,
+            retry_policy=LEDGER_RETRY,
+            summary="Read the sub-order and choose the instant or request path",
+        )
+        self._opened = opened
+        self._note(
+            f"buyer:{request.buyer_id}",
+            "requested",
+            f"reason {request.reason.value} ({request.reason.fault.value} fault)",
+        )
+        if opened.path is CancellationPath.INSTANT:
+            self._set_status(
+                CancellationStatus.APPROVED,
+                "system",
+                "cancelled_instantly",
+                "payment not validated yet: cancelled without the seller (R1)",
+            )
+        else:
+            approved = await self._await_seller(opened)
+            if not approved:
+                return await self._finish()
+
+        await self._refund_money(opened)
+        self._coupon = await workflow.execute_activity_method(
+            LedgerActivities.restore_coupon,
+            CouponInput(cancellation_id=self._id, event_key=self._key("coupon")),
+            start_to_close_timeout=LEDGER_TIMEOUT,
+            retry_policy=LEDGER_RETRY,
+            summary="Decide whether the coupon comes back",
+        )
+        workflow.upsert_search_attributes([sa.COUPON_OUTCOME.value_set(self._coupon.outcome.value)])
+        self._note("system", f"coupon_{self._coupon.outcome.value}", self._coupon.reason)
+        await self._transition(CancellationStatus.COMPLETED, "system", "completed")
+        return await self._finish()
+
+    async def _await_seller(self, opened: OpenCancellationResult) -> bool:
+        """R3-R5: wait on a durable timer for the seller. True when the cancellation is approved."""
+        self._deadline = workflow.now() + opened.response_window
+        workflow.upsert_search_attributes([sa.SELLER_DEADLINE.value_set(self._deadline)])
+        self._set_status(
+            CancellationStatus.AWAITING_SELLER,
+            "system",
+            "awaiting_seller",
+            f"seller {self._request.seller_id} has until {self._deadline.isoformat()}",
+        )
+        try:
+            await workflow.wait_condition(
+                lambda: self._decision is not None or self._withdrawal is not None,
+                timeout=opened.response_window,
+                timeout_summary="Seller response window",
+            )
+        except TimeoutError:
+            # A decision accepted in the same task as the timer fired still counts: the seller
+            # answered in time.
+            if self._decision is None and self._withdrawal is None:
+                self._on_timeout(opened)
+        if self._status is CancellationStatus.ESCALATED:
+            await self._transition(
+                CancellationStatus.ESCALATED,
+                "timer",
+                "escalated",
+                "seller did not answer in time; an operator decides (resolve_escalation)",
+            )
+            await workflow.wait_condition(
+                lambda: self._decision is not None or self._withdrawal is not None
+            )
+
+        if self._withdrawal is not None and self._decision is None:
+            await self._transition(
+                CancellationStatus.WITHDRAWN,
+                f"buyer:{self._withdrawal.buyer_id}",
+                "withdrawn",
+                self._withdrawal.reason,
+            )
+            return False
+        if self._decision is Decision.REJECT:
+            await self._transition(
+                CancellationStatus.REJECTED, self._decided_by, "rejected", self._decision_reason
+            )
+            return False
+        await self._transition(
+            CancellationStatus.APPROVED,
+            self._decided_by,
+            "approved",
+            self._decision_reason,
+            cancel_sub_order=True,
+        )
+        return True
+
+    def _on_timeout(self, opened: OpenCancellationResult) -> None:
+        """R4: the policy decides for a silent seller. Synchronous, so no decision can slip in
+        between the timer firing and the status changing."""
+        outcome = rules.timeout_outcome(opened.timeout_policy)
+        if outcome is None:
+            self._status = CancellationStatus.ESCALATED
+            return
+        self._decision = outcome
+        self._decided_by = "timer"
+        self._decision_reason = (
+            f"seller did not answer within {opened.response_window}: "
+            f"{opened.timeout_policy.value}"
+        )
+
+    async def _refund_money(self, opened: OpenCancellationResult) -> None:
+        """R7-R10: requested -> submitted -> confirmed; park in refund_failed, never fail."""
+        self._refund = await workflow.execute_activity_method(
+            LedgerActivities.request_refund,
+            RefundRequestInput(cancellation_id=self._id, event_key=self._key("refund_requested")),
+            start_to_close_timeout=LEDGER_TIMEOUT,
+            retry_policy=LEDGER_RETRY,
+            summary=f"Record the refund of {opened.amount} (dot 1)",
+        )
+        self._set_status(CancellationStatus.REFUND_REQUESTED, "system", "refund_requested")
+        policy = opened.refund_policy
+        passes = 0
+        while True:
+            passes += 1
+            try:
+                self._refund = await workflow.execute_activity_method(
+                    RefundActivities.submit_refund,
+                    self._refund_step("refund_submitted"),
+                    start_to_close_timeout=PROVIDER_TIMEOUT,
+                    retry_policy=RetryPolicy(
+                        initial_interval=policy.submit_initial_interval,
+                        maximum_interval=policy.submit_max_interval,
+                        maximum_attempts=policy.submit_max_attempts,
+                        non_retryable_error_types=[REFUND_REJECTED],
+                    ),
+                    summary=f"Submit the {self._refund.kind.value} to the payment provider (dot 2)",
+                )
+                self._set_status(CancellationStatus.REFUND_SUBMITTED, "provider", "refund_submitted")
+                self._refund = await workflow.execute_activity_method(
+                    RefundActivities.confirm_refund,
+                    self._refund_step("refund_confirmed"),
+                    start_to_close_timeout=PROVIDER_TIMEOUT,
+                    # Polling: "still pending" is retried on the poll interval for as long as
+                    # the provider takes; only a failure it reports ends the wait.
+                    retry_policy=RetryPolicy(
+                        initial_interval=policy.poll_interval,
+                        backoff_coefficient=1.5,
+                        maximum_interval=policy.poll_max_interval,
+                        non_retryable_error_types=[REFUND_FAILED_AT_PROVIDER],
+                    ),
+                    summary="Wait for the provider to confirm the refund (dot 3)",
+                )
+                self._set_status(CancellationStatus.REFUND_CONFIRMED, "provider", "refund_confirmed")
+                return
+            except ActivityError as err:
+                await self._park_refund(err, passes)
+
+    async def _park_refund(self, err: ActivityError, passes: int) -> None:
+        cause = err.cause
+        message = str(cause) if cause is not None else str(err)
+        if isinstance(cause, ApplicationError) and cause.type:
+            message = f"{cause.type}: {cause.message}"
+        self._last_error = message
+        assert self._refund is not None
+        self._refund = await workflow.execute_activity_method(
+            LedgerActivities.record_refund_failed,
+            RefundFailureInput(
+                cancellation_id=self._id,
+                idempotency_key=self._refund.idempotency_key,
+                error=message,
+                attempts=passes,
+                event_key=self._key("refund_failed"),
+            ),
+            start_to_close_timeout=LEDGER_TIMEOUT,
+            retry_policy=LEDGER_RETRY,
+            summary="Park the refund for an operator",
+        )
+        self._set_status(CancellationStatus.REFUND_FAILED, "system", "refund_failed", message)
+        workflow.logger.warning("refund parked in refund_failed: %s", message)
+        await workflow.wait_condition(lambda: self._retry is not None)
+        assert self._retry is not None
+        retry, self._retry = self._retry, None
+        await self._transition(
+            CancellationStatus.REFUND_REQUESTED,
+            f"operator:{retry.operator_id}",
+            "refund_retry",
+            retry.reason,
+        )
+
+    def _refund_step(self, kind: str) -> RefundStepInput:
+        assert self._refund is not None
+        return RefundStepInput(
+            cancellation_id=self._id,
+            idempotency_key=self._refund.idempotency_key,
+            event_key=self._key(kind),
+        )
+
+    async def _finish(self) -> CancellationResult:
+        # Refused signals may still be writing their audit rows.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        assert self._opened is not None
+        return CancellationResult(
+            cancellation_id=self._id,
+            status=self._status,
+            path=self._opened.path,
+            refund=self._refund,
+            coupon=self._coupon,
+        )
+
+    # --- state changes ----------------------------------------------------------------------
+
+    def _key(self, kind: str) -> str:
+        self._seq += 1
+        return f"{self._seq:03d}-{kind}"
+
+    def _note(self, actor: str, kind: str, detail: str = "") -> None:
+        self._audit.append(AuditEntry(at=workflow.now(), actor=actor, kind=kind, detail=detail))
+
+    def _set_status(
+        self, status: CancellationStatus, actor: str, kind: str, detail: str = ""
+    ) -> None:
+        """Change the status here, in the search attributes and the details operators read.
+        The ledger row is written by the activity that caused the change."""
+        self._status = status
+        self._note(actor, kind, detail)
+        stage = self._refund.stage.dots if self._refund is not None else 0
+        workflow.upsert_search_attributes(
+            [
+                sa.CANCELLATION_STATUS.value_set(status.value),
+                sa.REFUND_STAGE.value_set(stage),
+            ]
+        )
+        workflow.set_current_details(self._details())
+
+    async def _transition(
+        self,
+        status: CancellationStatus,
+        actor: str,
+        kind: str,
+        detail: str = "",
+        *,
+        cancel_sub_order: bool = False,
+    ) -> None:
+        self._set_status(status, actor, kind, detail)
+        await workflow.execute_activity_method(
+            LedgerActivities.record_transition,
+            TransitionInput(
+                cancellation_id=self._id,
+                status=status,
+                actor=actor,
+                kind=kind,
+                detail=detail,
+                event_key=self._key(kind),
+                cancel_sub_order=cancel_sub_order,
+            ),
+            start_to_close_timeout=LEDGER_TIMEOUT,
+            retry_policy=LEDGER_RETRY,
+            summary=f"Record: {kind}",
+        )
+
+    def _details(self) -> str:
+        lines = [f"**{self._status.value}** since {workflow.now().isoformat(timespec='seconds')}"]
+        if self._deadline is not None and self._status is CancellationStatus.AWAITING_SELLER:
+            lines.append(f"Seller deadline: {self._deadline.isoformat(timespec='seconds')}")
+        if self._refund is not None:
+            lines.append(
+                f"Refund: {self._refund.kind.value} of {self._refund.amount}, "
+                f"stage {self._refund.stage.value}"
+            )
+            if self._refund.eta is not None:
+                lines.append(
+                    f"ETA: {self._refund.eta.earliest.date()} to {self._refund.eta.latest.date()}"
+                )
+        if self._last_error and self._status is CancellationStatus.REFUND_FAILED:
+            lines.append(f"Last error: {self._last_error}")
+        return "\n\n".join(lines)
+
+    async def _refuse(self, actor: str, kind: str, err: DecisionRefused) -> None:
+        """A signal cannot be refused to its sender: record the refusal and change nothing."""
+        detail = f"{err.code.value}: {err.message}"
+        self._note(actor, kind, detail)
+        workflow.logger.warning("%s refused: %s", kind, detail)
+        event_key = self._key(kind)
+        # The ledger row of the cancellation exists once the first activity has run.
+        await workflow.wait_condition(lambda: self._opened is not None)
+        await workflow.execute_activity_method(
+            LedgerActivities.record_event,
+            EventInput(
+                cancellation_id=self._id,
+                actor=actor,
+                kind=kind,
+                detail=detail,
+                event_key=event_key,
+            ),
+            start_to_close_timeout=LEDGER_TIMEOUT,
+            retry_policy=LEDGER_RETRY,
+            summary=f"Record: {kind}",
+        )
+
+    # --- seller decision: update `decide` and signal `seller_decision` (same payload) -------
+
+    def _check_seller(self, payload: Any) -> SellerDecision:
+        decision = _parse(SellerDecision, payload)
+        rules.check_seller_decision(
+            status=self._status,
+            expected_seller=self._request.seller_id,
+            seller_id=decision.seller_id,
+            already_decided=self._decision is not None,
+        )
+        return decision
+
+    def _take_decision(self, decision: Decision, actor: str, reason: str) -> DecisionReceipt:
+        self._decision = decision
+        self._decided_by = actor
+        self._decision_reason = reason
+        self._note(actor, f"decision_{decision.value}", reason)
+        return DecisionReceipt(
+            cancellation_id=self._id,
+            accepted=True,
+            status=(
+                CancellationStatus.APPROVED
+                if decision is Decision.ACCEPT
+                else CancellationStatus.REJECTED
+            ),
+            message=f"{decision.value} recorded",
+        )
+
+    # Payloads are typed `Any` on purpose: they are validated here, so a malformed message from
+    # any client becomes a specific refusal instead of being dropped by the SDK's decoder.
+    @workflow.update
+    def decide(self, payload: Any) -> DecisionReceipt:
+        decision = self._check_seller(payload)
+        return self._take_decision(
+            decision.decision, f"seller:{decision.seller_id}", decision.reason
+        )
+
+    @decide.validator
+    def _validate_decide(self, payload: Any) -> None:
+        try:
+            self._check_seller(payload)
+        except DecisionRefused as err:
+            raise _refusal(err) from err
+
+    @workflow.signal
+    async def seller_decision(self, payload: Any) -> None:
+        try:
+            decision = self._check_seller(payload)
+        except DecisionRefused as err:
+            seller = payload.get("seller_id") if isinstance(payload, dict) else None
+            await self._refuse(f"seller:{seller or '?'}", "seller_decision_refused", err)
+            return
+        self._take_decision(decision.decision, f"seller:{decision.seller_id}", decision.reason)
+
+    # --- buyer withdrawal -------------------------------------------------------------------
+
+    @workflow.signal
+    async def withdraw(self, payload: Any) -> None:
+        try:
+            request = _parse(WithdrawRequest, payload)
+            rules.check_withdrawal(
+                status=self._status, expected_buyer=self._request.buyer_id, buyer_id=request.buyer_id
+            )
+            if self._decision is not None or self._withdrawal is not None:
+                raise DecisionRefused(
+                    RefusalCode.ALREADY_DECIDED, "the request was already decided or withdrawn"
+                )
+        except DecisionRefused as err:
+            buyer = payload.get("buyer_id") if isinstance(payload, dict) else None
+            await self._refuse(f"buyer:{buyer or '?'}", "withdraw_refused", err)
+            return
+        self._withdrawal = request
+        self._note(f"buyer:{request.buyer_id}", "withdraw_requested", request.reason)
+
+    # --- operators --------------------------------------------------------------------------
+
+    def _check_operator(self, payload: Any) -> OperatorDecision:
+        decision = _parse(OperatorDecision, payload)
+        if self._status is not CancellationStatus.ESCALATED or self._decision is not None:
+            raise DecisionRefused(
+                RefusalCode.NOT_ESCALATED,
+                f"only an escalated request takes an operator decision (status: "
+                f"{self._status.value})",
+            )
+        return decision
+
+    @workflow.update
+    def resolve_escalation(self, payload: Any) -> DecisionReceipt:
+        decision = self._check_operator(payload)
+        return self._take_decision(
+            decision.decision, f"operator:{decision.operator_id}", decision.reason
+        )
+
+    @resolve_escalation.validator
+    def _validate_resolve(self, payload: Any) -> None:
+        try:
+            self._check_operator(payload)
+        except DecisionRefused as err:
+            raise _refusal(err) from err
+
+    def _check_retry(self, payload: Any) -> RetryRefundRequest:
+        request = _parse(RetryRefundRequest, payload)
+        if self._status is not CancellationStatus.REFUND_FAILED or self._retry is not None:
+            raise DecisionRefused(
+                RefusalCode.NOT_REFUND_FAILED,
+                f"only a cancellation in refund_failed can be retried (status: "
+                f"{self._status.value})",
+            )
+        return request
+
+    @workflow.update
+    def retry_refund(self, payload: Any) -> DecisionReceipt:
+        self._retry = self._check_retry(payload)
+        return DecisionReceipt(
+            cancellation_id=self._id,
+            accepted=True,
+            status=CancellationStatus.REFUND_REQUESTED,
+            message="refund retry scheduled with the same idempotency key",
+        )
+
+    @retry_refund.validator
+    def _validate_retry(self, payload: Any) -> None:
+        try:
+            self._check_retry(payload)
+        except DecisionRefused as err:
+            raise _refusal(err) from err
+
+    # --- status -----------------------------------------------------------------------------
+
+    @workflow.query
+    def status(self) -> CancellationView:
+        return CancellationView(
+            cancellation_id=self._id,
+            order_id=self._request.order_id,
+            seller_id=self._request.seller_id,
+            buyer_id=self._request.buyer_id,
+            reason=self._request.reason,
+            path=self._opened.path if self._opened else None,
+            status=self._status,
+            seller_deadline=self._deadline,
+            refund=self._refund,
+            dots=rules.refund_dots(self._refund),
+            coupon=self._coupon,
+            last_error=self._last_error,
+            audit=list(self._audit),
+        )
+
