@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.ledger_activities import business_error
 from domain.errors import LedgerError, ProviderFinalError, ProviderTransientError
@@ -91,9 +91,11 @@ class RefundActivities:
                 str(err), type=REFUND_FAILED_AT_PROVIDER, non_retryable=True
             ) from err
         if found.status is ProviderRefundStatus.PENDING:
+            # Benign: an expected answer while polling, logged quietly, not as a failure.
             raise ApplicationError(
                 f"refund {found.provider_ref} is still pending at the provider",
                 type=REFUND_PENDING,
+                category=ApplicationErrorCategory.BENIGN,
             )
         if found.status is ProviderRefundStatus.FAILED:
             raise ApplicationError(

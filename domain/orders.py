@@ -160,8 +160,9 @@ def price_order(order: CheckoutOrderIn) -> list[PricedSubOrder]:
             if sub.seller_id in coupon.footprint
             for line in sub.lines
         ]
-        for key, share in zip(keys, allocate_largest_remainder(coupon.discount_minor, weights),
-                              strict=True):
+        for key, share in zip(
+            keys, allocate_largest_remainder(coupon.discount_minor, weights), strict=True
+        ):
             line_discounts[key] = share
 
     unvalidated = order.payment.validation is PaymentValidation.UNVALIDATED

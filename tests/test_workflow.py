@@ -243,7 +243,9 @@ async def test_instant_path_refunds_without_the_seller(harness: Any) -> None:
     assert result.refund is not None and result.refund.stage is RefundStage.CONFIRMED
     assert h.fakes.names() == ["open_cancellation", *REFUND_STEPS, "record_transition"]
     # R9: the idempotency key is derived from the cancellation id, the same for every step.
-    keys = {a.idempotency_key for a in h.fakes.args("submit_refund") + h.fakes.args("confirm_refund")}
+    keys = {
+        a.idempotency_key for a in h.fakes.args("submit_refund") + h.fakes.args("confirm_refund")
+    }
     assert keys == {refund_idempotency_key(handle.id)}
     view = await status_of(handle)
     assert [d.done for d in view.dots] == [True, True, True]

@@ -26,8 +26,16 @@ WORKFLOWS: Sequence[type] = (OrderCancellation,)
 
 # The product's own pure modules and heavy libraries are passed through the sandbox: they are
 # deterministic or only used by activities, and re-importing them per workflow costs 5-12x CPU.
-PASSTHROUGH = ("domain", "activities", "ledger", "payments", "pydantic", "pydantic_core",
-               "asyncpg", "structlog")
+PASSTHROUGH = (
+    "domain",
+    "activities",
+    "ledger",
+    "payments",
+    "pydantic",
+    "pydantic_core",
+    "asyncpg",
+    "structlog",
+)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -95,8 +103,9 @@ async def run_worker(
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     worker = build_worker(client, pool, settings)
-    log.info("worker_started", task_queue=settings.task_queue,
-             namespace=settings.temporal_namespace)
+    log.info(
+        "worker_started", task_queue=settings.task_queue, namespace=settings.temporal_namespace
+    )
     async with worker:
         await stop.wait()
         log.info("worker_draining")

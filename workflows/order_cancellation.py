@@ -219,8 +219,7 @@ class OrderCancellation:
         self._decision = outcome
         self._decided_by = "timer"
         self._decision_reason = (
-            f"seller did not answer within {opened.response_window}: "
-            f"{opened.timeout_policy.value}"
+            f"seller did not answer within {opened.response_window}: {opened.timeout_policy.value}"
         )
 
     async def _refund_money(self, opened: OpenCancellationResult) -> None:
@@ -250,7 +249,9 @@ class OrderCancellation:
                     ),
                     summary=f"Submit the {self._refund.kind.value} to the payment provider (dot 2)",
                 )
-                self._set_status(CancellationStatus.REFUND_SUBMITTED, "provider", "refund_submitted")
+                self._set_status(
+                    CancellationStatus.REFUND_SUBMITTED, "provider", "refund_submitted"
+                )
                 self._refund = await workflow.execute_activity_method(
                     RefundActivities.confirm_refund,
                     self._refund_step("refund_confirmed"),
@@ -265,7 +266,9 @@ class OrderCancellation:
                     ),
                     summary="Wait for the provider to confirm the refund (dot 3)",
                 )
-                self._set_status(CancellationStatus.REFUND_CONFIRMED, "provider", "refund_confirmed")
+                self._set_status(
+                    CancellationStatus.REFUND_CONFIRMED, "provider", "refund_confirmed"
+                )
                 return
             except ActivityError as err:
                 await self._park_refund(err, passes)
@@ -454,7 +457,7 @@ class OrderCancellation:
         try:
             self._check_seller(payload)
         except DecisionRefused as err:
-            raise _refusal(err) from err
+            raise _refusal(err) from None
 
     @workflow.signal
     async def seller_decision(self, payload: Any) -> None:
@@ -473,7 +476,9 @@ class OrderCancellation:
         try:
             request = _parse(WithdrawRequest, payload)
             rules.check_withdrawal(
-                status=self._status, expected_buyer=self._request.buyer_id, buyer_id=request.buyer_id
+                status=self._status,
+                expected_buyer=self._request.buyer_id,
+                buyer_id=request.buyer_id,
             )
             if self._decision is not None or self._withdrawal is not None:
                 raise DecisionRefused(
@@ -510,7 +515,7 @@ class OrderCancellation:
         try:
             self._check_operator(payload)
         except DecisionRefused as err:
-            raise _refusal(err) from err
+            raise _refusal(err) from None
 
     def _check_retry(self, payload: Any) -> RetryRefundRequest:
         request = _parse(RetryRefundRequest, payload)
@@ -537,7 +542,7 @@ class OrderCancellation:
         try:
             self._check_retry(payload)
         except DecisionRefused as err:
-            raise _refusal(err) from err
+            raise _refusal(err) from None
 
     # --- status -----------------------------------------------------------------------------
 
@@ -558,4 +563,3 @@ class OrderCancellation:
             last_error=self._last_error,
             audit=list(self._audit),
         )
-

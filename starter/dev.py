@@ -1,0 +1,44 @@
+"""`ordercancel dev`: the whole stack in one foreground process tree, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from rich.console import Console
+
+from infra.settings import Settings
+from starter.demo import run_demo
+from starter.stack import open_stack
+from workers.worker import run_worker
+
+log = structlog.get_logger(__name__)
+
+
+async def run_dev(settings: Settings, *, console: Console, demo: bool = True) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_stack(settings, embedded=True) as stack:
+        worker = asyncio.create_task(run_worker(settings, stack.client, stack.pool, stop))
+        ui = stack.ui_url or "(Temporal UI of your own server)"
+        if demo:
+            await run_demo(
+                stack.client,
+                stack.pool,
+                task_queue=settings.task_queue,
+                console=console,
+                ui_base=stack.ui_url,
+            )
+        console.print(
+            f"\n[bold green]Serving.[/bold green] Temporal Web UI: {ui}\n"
+            "Try:  ordercancel status cancel-O-1002-S-7\n"
+            "      ordercancel request O-1003 S-8 --buyer B-1003 --reason other (see README)\n"
+            "Ctrl-C stops everything; data stays in .data/ for the next start."
+        )
+        await stop.wait()
+        console.print("stopping: draining the worker, then the servers")
+        await worker
+    log.info("dev_stopped")

@@ -1,0 +1,55 @@
+"""Terminal rendering of one cancellation: the buyer's three dots, the ETA, the coupon, the story."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from domain.models import CancellationView
+from domain.rules import refund_dots
+
+
+def render_view(console: Console, view: CancellationView) -> None:
+    header = Text()
+    header.append(f"{view.cancellation_id}\n", style="bold")
+    header.append(f"order {view.order_id} / seller {view.seller_id} / buyer {view.buyer_id}\n")
+    header.append(f"reason: {view.reason.value} ({view.reason.fault.value} fault)\n")
+    header.append("status: ")
+    header.append(view.status.value, style="bold cyan")
+    if view.path is not None:
+        header.append(f"  (path: {view.path.value})")
+    if view.seller_deadline is not None:
+        header.append(f"\nseller deadline: {view.seller_deadline:%Y-%m-%d %H:%M:%S %Z}")
+    console.print(Panel(header, title="cancellation", expand=False))
+
+    dots = view.dots or refund_dots(view.refund)
+    line = Text()
+    for n, dot in enumerate(dots):
+        if n:
+            line.append(" ── ")
+        line.append("● " if dot.done else "○ ", style="green" if dot.done else "dim")
+        line.append(dot.label, style="bold" if dot.done else "dim")
+    console.print(line)
+    if view.refund is not None:
+        refund = view.refund
+        console.print(
+            f"refund: {refund.kind.value} of {refund.amount} — stage {refund.stage.value}"
+            + (f", provider ref {refund.provider_ref}" if refund.provider_ref else "")
+        )
+        if refund.eta is not None:
+            console.print(
+                f"ETA: between {refund.eta.earliest:%Y-%m-%d} and {refund.eta.latest:%Y-%m-%d}"
+            )
+    if view.last_error:
+        console.print(f"[red]last error:[/red] {view.last_error}")
+    if view.coupon is not None:
+        console.print(f"coupon: [bold]{view.coupon.outcome.value}[/bold] — {view.coupon.reason}")
+
+    table = Table(title="audit trail", show_lines=False)
+    for column in ("when (UTC)", "who", "what", "detail"):
+        table.add_column(column)
+    for entry in view.audit:
+        table.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.actor, entry.kind, entry.detail or "")
+    console.print(table)
