@@ -43,8 +43,9 @@ app = typer.Typer(
 orders_app = typer.Typer(help="Load orders handed over by the order system.", no_args_is_help=True)
 app.add_typer(orders_app, name="orders")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 T = TypeVar("T")
 
 

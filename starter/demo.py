@@ -149,11 +149,11 @@ async def run_demo(
             outcome.error = f"{type(err).__name__}: {err}"
 
     await asyncio.gather(*(finish(o) for o in outcomes))
-    console.print(outcome_table(outcomes, ui_base))
+    console.print(outcome_table(outcomes, ui_base, client.namespace))
     return outcomes
 
 
-def outcome_table(outcomes: list[Outcome], ui_base: str | None) -> Table:
+def outcome_table(outcomes: list[Outcome], ui_base: str | None, namespace: str) -> Table:
     table = Table(title="Demo cancellations", show_lines=False)
     for column in ("scenario", "path", "status", "refund", "coupon", "workflow id"):
         table.add_column(column)
@@ -162,7 +162,9 @@ def outcome_table(outcomes: list[Outcome], ui_base: str | None) -> Table:
     for o in outcomes:
         r = o.result
         refund = (
-            f"{r.refund.kind.value} {r.refund.amount} ({r.refund.stage.value}, {r.refund.stage.dots}/3)"
+            f"{r.refund.kind.value} {r.refund.amount} "
+            + "●" * r.refund.stage.dots
+            + "○" * (3 - r.refund.stage.dots)
             if r and r.refund
             else "-"
         )
@@ -176,6 +178,6 @@ def outcome_table(outcomes: list[Outcome], ui_base: str | None) -> Table:
             o.handle.id,
         ]
         if ui_base:
-            row.append(f"{ui_base}/namespaces/default/workflows/{o.handle.id}")
+            row.append(f"{ui_base}/namespaces/{namespace}/workflows/{o.handle.id}")
         table.add_row(*row)
     return table
