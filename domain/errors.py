@@ -41,6 +41,12 @@ class SubOrderAlreadyCancelled(LedgerError):
     error_type = "SubOrderAlreadyCancelled"
 
 
+class CancellationConflict(LedgerError):
+    """The sub-order already has a cancellation under another id."""
+
+    error_type = "CancellationConflict"
+
+
 class CancellationNotFound(LedgerError):
     error_type = "CancellationNotFound"
 

@@ -15,6 +15,7 @@ from datetime import datetime
 import asyncpg
 
 from domain.errors import (
+    CancellationConflict,
     CancellationNotFound,
     RefundLimitExceeded,
     SubOrderAlreadyCancelled,
@@ -72,6 +73,14 @@ _SET_STATUS = """
     WHERE cancellation_id = $1
 """
 
+# The cancellation's status follows its refund only when the refund really is in that stage: a
+# late or repeated call (e.g. "failed" after "confirmed") must not contradict the refund row.
+_SET_STATUS_FROM_REFUND = """
+    UPDATE cancellations c SET status = $2, updated_at = clock_timestamp()
+    FROM refunds r
+    WHERE c.cancellation_id = $1 AND r.cancellation_id = c.cancellation_id AND r.stage = $3
+"""
+
 
 class Ledger:
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -103,9 +112,18 @@ class Ledger:
                 raise SubOrderNotFound(
                     f"no sub-order of seller {request.seller_id} in order {request.order_id}"
                 )
-            existing = await conn.fetchval(
-                "SELECT path FROM cancellations WHERE cancellation_id = $1", cancellation_id
+            other = await conn.fetchrow(
+                "SELECT cancellation_id, path FROM cancellations"
+                " WHERE order_id = $1 AND seller_id = $2",
+                request.order_id,
+                request.seller_id,
             )
+            if other is not None and other["cancellation_id"] != cancellation_id:
+                raise CancellationConflict(
+                    f"sub-order {request.order_id}/{request.seller_id} already has cancellation "
+                    f"{other['cancellation_id']}"
+                )
+            existing = other["path"] if other is not None else None
             if existing is None:
                 if sub["status"] == SubOrderStatus.CANCELLED:
                     raise SubOrderAlreadyCancelled(
@@ -253,9 +271,6 @@ class Ledger:
         """
         key = refund_idempotency_key(cancellation_id)
         async with self._pool.acquire() as conn, conn.transaction():
-            existing = await self._refund_row(conn, cancellation_id=cancellation_id)
-            if existing is not None:
-                return existing
             sub = await conn.fetchrow(
                 """
                 SELECT s.cash_minor, p.payment_id, p.currency, p.method, p.capture
@@ -269,6 +284,12 @@ class Ledger:
             )
             if sub is None:
                 raise CancellationNotFound(cancellation_id)
+            # Looked up only once the payment is locked: a concurrent call for the same
+            # cancellation has committed its refund by then, and this statement's fresh
+            # snapshot (read committed) sees it, so the amount is never reserved twice.
+            existing = await self._refund_row(conn, cancellation_id=cancellation_id)
+            if existing is not None:
+                return existing
             kind = refund_kind(CaptureState(sub["capture"]))
             eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
             try:
@@ -341,7 +362,10 @@ class Ledger:
                 eta.latest,
             )
             await conn.execute(
-                _SET_STATUS, cancellation_id, CancellationStatus.REFUND_SUBMITTED.value
+                _SET_STATUS_FROM_REFUND,
+                cancellation_id,
+                CancellationStatus.REFUND_SUBMITTED.value,
+                "submitted",
             )
             await conn.execute(
                 _APPEND_EVENT,
@@ -368,7 +392,10 @@ class Ledger:
                 cancellation_id,
             )
             await conn.execute(
-                _SET_STATUS, cancellation_id, CancellationStatus.REFUND_CONFIRMED.value
+                _SET_STATUS_FROM_REFUND,
+                cancellation_id,
+                CancellationStatus.REFUND_CONFIRMED.value,
+                "confirmed",
             )
             await conn.execute(
                 _APPEND_EVENT,
@@ -397,7 +424,12 @@ class Ledger:
                 cancellation_id,
                 error[:2000],
             )
-            await conn.execute(_SET_STATUS, cancellation_id, CancellationStatus.REFUND_FAILED.value)
+            await conn.execute(
+                _SET_STATUS_FROM_REFUND,
+                cancellation_id,
+                CancellationStatus.REFUND_FAILED.value,
+                "failed",
+            )
             await conn.execute(
                 _APPEND_EVENT,
                 cancellation_id,
@@ -454,6 +486,11 @@ class Ledger:
         restoration happen once.
         """
         async with self._pool.acquire() as conn, conn.transaction():
+            # A retried attempt that overlaps the first one waits here and reads its decision.
+            await conn.execute(
+                "SELECT 1 FROM cancellations WHERE cancellation_id = $1 FOR UPDATE",
+                cancellation_id,
+            )
             previous = await conn.fetchrow(
                 "SELECT * FROM coupon_decisions WHERE cancellation_id = $1", cancellation_id
             )

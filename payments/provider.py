@@ -118,13 +118,20 @@ class SimulatedProvider:
             raise ProviderTransientError("simulated provider timeout")
 
     async def _log(
-        self, conn: asyncpg.Connection, operation: str, key: str | None, payment: str | None,
+        self,
+        conn: asyncpg.Connection,
+        operation: str,
+        key: str | None,
+        payment: str | None,
         outcome: str,
     ) -> None:
         await conn.execute(
             "INSERT INTO provider_sim.calls (operation, idempotency_key, payment_id, outcome)"
             " VALUES ($1, $2, $3, $4)",
-            operation, key, payment, outcome,
+            operation,
+            key,
+            payment,
+            outcome,
         )
 
     async def create_refund(
@@ -132,6 +139,7 @@ class SimulatedProvider:
     ) -> ProviderRefund:
         await self._network()
         lost_response = False
+        key_reused = False
         async with self._pool.acquire() as conn, conn.transaction():
             fault = await conn.fetchrow(
                 "SELECT * FROM provider_sim.faults WHERE payment_id = $1 FOR UPDATE", payment_id
@@ -175,27 +183,41 @@ class SimulatedProvider:
                     idempotency_key,
                 )
                 assert row is not None
-                if (row["amount_minor"], row["payment_id"]) != (amount.amount_minor, payment_id):
+                key_reused = (
+                    row["amount_minor"],
+                    row["currency"].strip(),
+                    row["payment_id"],
+                    row["kind"],
+                ) != (amount.amount_minor, amount.currency, payment_id, kind.value)
+                if key_reused:
+                    # Logged and committed like every other call; the error is raised below,
+                    # outside the transaction, or the log row would be rolled back with it.
                     await self._log(conn, "create_refund", idempotency_key, payment_id, "mismatch")
-                    raise ProviderFinalError(
-                        "idempotency_key_reused",
-                        "this idempotency key was used with different parameters",
+                else:
+                    lost_response = (
+                        inserted is not None and fault is not None and fault["lose_response"]
                     )
-                lost_response = (
-                    inserted is not None and fault is not None and fault["lose_response"]
-                )
-                if lost_response:
-                    await conn.execute(
-                        "UPDATE provider_sim.faults SET lose_response = false WHERE payment_id = $1",
+                    if lost_response:
+                        await conn.execute(
+                            "UPDATE provider_sim.faults SET lose_response = false"
+                            " WHERE payment_id = $1",
+                            payment_id,
+                        )
+                    await self._log(
+                        conn,
+                        "create_refund",
+                        idempotency_key,
                         payment_id,
+                        "created" if inserted is not None else "replayed",
                     )
-                await self._log(
-                    conn, "create_refund", idempotency_key, payment_id,
-                    "created" if inserted is not None else "replayed",
-                )
-                result = _to_refund(row)
+                    result = _to_refund(row)
         if fault is not None and fault["transient_failures"] > 0:
             raise ProviderTransientError("simulated provider unavailable (503)")
+        if key_reused:
+            raise ProviderFinalError(
+                "idempotency_key_reused",
+                "this idempotency key was used with different parameters",
+            )
         if fault is not None and fault["final_failure"]:
             raise ProviderFinalError(fault["final_failure"], "refund refused by the provider")
         if lost_response:
@@ -222,7 +244,10 @@ class SimulatedProvider:
             row = await conn.fetchrow(
                 "UPDATE provider_sim.refunds SET polls = $2, status = $3, failure_code = $4"
                 " WHERE provider_ref = $1 RETURNING *",
-                provider_ref, polls, status, failure,
+                provider_ref,
+                polls,
+                status,
+                failure,
             )
             await self._log(conn, "get_refund", row["idempotency_key"], row["payment_id"], status)
         return _to_refund(row)

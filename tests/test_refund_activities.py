@@ -1,0 +1,385 @@
+"""The refund activities against a real PostgreSQL ledger and the provider simulator (R7-R10).
+
+The activity methods are called directly (they are plain async methods). What a buyer and an
+operator rely on: one refund at the provider per cancellation whatever fails and is retried,
+retryable failures marked retryable, final ones not, and the ledger's stage matching reality.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from activities.ledger_activities import LedgerActivities
+from activities.refund_activities import (
+    PROVIDER_UNAVAILABLE,
+    REFUND_PENDING,
+    REFUND_REJECTED,
+    RefundActivities,
+)
+from domain.errors import ProviderFinalError
+from domain.models import (
+    CancellationPath,
+    CancellationReason,
+    CancellationStatus,
+    Money,
+    OpenCancellationInput,
+    RefundFailureInput,
+    RefundKind,
+    RefundPolicy,
+    RefundRequestInput,
+    RefundStage,
+    RefundStepInput,
+    RefundView,
+    RequestCancellationInput,
+    TimeoutPolicy,
+    TransitionInput,
+)
+from domain.rules import add_business_days, cancellation_id, refund_idempotency_key
+from ledger.orders import load_orders, parse_orders_file
+from ledger.repository import Ledger
+from payments.provider import ProviderRefundStatus, SimulatedProvider, SimulatorFaults
+
+DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
+BUYERS = {"O-1001": "B-501", "O-1002": "B-502", "O-1003": "B-503", "O-1005": "B-505"}
+
+
+class Harness:
+    def __init__(self, pool: asyncpg.Pool, provider: SimulatedProvider) -> None:
+        self.pool = pool
+        self.ledger = Ledger(pool)
+        self.provider = provider
+        self.ledger_acts = LedgerActivities(
+            self.ledger,
+            response_window=timedelta(hours=48),
+            timeout_policy=TimeoutPolicy.AUTO_APPROVE,
+            refund_policy=RefundPolicy(),
+        )
+        self.refund_acts = RefundActivities(self.ledger, provider)
+
+    async def approved_refund(self, order_id: str, seller_id: str) -> RefundView:
+        """A cancellation opened, approved (at once or by the seller) and its refund recorded."""
+        cid = cancellation_id(order_id, seller_id)
+        opened = await self.ledger_acts.open_cancellation(
+            OpenCancellationInput(
+                cancellation_id=cid,
+                request=RequestCancellationInput(
+                    order_id=order_id,
+                    seller_id=seller_id,
+                    buyer_id=BUYERS[order_id],
+                    reason=CancellationReason.DUPLICATE_ORDER,
+                ),
+            )
+        )
+        if opened.path is CancellationPath.REQUEST:
+            await self.ledger_acts.record_transition(
+                TransitionInput(
+                    cancellation_id=cid,
+                    status=CancellationStatus.APPROVED,
+                    actor="seller:" + seller_id,
+                    kind="approved",
+                    event_key="approved",
+                    cancel_sub_order=True,
+                )
+            )
+        return await self.ledger_acts.request_refund(
+            RefundRequestInput(cancellation_id=cid, event_key="refund_requested")
+        )
+
+    async def submit(self, cid: str) -> RefundView:
+        return await self.refund_acts.submit_refund(
+            RefundStepInput(
+                cancellation_id=cid,
+                idempotency_key=refund_idempotency_key(cid),
+                event_key="refund_submitted",
+            )
+        )
+
+    async def confirm(self, cid: str) -> RefundView:
+        return await self.refund_acts.confirm_refund(
+            RefundStepInput(
+                cancellation_id=cid,
+                idempotency_key=refund_idempotency_key(cid),
+                event_key="refund_confirmed",
+            )
+        )
+
+    async def stage(self, cid: str) -> RefundStage:
+        return (await self.ledger.get_refund(cancellation_id=cid)).view.stage
+
+    async def calls(self, key: str) -> list[tuple[str, str]]:
+        rows = await self.pool.fetch(
+            "SELECT operation, outcome FROM provider_sim.calls WHERE idempotency_key = $1"
+            " ORDER BY call_id",
+            key,
+        )
+        return [(r["operation"], r["outcome"]) for r in rows]
+
+    async def provider_refunds(self, key: str) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            "SELECT * FROM provider_sim.refunds WHERE idempotency_key = $1", key
+        )
+
+
+async def make_harness(pool: asyncpg.Pool, confirm_after_polls: int = 0) -> Harness:
+    await load_orders(pool, parse_orders_file(DEMO_FILE.read_text()))
+    return Harness(pool, SimulatedProvider(pool, confirm_after_polls=confirm_after_polls))
+
+
+@pytest.fixture
+async def h(pool: asyncpg.Pool) -> Harness:
+    return await make_harness(pool)
+
+
+CID_1002 = cancellation_id("O-1002", "S-7")
+KEY_1002 = refund_idempotency_key(CID_1002)
+CASH_1002 = 4999 + 1590
+
+
+async def test_happy_path_refunds_once_and_confirms(h: Harness) -> None:
+    requested = await h.approved_refund("O-1002", "S-7")
+    assert requested.stage is RefundStage.REQUESTED
+    assert requested.idempotency_key == KEY_1002
+    before_submit = datetime.now(UTC)
+
+    submitted = await h.submit(CID_1002)
+
+    assert submitted.stage is RefundStage.SUBMITTED
+    assert submitted.provider_ref is not None
+    assert submitted.attempts == 1
+    # R8: a card refund lands 3-20 business days after submission.
+    assert submitted.eta is not None
+    assert add_business_days(before_submit, 3) <= submitted.eta.earliest
+    assert submitted.eta.latest <= add_business_days(datetime.now(UTC), 20)
+
+    confirmed = await h.confirm(CID_1002)
+
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert confirmed.provider_ref == submitted.provider_ref
+    assert await h.stage(CID_1002) is RefundStage.CONFIRMED
+    view = await h.ledger.view(cancellation_id=CID_1002)
+    assert view.status is CancellationStatus.REFUND_CONFIRMED
+    assert [e.kind for e in view.audit][-3:] == [
+        "refund_requested",
+        "refund_submitted",
+        "refund_confirmed",
+    ]
+    at_provider = await h.provider_refunds(KEY_1002)
+    assert len(at_provider) == 1
+    assert at_provider[0]["provider_ref"] == submitted.provider_ref
+    assert (at_provider[0]["amount_minor"], at_provider[0]["currency"]) == (CASH_1002, "EUR")
+    assert (at_provider[0]["kind"], at_provider[0]["payment_id"]) == ("refund", "P-1002")
+    assert at_provider[0]["status"] == "succeeded"
+
+
+async def test_lost_response_is_retried_and_finds_the_same_refund(h: Harness) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.provider.set_faults("P-1002", SimulatorFaults(lose_response=True))
+
+    with pytest.raises(ApplicationError) as lost:
+        await h.submit(CID_1002)
+
+    assert lost.value.type == PROVIDER_UNAVAILABLE
+    assert lost.value.non_retryable is False
+    assert await h.stage(CID_1002) is RefundStage.REQUESTED
+    # The provider made the refund; only its answer was lost.
+    made = await h.provider_refunds(KEY_1002)
+    assert len(made) == 1
+
+    retried = await h.submit(CID_1002)
+
+    assert retried.stage is RefundStage.SUBMITTED
+    assert retried.provider_ref == made[0]["provider_ref"]
+    assert len(await h.provider_refunds(KEY_1002)) == 1
+    assert await h.calls(KEY_1002) == [
+        ("create_refund", "created"),
+        ("create_refund", "replayed"),
+    ]
+    assert (await h.confirm(CID_1002)).stage is RefundStage.CONFIRMED
+    assert len(await h.provider_refunds(KEY_1002)) == 1
+
+
+async def test_transient_failures_are_retryable_then_one_refund(h: Harness) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.provider.set_faults("P-1002", SimulatorFaults(transient_failures=2))
+
+    for _ in range(2):
+        with pytest.raises(ApplicationError) as unavailable:
+            await h.submit(CID_1002)
+        assert unavailable.value.type == PROVIDER_UNAVAILABLE
+        assert unavailable.value.non_retryable is False
+        assert await h.stage(CID_1002) is RefundStage.REQUESTED
+        assert await h.provider_refunds(KEY_1002) == []
+
+    submitted = await h.submit(CID_1002)
+
+    assert submitted.stage is RefundStage.SUBMITTED
+    assert len(await h.provider_refunds(KEY_1002)) == 1
+    assert await h.calls(KEY_1002) == [
+        ("create_refund", "transient"),
+        ("create_refund", "transient"),
+        ("create_refund", "created"),
+    ]
+
+
+async def test_final_failure_is_not_retryable_and_nothing_is_refunded(h: Harness) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.provider.set_faults("P-1002", SimulatorFaults(final_failure="card_closed"))
+
+    with pytest.raises(ApplicationError) as rejected:
+        await h.submit(CID_1002)
+
+    assert rejected.value.type == REFUND_REJECTED
+    assert rejected.value.non_retryable is True
+    assert "card_closed" in str(rejected.value)
+    assert await h.provider_refunds(KEY_1002) == []
+    assert await h.stage(CID_1002) is RefundStage.REQUESTED
+    assert await h.calls(KEY_1002) == [("create_refund", "final")]
+
+    # The workflow parks it (R10): visible, money still reserved, nothing lost.
+    parked = await h.ledger_acts.record_refund_failed(
+        RefundFailureInput(
+            cancellation_id=CID_1002,
+            idempotency_key=KEY_1002,
+            error=str(rejected.value),
+            attempts=1,
+            event_key="refund_failed",
+        )
+    )
+    assert parked.stage is RefundStage.FAILED
+    assert parked.last_error is not None and "card_closed" in parked.last_error
+    assert (
+        await h.pool.fetchval("SELECT refunded_minor FROM payments WHERE payment_id = 'P-1002'")
+        == CASH_1002
+    )
+
+
+async def test_pending_refund_is_polled_until_it_succeeds(pool: asyncpg.Pool) -> None:
+    h = await make_harness(pool, confirm_after_polls=2)
+    await h.approved_refund("O-1002", "S-7")
+    await h.submit(CID_1002)
+
+    for _ in range(2):
+        with pytest.raises(ApplicationError) as pending:
+            await h.confirm(CID_1002)
+        assert pending.value.type == REFUND_PENDING
+        assert pending.value.non_retryable is False
+        assert await h.stage(CID_1002) is RefundStage.SUBMITTED
+
+    confirmed = await h.confirm(CID_1002)
+
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert [c for c in await h.calls(KEY_1002) if c[0] == "get_refund"] == [
+        ("get_refund", "pending"),
+        ("get_refund", "pending"),
+        ("get_refund", "succeeded"),
+    ]
+
+
+async def test_refund_that_fails_after_success_is_reported_by_the_provider(h: Harness) -> None:
+    """Documents the simulator for reconciliation: the ledger confirmed the refund, and a
+    later look at the provider says it failed (R7: `failed` can follow `confirmed`)."""
+    await h.approved_refund("O-1002", "S-7")
+    await h.provider.set_faults("P-1002", SimulatorFaults(fail_after_success=True))
+    submitted = await h.submit(CID_1002)
+
+    confirmed = await h.confirm(CID_1002)
+
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert submitted.provider_ref is not None
+    later = await h.provider.get_refund(provider_ref=submitted.provider_ref)
+    assert later.status is ProviderRefundStatus.FAILED
+    assert later.failure_code == "card_closed_after_refund"
+    # The confirm activity does not look again once the ledger says confirmed: finding these
+    # is reconciliation's job.
+    assert (await h.confirm(CID_1002)).stage is RefundStage.CONFIRMED
+
+
+async def test_steps_after_success_change_nothing_and_do_not_call_the_provider(
+    h: Harness,
+) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    submitted = await h.submit(CID_1002)
+    confirmed = await h.confirm(CID_1002)
+    calls = await h.calls(KEY_1002)
+    refund_row = await h.pool.fetchrow("SELECT * FROM refunds WHERE idempotency_key = $1", KEY_1002)
+    audit = await h.ledger.audit_trail(cancellation_id=CID_1002)
+
+    again_submitted = await h.submit(CID_1002)
+    again_confirmed = await h.confirm(CID_1002)
+
+    assert again_submitted == again_confirmed == confirmed
+    assert again_submitted.provider_ref == submitted.provider_ref
+    assert await h.calls(KEY_1002) == calls
+    assert (
+        await h.pool.fetchrow("SELECT * FROM refunds WHERE idempotency_key = $1", KEY_1002)
+        == refund_row
+    )
+    assert await h.ledger.audit_trail(cancellation_id=CID_1002) == audit
+    assert len(await h.provider_refunds(KEY_1002)) == 1
+
+
+async def test_submitting_twice_before_confirmation_calls_the_provider_once(h: Harness) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    first = await h.submit(CID_1002)
+
+    second = await h.submit(CID_1002)
+
+    assert second == first
+    assert await h.calls(KEY_1002) == [("create_refund", "created")]
+
+
+async def test_void_of_an_authorisation_is_confirmed_at_once(h: Harness) -> None:
+    cid = cancellation_id("O-1001", "S-7")
+    key = refund_idempotency_key(cid)
+    requested = await h.approved_refund("O-1001", "S-7")
+    assert requested.kind is RefundKind.VOID
+
+    submitted = await h.submit(cid)
+    confirmed = await h.confirm(cid)
+
+    assert submitted.kind is RefundKind.VOID
+    # R8: a void releases the authorisation within a day.
+    assert submitted.eta is not None
+    assert submitted.eta.latest - submitted.eta.earliest == timedelta(days=1)
+    assert confirmed.stage is RefundStage.CONFIRMED
+    made = await h.provider_refunds(key)
+    assert [(r["kind"], r["amount_minor"], r["status"]) for r in made] == [
+        ("void", 2041 + 499, "succeeded")
+    ]
+    assert await h.calls(key) == [("create_refund", "created"), ("get_refund", "succeeded")]
+
+
+async def test_provider_refuses_a_key_reused_with_other_parameters_and_logs_it(
+    h: Harness,
+) -> None:
+    """The simulator's idempotency is real: the same key with another amount is an error, not
+    a second refund, and the call is on record for reconciliation."""
+    amount = Money(amount_minor=100, currency="EUR")
+    made = await h.provider.create_refund(
+        idempotency_key="k-1", payment_id="P-1005", kind=RefundKind.REFUND, amount=amount
+    )
+    replay = await h.provider.create_refund(
+        idempotency_key="k-1", payment_id="P-1005", kind=RefundKind.REFUND, amount=amount
+    )
+    assert replay == made
+
+    with pytest.raises(ProviderFinalError) as reused:
+        await h.provider.create_refund(
+            idempotency_key="k-1",
+            payment_id="P-1005",
+            kind=RefundKind.REFUND,
+            amount=Money(amount_minor=101, currency="EUR"),
+        )
+
+    assert reused.value.code == "idempotency_key_reused"
+    assert len(await h.provider_refunds("k-1")) == 1
+    assert await h.calls("k-1") == [
+        ("create_refund", "created"),
+        ("create_refund", "replayed"),
+        ("create_refund", "mismatch"),
+    ]
