@@ -61,8 +61,9 @@ def refund_kind(capture: CaptureState) -> RefundKind:
 # --- ETA (R8) -----------------------------------------------------------------------------------
 
 
-# (earliest, latest, business_days) after submission to the provider. Business days skip Saturdays and Sundays; wallet and
-# balance refunds land within a calendar day. Voids release an authorisation within a day.
+# (earliest, latest, business_days) after submission to the provider. Business days skip
+# Saturdays and Sundays; wallet and balance refunds land within a calendar day. Voids release an
+# authorisation within a day.
 DEFAULT_ETA_TABLE: Mapping[str, tuple[int, int, bool]] = {
     PaymentMethod.CARD.value: (3, 20, True),
     PaymentMethod.WALLET.value: (0, 1, False),

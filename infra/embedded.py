@@ -418,7 +418,7 @@ class TemporalDevServer:
             cmd += ["--search-attribute", f"{name}={type_}"]
         return cmd
 
-    async def start(self, timeout: float = 60) -> str:  # noqa: ASYNC109 (the documented API)
+    async def start(self, timeout: float = 60) -> str:
         """Start the server and return its address once a client can connect, the namespace
         answers a workflow listing and the search attributes are registered."""
         if self._proc is not None and self._proc.poll() is None:

@@ -248,7 +248,7 @@ def status(
         async with open_stack(settings, embedded=False) as stack:
             handle = stack.client.get_workflow_handle(cancellation_id)
             try:
-                return await handle.query(OrderCancellation.status, result_type=CancellationView)
+                return await handle.query(OrderCancellation.status)
             except RPCError as err:
                 if err.status != RPCStatusCode.NOT_FOUND:
                     structlog.get_logger().warning("query_failed_reading_ledger", error=str(err))

@@ -18,7 +18,6 @@ from domain.models import (
     CancellationReason,
     CancellationResult,
     CancellationStatus,
-    CancellationView,
     Decision,
     RequestCancellationInput,
     SellerDecision,
@@ -49,7 +48,7 @@ async def _wait_pending(handle: WorkflowHandle[Any, Any], timeout: float = 30) -
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        view = await handle.query(OrderCancellation.status, result_type=CancellationView)
+        view = await handle.query(OrderCancellation.status)
         if view.status is CancellationStatus.AWAITING_SELLER:
             return
         if view.status.is_terminal:

@@ -1,4 +1,4 @@
-"""Terminal rendering of one cancellation: the buyer's three dots, the ETA, the coupon, the story."""
+"""Terminal rendering of one cancellation: the three dots, the ETA, the coupon, the story."""
 
 from __future__ import annotations
 

@@ -43,7 +43,6 @@ async def start_cancellation(
             request,
             id=workflow_id,
             task_queue=task_queue,
-            result_type=CancellationResult,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             search_attributes=TypedSearchAttributes(

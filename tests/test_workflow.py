@@ -17,6 +17,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -199,7 +200,7 @@ async def harness(
 
 
 async def status_of(handle: WorkflowHandle[Any, Any]) -> CancellationView:
-    return await handle.query(OrderCancellation.status, result_type=CancellationView)
+    return await handle.query(OrderCancellation.status)
 
 
 async def wait_for_status(
@@ -275,7 +276,7 @@ async def test_seller_accepts_through_the_update(harness: Any) -> None:
     assert approved.status is CancellationStatus.APPROVED
     assert approved.actor == "seller:S-7" and approved.detail == "sorry"
     assert approved.cancel_sub_order is True
-    assert h.fakes.names()[2:] == REFUND_STEPS + ["record_transition"]
+    assert h.fakes.names()[2:] == [*REFUND_STEPS, "record_transition"]
 
 
 async def test_seller_accepts_through_the_signal(harness: Any) -> None:
@@ -438,8 +439,9 @@ async def test_buyer_withdraws_a_pending_request(harness: Any) -> None:
     assert transition.actor == "buyer:B-1"
     assert "request_refund" not in h.fakes.names()
     # The request has ended: a decision now is refused by the server (workflow closed).
-    with pytest.raises(Exception):
+    with pytest.raises(RPCError) as ended:
         await handle.execute_update(OrderCancellation.decide, accept())
+    assert ended.value.status is RPCStatusCode.NOT_FOUND
 
 
 async def test_final_refund_failure_parks_and_an_operator_retry_resumes(harness: Any) -> None:
