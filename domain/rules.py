@@ -190,7 +190,7 @@ def decide_coupon(
     return CouponOutcome(
         outcome=CouponOutcomeKind.RESTORED,
         redemption_id=redemption_id,
-        reason="restored: every sub-order the coupon paid for is cancelled and fully refunded",
+        reason="every sub-order the coupon paid for is cancelled and fully refunded",
     )
 
 

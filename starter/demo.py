@@ -149,6 +149,11 @@ async def run_demo(
 
     await asyncio.gather(*(finish(o) for o in outcomes))
     console.print(outcome_table(outcomes, ui_base, client.namespace))
+    if not report.loaded:
+        console.print(
+            "[dim]These cancellations ran in an earlier start and were only looked up (one"
+            " cancellation per sub-order). Remove .data/ to run the demo afresh.[/dim]"
+        )
     return outcomes
 
 

@@ -34,8 +34,11 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             )
         console.print(
             f"\n[bold green]Serving.[/bold green] Temporal Web UI: {ui}\n"
-            "Try:  ordercancel status cancel-O-1002-S-7\n"
-            "      ordercancel request O-1003 S-8 --buyer B-1003 --reason other (see README)\n"
+            "Try (in another terminal, after `source .venv/bin/activate`):\n"
+            "  ordercancel status cancel-O-2001-S-7\n"
+            "  ordercancel orders load demo/try-it.json\n"
+            "  ordercancel request O-3001 S-1 --buyer B-3001 --reason out_of_stock\n"
+            "  ordercancel decide cancel-O-3001-S-1 accept --seller S-1 --reason sorry\n"
             "Ctrl-C stops everything; data stays in .data/ for the next start."
         )
         await stop.wait()
