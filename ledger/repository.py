@@ -552,6 +552,23 @@ class Ledger:
                             cancellation_id,
                         )
                         performed = True
+                        # Siblings that decided earlier said "partial_refund"; their stories
+                        # get the ending too (R12).
+                        await conn.execute(
+                            """
+                            INSERT INTO cancellation_events (cancellation_id, event_key, actor,
+                                kind, detail)
+                            SELECT d.cancellation_id, 'coupon-restored-by-' || $2, 'system',
+                                   'coupon_restored', 'coupon ' || $3 || ' given back when '
+                                   || $2 || ' finished'
+                            FROM coupon_decisions d
+                            WHERE d.redemption_id = $1 AND d.cancellation_id <> $2
+                            ON CONFLICT (cancellation_id, event_key) DO NOTHING
+                            """,
+                            redemption["redemption_id"],
+                            cancellation_id,
+                            redemption["coupon_code"],
+                        )
                     else:
                         outcome = outcome.model_copy(
                             update={
@@ -593,6 +610,19 @@ class Ledger:
         )
         return [AuditEntry(**dict(r)) for r in rows]
 
+    async def coupon_outcome(self, *, cancellation_id: str) -> CouponOutcome | None:
+        """The coupon outcome as the buyer should see it now (None before it is decided)."""
+        row = await self._pool.fetchrow(
+            """
+            SELECT d.*, r.restored_by
+            FROM coupon_decisions d
+            LEFT JOIN coupon_redemptions r USING (redemption_id)
+            WHERE d.cancellation_id = $1
+            """,
+            cancellation_id,
+        )
+        return _coupon_outcome(row) if row is not None else None
+
     async def view(self, *, cancellation_id: str) -> CancellationView:
         """The full story of one cancellation, from the ledger alone."""
         row = await self._pool.fetchrow(
@@ -602,9 +632,7 @@ class Ledger:
             raise CancellationNotFound(f"no cancellation {cancellation_id}")
         async with self._pool.acquire() as conn:
             refund = await self._refund_row(conn, cancellation_id=cancellation_id)
-            coupon = await conn.fetchrow(
-                "SELECT * FROM coupon_decisions WHERE cancellation_id = $1", cancellation_id
-            )
+        coupon = await self.coupon_outcome(cancellation_id=cancellation_id)
         return CancellationView(
             cancellation_id=cancellation_id,
             order_id=row["order_id"],
@@ -614,13 +642,23 @@ class Ledger:
             path=CancellationPath(row["path"]),
             status=CancellationStatus(row["status"]),
             refund=refund.view if refund else None,
-            coupon=_coupon_outcome(coupon) if coupon else None,
+            coupon=coupon,
             last_error=refund.view.last_error if refund else None,
             audit=await self.audit_trail(cancellation_id=cancellation_id),
         )
 
 
 def _coupon_outcome(row: asyncpg.Record) -> CouponOutcome:
+    """The decision as recorded; when read with the redemption's current state, a coupon that a
+    sibling restored later is shown as restored (the decision itself stays as it was made)."""
+    restored_by = row.get("restored_by")
+    if row["outcome"] == CouponOutcomeKind.PARTIAL_REFUND and restored_by:
+        return CouponOutcome(
+            outcome=CouponOutcomeKind.RESTORED,
+            reason=f"given back when {restored_by} finished (when this cancellation finished:"
+            f" {row['reason']})",
+            redemption_id=row["redemption_id"],
+        )
     return CouponOutcome(
         outcome=CouponOutcomeKind(row["outcome"]),
         reason=row["reason"],

@@ -248,7 +248,11 @@ def status(
         async with open_stack(settings, embedded=False) as stack:
             handle = stack.client.get_workflow_handle(cancellation_id)
             try:
-                return await handle.query(OrderCancellation.status)
+                view = await handle.query(OrderCancellation.status)
+                # A coupon a sibling restored after this cancellation decided is only known to
+                # the ledger; show the buyer where it stands now.
+                coupon = await Ledger(stack.pool).coupon_outcome(cancellation_id=cancellation_id)
+                return view.model_copy(update={"coupon": coupon}) if coupon else view
             except RPCError as err:
                 if err.status != RPCStatusCode.NOT_FOUND:
                     structlog.get_logger().warning("query_failed_reading_ledger", error=str(err))

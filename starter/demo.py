@@ -18,11 +18,13 @@ from domain.models import (
     CancellationReason,
     CancellationResult,
     CancellationStatus,
+    CouponOutcome,
     Decision,
     RequestCancellationInput,
     SellerDecision,
 )
 from ledger.orders import load_orders, parse_orders_file
+from ledger.repository import Ledger
 from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.requests import start_cancellation
 from workflows.order_cancellation import OrderCancellation
@@ -38,6 +40,8 @@ class Outcome:
     handle: WorkflowHandle[Any, CancellationResult]
     result: CancellationResult | None = None
     error: str | None = None
+    # Where the coupon stands now: a sibling may have restored it after this one decided.
+    coupon_now: CouponOutcome | None = None
 
 
 def demo_orders_text() -> str:
@@ -141,9 +145,12 @@ async def run_demo(
     ]
     await asyncio.gather(*decisions, return_exceptions=True)
 
+    ledger = Ledger(pool)
+
     async def finish(outcome: Outcome) -> None:
         try:
             outcome.result = await asyncio.wait_for(outcome.handle.result(), timeout=120)
+            outcome.coupon_now = await ledger.coupon_outcome(cancellation_id=outcome.handle.id)
         except Exception as err:  # shown in the table; the demo never hides a failure
             outcome.error = f"{type(err).__name__}: {err}"
 
@@ -172,7 +179,9 @@ def outcome_table(outcomes: list[Outcome], ui_base: str | None, namespace: str) 
             if r and r.refund
             else "-"
         )
-        coupon = r.coupon.outcome.value if r and r.coupon else "-"
+        coupon = o.coupon_now.outcome.value if o.coupon_now else "-"
+        if r and r.coupon and o.coupon_now and r.coupon.outcome != o.coupon_now.outcome:
+            coupon += f" (was {r.coupon.outcome.value} when it finished)"
         row = [
             o.scenario,
             r.path.value if r else "-",

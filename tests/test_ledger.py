@@ -647,6 +647,15 @@ async def test_coupon_partial_then_restored_when_the_last_sub_order_is_refunded(
         (s7, "partial_refund", False),
         (s8, "restored", True),
     ]
+    # S-7's story gets the ending: its audit trail says the coupon came back, and its view
+    # shows the coupon as restored now, naming who restored it (its decision row stays).
+    assert (await events(pool, s7))[-1] == "coupon_restored"
+    now_seen = await ledger.coupon_outcome(cancellation_id=s7)
+    assert now_seen is not None and now_seen.outcome is CouponOutcomeKind.RESTORED
+    assert s8 in now_seen.reason and "S-8" in now_seen.reason
+    assert (await ledger.view(cancellation_id=s7)).coupon == now_seen
+    # The restorer's own trail has its decision once, no extra row.
+    assert (await events(pool, s8)).count("coupon_restored") == 1
     # The other order's coupon is untouched.
     assert (
         await pool.fetchval(

@@ -1,0 +1,295 @@
+"""Record one `OrderCancellation` history per path into tests/histories/ for the replay test.
+
+    .venv/bin/python -m tests.record_histories              # refuses to overwrite
+    .venv/bin/python -m tests.record_histories --tag v2     # instant.v2.json, ... next to the old
+
+Starts its own headless Temporal dev server and embedded PostgreSQL in a temporary directory,
+runs the product's worker (`workers.worker.build_worker`) against them, drives one cancellation
+down each path and saves its history (`handle.fetch_history().to_json()`). Nothing is left
+running. When to re-record: see the docstring of tests/test_replay.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from temporalio.client import Client, WorkflowHandle
+
+from domain.models import (
+    CancellationReason,
+    CancellationResult,
+    CancellationStatus,
+    CancellationView,
+    CaptureState,
+    Decision,
+    OperatorDecision,
+    PaymentMethod,
+    PaymentValidation,
+    RequestCancellationInput,
+    RetryRefundRequest,
+    SellerDecision,
+    TimeoutPolicy,
+    WithdrawRequest,
+)
+from domain.orders import CheckoutOrderIn, OrderLine, OrdersFile, PaymentIn, SubOrderIn
+from infra.client import connect
+from infra.embedded import EmbeddedPostgres, TemporalDevServer, free_port
+from infra.settings import Settings
+from ledger.db import create_pool, migrate
+from ledger.orders import load_orders
+from payments.provider import SimulatedProvider, SimulatorFaults
+from starter.requests import start_cancellation
+from workers.worker import build_worker
+from workflows.order_cancellation import OrderCancellation
+from workflows.search_attributes import CLI_TYPES
+
+HISTORIES = Path(__file__).resolve().parent / "histories"
+
+# The paths the replay test requires (tests/test_replay.py imports this).
+PATHS = (
+    "instant",
+    "accepted_update",
+    "accepted_signal",
+    "rejected",
+    "timed_out",
+    "withdrawn",
+    "escalated_resolved",
+    "refund_failed_retried",
+    "refused_signal",
+)
+
+SELLER = "S-1"
+BUYER = "B-1"
+WINDOW = timedelta(seconds=2)
+
+Handle = WorkflowHandle[Any, CancellationResult]
+
+
+def _order(path: str) -> CheckoutOrderIn:
+    instant = path == "instant"
+    return CheckoutOrderIn(
+        order_id=f"H-{path}",
+        buyer_id=BUYER,
+        currency="EUR",
+        placed_at=datetime(2026, 3, 1, 12, 0, tzinfo=UTC),
+        payment=PaymentIn(
+            payment_id=f"P-{path}",
+            method=PaymentMethod.CARD,
+            validation=PaymentValidation.UNVALIDATED if instant else PaymentValidation.VALIDATED,
+            capture=CaptureState.AUTHORIZED if instant else CaptureState.CAPTURED,
+        ),
+        sub_orders=[
+            SubOrderIn(
+                seller_id=SELLER,
+                seller_accepted=not instant,
+                shipping_minor=300,
+                lines=[OrderLine(sku="SKU-1", quantity=1, unit_price_minor=1999)],
+            )
+        ],
+    )
+
+
+class Recorder:
+    def __init__(self, client: Client, pool: asyncpg.Pool, queue: str, escalate_queue: str):
+        self.client = client
+        self.provider = SimulatedProvider(pool)
+        self.queue = queue
+        self.escalate_queue = escalate_queue
+
+    async def start(self, path: str, *, queue: str | None = None, **kw: Any) -> Handle:
+        request = RequestCancellationInput(
+            order_id=f"H-{path}",
+            seller_id=SELLER,
+            buyer_id=BUYER,
+            reason=CancellationReason.OUT_OF_STOCK,
+            **kw,
+        )
+        return await start_cancellation(self.client, request, task_queue=queue or self.queue)
+
+    @staticmethod
+    async def until(handle: Handle, status: CancellationStatus, timeout: float = 30) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            view: CancellationView = await handle.query(OrderCancellation.status)
+            if view.status is status:
+                return
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{handle.id} is {view.status.value}, not {status.value}")
+            await asyncio.sleep(0.1)
+
+    # --- one coroutine per path; each returns the handle of a finished cancellation -------
+
+    async def instant(self) -> Handle:
+        return await self.start("instant")
+
+    async def accepted_update(self) -> Handle:
+        handle = await self.start("accepted_update")
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.execute_update(
+            OrderCancellation.decide,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="out of stock"),
+        )
+        return handle
+
+    async def accepted_signal(self) -> Handle:
+        handle = await self.start("accepted_signal")
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.signal(
+            OrderCancellation.seller_decision,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="ok"),
+        )
+        return handle
+
+    async def rejected(self) -> Handle:
+        handle = await self.start("rejected")
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.execute_update(
+            OrderCancellation.decide,
+            SellerDecision(seller_id=SELLER, decision=Decision.REJECT, reason="already shipped"),
+        )
+        return handle
+
+    async def timed_out(self) -> Handle:
+        return await self.start("timed_out", response_window=WINDOW)
+
+    async def withdrawn(self) -> Handle:
+        handle = await self.start("withdrawn")
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.signal(
+            OrderCancellation.withdraw, WithdrawRequest(buyer_id=BUYER, reason="found it")
+        )
+        return handle
+
+    async def escalated_resolved(self) -> Handle:
+        handle = await self.start(
+            "escalated_resolved", queue=self.escalate_queue, response_window=WINDOW
+        )
+        await self.until(handle, CancellationStatus.ESCALATED)
+        await handle.execute_update(
+            OrderCancellation.resolve_escalation,
+            OperatorDecision(operator_id="OP-1", decision=Decision.ACCEPT, reason="seller away"),
+        )
+        return handle
+
+    async def refund_failed_retried(self) -> Handle:
+        payment = "P-refund_failed_retried"
+        await self.provider.set_faults(payment, SimulatorFaults(final_failure="card_closed"))
+        handle = await self.start("refund_failed_retried")
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.execute_update(
+            OrderCancellation.decide,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="ok"),
+        )
+        await self.until(handle, CancellationStatus.REFUND_FAILED)
+        await self.provider.set_faults(payment, SimulatorFaults())
+        await handle.execute_update(
+            OrderCancellation.retry_refund,
+            RetryRefundRequest(operator_id="OP-1", reason="card replaced"),
+        )
+        return handle
+
+    async def refused_signal(self) -> Handle:
+        handle = await self.start("refused_signal")
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        # Another seller, then a malformed payload: both recorded and ignored.
+        await handle.signal(
+            OrderCancellation.seller_decision,
+            SellerDecision(seller_id="S-OTHER", decision=Decision.ACCEPT, reason="not mine"),
+        )
+        await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "maybe"})
+        await handle.signal(
+            OrderCancellation.seller_decision,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="ok"),
+        )
+        return handle
+
+
+async def record(out_dir: Path, tag: str | None, overwrite: bool) -> list[Path]:
+    suffix = f".{tag}" if tag else ""
+    targets = {path: out_dir / f"{path}{suffix}.json" for path in PATHS}
+    existing = [t for t in targets.values() if t.exists()]
+    if existing and not overwrite:
+        raise SystemExit(
+            f"refusing to overwrite {', '.join(t.name for t in existing)}: recorded histories are "
+            "kept (see tests/test_replay.py); use --tag NAME for new files or --overwrite"
+        )
+    with tempfile.TemporaryDirectory(prefix="record-histories-") as tmp:
+        postgres = EmbeddedPostgres(Path(tmp) / "pg")
+        url = postgres.start()
+        try:
+            server = TemporalDevServer(
+                port=free_port(), ui_port=None, db_file=None, search_attributes=CLI_TYPES
+            )
+            async with server:
+                return await _record_on(server.address, url, targets)
+        finally:
+            postgres.stop()
+
+
+async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[Path]:
+    pool = await create_pool(url, min_size=1, max_size=10)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        await load_orders(pool, OrdersFile(orders=[_order(path) for path in PATHS]))
+        client = await connect(address)
+        settings = Settings(
+            refund_poll_interval=timedelta(milliseconds=200),
+            refund_poll_max_interval=timedelta(seconds=1),
+            refund_submit_initial_interval=timedelta(milliseconds=100),
+            refund_submit_max_interval=timedelta(milliseconds=500),
+            refund_submit_max_attempts=3,
+        )
+        queue, escalate_queue = (f"record-{uuid.uuid4().hex[:8]}" for _ in range(2))
+        recorder = Recorder(client, pool, queue, escalate_queue)
+        async with (
+            build_worker(client, pool, settings, task_queue=queue),
+            build_worker(
+                client,
+                pool,
+                settings.model_copy(update={"timeout_policy": TimeoutPolicy.ESCALATE}),
+                task_queue=escalate_queue,
+            ),
+        ):
+            scenarios: dict[str, Callable[[], Awaitable[Handle]]] = {
+                path: getattr(recorder, path) for path in PATHS
+            }
+            handles = await asyncio.gather(*(run() for run in scenarios.values()))
+            written = []
+            for path, handle in zip(scenarios, handles, strict=True):
+                outcome = await asyncio.wait_for(handle.result(), 60)
+                history = await handle.fetch_history()
+                targets[path].parent.mkdir(parents=True, exist_ok=True)
+                targets[path].write_text(history.to_json() + "\n")
+                written.append(targets[path])
+                print(
+                    f"{targets[path].name}: {outcome.status.value} ({len(history.events)} events)"
+                )
+            return written
+    finally:
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HISTORIES)
+    parser.add_argument("--tag", help="save as <path>.<tag>.json, keeping the older files")
+    parser.add_argument("--overwrite", action="store_true", help="replace files of the same name")
+    args = parser.parse_args(argv)
+    # The refund path fails activities on purpose; their tracebacks are noise here.
+    logging.basicConfig(level=logging.ERROR)
+    asyncio.run(record(args.out, args.tag, args.overwrite))
+
+
+if __name__ == "__main__":
+    main()
