@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 
 from activities.ledger_activities import business_error
 from domain.errors import LedgerError, ProviderFinalError, ProviderTransientError
@@ -23,7 +23,6 @@ from payments.provider import PaymentProvider, ProviderRefundStatus
 # Failure types the workflow's retry policies and operators see.
 PROVIDER_UNAVAILABLE = "ProviderUnavailable"
 REFUND_REJECTED = "RefundRejected"
-REFUND_PENDING = "RefundPending"
 REFUND_FAILED_AT_PROVIDER = "RefundFailedAtProvider"
 
 
@@ -70,8 +69,8 @@ class RefundActivities:
 
     @activity.defn
     async def confirm_refund(self, params: RefundStepInput) -> RefundView:
-        """Dot 3: the provider settled the refund. Pending is an expected answer, retried on the
-        poll interval by the activity's retry policy."""
+        """Dot 3: one look at the refund at the provider. Confirmed: recorded and returned.
+        Pending: returned unchanged (stage `submitted`). Failed: a non-retryable error."""
         try:
             record = await self._ledger.get_refund(cancellation_id=params.cancellation_id)
         except LedgerError as err:
@@ -91,12 +90,8 @@ class RefundActivities:
                 str(err), type=REFUND_FAILED_AT_PROVIDER, non_retryable=True
             ) from err
         if found.status is ProviderRefundStatus.PENDING:
-            # Benign: an expected answer while polling, logged quietly, not as a failure.
-            raise ApplicationError(
-                f"refund {found.provider_ref} is still pending at the provider",
-                type=REFUND_PENDING,
-                category=ApplicationErrorCategory.BENIGN,
-            )
+            # Not a failure: the workflow asks again after its poll interval or a webhook.
+            return record.view
         if found.status is ProviderRefundStatus.FAILED:
             raise ApplicationError(
                 f"the provider reports refund {found.provider_ref} failed: {found.failure_code}",

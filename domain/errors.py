@@ -16,6 +16,7 @@ class RefusalCode(StrEnum):
     NOT_ESCALATED = "not_escalated"
     NOT_REFUND_FAILED = "not_refund_failed"
     INVALID_PAYLOAD = "invalid_payload"
+    UNKNOWN_REFUND = "unknown_refund"
 
 
 class DecisionRefused(Exception):

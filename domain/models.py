@@ -219,6 +219,28 @@ class RetryRefundRequest(Strict):
     reason: FreeText = ""
 
 
+class PaymentEventType(StrEnum):
+    REFUND_CONFIRMED = "refund_confirmed"
+    REFUND_FAILED = "refund_failed"
+    # The provider confirmed the refund, then reports it failed (e.g. a closed card) (R7).
+    REFUND_REVERSED = "refund_reversed"
+
+
+class PaymentEvent(Strict):
+    """The provider's asynchronous news about a refund; payload of signal `payment_event`.
+
+    It only wakes the workflow up: the workflow then asks the provider itself, so a forged or
+    stale event can change nothing."""
+
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    type: PaymentEventType
+    provider_ref: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    # Our idempotency key, as providers echo it back (refund metadata).
+    refund_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    failure_code: Annotated[str, StringConstraints(max_length=255)] | None = None
+    occurred_at: datetime | None = None
+
+
 class DecisionReceipt(Record):
     """What an update returns: the decision took effect and what the cancellation does next."""
 

@@ -38,13 +38,16 @@ with workflow.unsafe.imports_passed_through():
         OpenCancellationInput,
         OpenCancellationResult,
         OperatorDecision,
+        PaymentEvent,
         RefundFailureInput,
         RefundRequestInput,
+        RefundStage,
         RefundStepInput,
         RefundView,
         RequestCancellationInput,
         RetryRefundRequest,
         SellerDecision,
+        TimeoutPolicy,
         TransitionInput,
         WithdrawRequest,
     )
@@ -75,6 +78,40 @@ def _parse(model: type[M], payload: Any) -> M:
         raise DecisionRefused(RefusalCode.INVALID_PAYLOAD, f"invalid payload: {fields}") from err
 
 
+# What operators read in the Web UI for each state: a headline and the next step.
+_STAGE_TEXT: dict[CancellationStatus, tuple[str, str]] = {
+    CancellationStatus.OPENING: ("Opening", "read the sub-order and choose the path"),
+    CancellationStatus.AWAITING_SELLER: (
+        "Waiting for the seller",
+        "the seller accepts or rejects (update `decide` / signal `seller_decision`)",
+    ),
+    CancellationStatus.ESCALATED: (
+        "Escalated to operators",
+        "an operator decides (update `resolve_escalation`)",
+    ),
+    CancellationStatus.REJECTED: ("Rejected", "nothing: the order goes on"),
+    CancellationStatus.WITHDRAWN: ("Withdrawn by the buyer", "nothing: the order goes on"),
+    CancellationStatus.APPROVED: ("Approved", "record the refund"),
+    CancellationStatus.REFUND_REQUESTED: (
+        "Refund requested (dot 1)",
+        "submit it to the payment provider",
+    ),
+    CancellationStatus.REFUND_SUBMITTED: (
+        "Refund in progress (dot 2)",
+        "the provider confirms the refund",
+    ),
+    CancellationStatus.REFUND_CONFIRMED: (
+        "Refund completed (dot 3)",
+        "decide whether the coupon comes back",
+    ),
+    CancellationStatus.REFUND_FAILED: (
+        "Refund failed: waiting for an operator",
+        "an operator retries (update `retry_refund`, or `ordercancel refunds retry`)",
+    ),
+    CancellationStatus.COMPLETED: ("Completed", "nothing: the cancellation is done"),
+}
+
+
 def _refusal(err: DecisionRefused) -> ApplicationError:
     return ApplicationError(err.message, type=err.code.value, non_retryable=True)
 
@@ -98,6 +135,9 @@ class OrderCancellation:
         self._refund: RefundView | None = None
         self._coupon: CouponOutcome | None = None
         self._last_error: str | None = None
+        self._provider_news = False
+        self._next_check: datetime | None = None
+        self._since = workflow.now()
         self._audit: list[AuditEntry] = []
         # Audit rows written by the ledger get keys from this counter, in workflow order, so a
         # retried activity writes its row once and a replay produces the same keys.
@@ -252,26 +292,50 @@ class OrderCancellation:
                 self._set_status(
                     CancellationStatus.REFUND_SUBMITTED, "provider", "refund_submitted"
                 )
-                self._refund = await workflow.execute_activity_method(
-                    RefundActivities.confirm_refund,
-                    self._refund_step("refund_confirmed"),
-                    start_to_close_timeout=PROVIDER_TIMEOUT,
-                    # Polling: "still pending" is retried on the poll interval for as long as
-                    # the provider takes; only a failure it reports ends the wait.
-                    retry_policy=RetryPolicy(
-                        initial_interval=policy.poll_interval,
-                        backoff_coefficient=1.5,
-                        maximum_interval=policy.poll_max_interval,
-                        non_retryable_error_types=[REFUND_FAILED_AT_PROVIDER],
-                    ),
-                    summary="Wait for the provider to confirm the refund (dot 3)",
-                )
+                self._refund = await self._await_confirmation(opened)
                 self._set_status(
                     CancellationStatus.REFUND_CONFIRMED, "provider", "refund_confirmed"
                 )
                 return
             except ActivityError as err:
                 await self._park_refund(err, passes)
+
+    async def _await_confirmation(self, opened: OpenCancellationResult) -> RefundView:
+        """Dot 3: ask the provider; while it says "pending", wait on a durable timer that grows
+        to the maximum poll interval, or less when the provider's webhook (signal
+        `payment_event`) says something happened. The provider's answer is the truth; the
+        webhook only wakes the workflow up."""
+        policy = opened.refund_policy
+        wait = policy.poll_interval
+        while True:
+            # Reset before asking, so an event that arrives while the activity runs is not lost.
+            self._provider_news = False
+            refund = await workflow.execute_activity_method(
+                RefundActivities.confirm_refund,
+                self._refund_step("refund_confirmed"),
+                start_to_close_timeout=PROVIDER_TIMEOUT,
+                # Only an unreachable provider is retried here; "pending" is an answer.
+                retry_policy=RetryPolicy(
+                    initial_interval=policy.submit_initial_interval,
+                    maximum_interval=policy.submit_max_interval,
+                    non_retryable_error_types=[REFUND_FAILED_AT_PROVIDER],
+                ),
+                summary="Ask the provider whether the refund is confirmed (dot 3)",
+            )
+            if refund.stage is RefundStage.CONFIRMED:
+                return refund
+            self._refund = refund
+            self._next_check = workflow.now() + wait
+            workflow.set_current_details(self._details())
+            try:
+                await workflow.wait_condition(
+                    lambda: self._provider_news,
+                    timeout=wait,
+                    timeout_summary="Wait for the provider (poll interval, or its webhook)",
+                )
+            except TimeoutError:
+                pass
+            wait = min(wait * 1.5, policy.poll_max_interval)
 
     async def _park_refund(self, err: ActivityError, passes: int) -> None:
         cause = err.cause
@@ -340,6 +404,7 @@ class OrderCancellation:
         """Change the status here, in the search attributes and the details operators read.
         The ledger row is written by the activity that caused the change."""
         self._status = status
+        self._since = workflow.now()
         self._note(actor, kind, detail)
         stage = self._refund.stage.dots if self._refund is not None else 0
         workflow.upsert_search_attributes(
@@ -377,21 +442,41 @@ class OrderCancellation:
         )
 
     def _details(self) -> str:
-        lines = [f"**{self._status.value}** since {workflow.now().isoformat(timespec='seconds')}"]
-        if self._deadline is not None and self._status is CancellationStatus.AWAITING_SELLER:
-            lines.append(f"Seller deadline: {self._deadline.isoformat(timespec='seconds')}")
-        if self._refund is not None:
-            lines.append(
-                f"Refund: {self._refund.kind.value} of {self._refund.amount}, "
-                f"stage {self._refund.stage.value}"
+        """Markdown for the Web UI: what is happening, since when, what comes next, ETA, error."""
+        headline, next_step = _STAGE_TEXT[self._status]
+        if self._status is CancellationStatus.AWAITING_SELLER and self._deadline is not None:
+            next_step += f" by {self._deadline:%Y-%m-%d %H:%M} UTC; then {self._policy_text()}"
+        if self._status is CancellationStatus.REFUND_SUBMITTED and self._next_check is not None:
+            next_step += (
+                f" (next check {self._next_check:%Y-%m-%d %H:%M:%S} UTC, or on its webhook)"
             )
-            if self._refund.eta is not None:
-                lines.append(
-                    f"ETA: {self._refund.eta.earliest.date()} to {self._refund.eta.latest.date()}"
-                )
+        lines = [
+            f"**{headline}** since {self._since:%Y-%m-%d %H:%M:%S} UTC",
+            f"Next: {next_step}",
+        ]
+        if self._refund is not None:
+            refund = self._refund
+            lines.append(
+                f"Refund: {refund.kind.value} of {refund.amount}, stage {refund.stage.value}"
+                f" ({refund.stage.dots}/3)"
+                + (f", provider ref {refund.provider_ref}" if refund.provider_ref else "")
+            )
+            if refund.eta is not None:
+                lines.append(f"ETA: {refund.eta.earliest:%Y-%m-%d} to {refund.eta.latest:%Y-%m-%d}")
+        if self._coupon is not None:
+            lines.append(f"Coupon: {self._coupon.outcome.value} ({self._coupon.reason})")
         if self._last_error and self._status is CancellationStatus.REFUND_FAILED:
             lines.append(f"Last error: {self._last_error}")
         return "\n\n".join(lines)
+
+    def _policy_text(self) -> str:
+        policy = self._opened.timeout_policy if self._opened is not None else None
+        return {
+            None: "the timeout policy applies",
+            TimeoutPolicy.AUTO_APPROVE: "approved automatically",
+            TimeoutPolicy.AUTO_REJECT: "rejected automatically",
+            TimeoutPolicy.ESCALATE: "escalated to operators",
+        }[policy]
 
     async def _refuse(self, actor: str, kind: str, err: DecisionRefused) -> None:
         """A signal cannot be refused to its sender: record the refusal and change nothing."""
@@ -490,6 +575,28 @@ class OrderCancellation:
             return
         self._withdrawal = request
         self._note(f"buyer:{request.buyer_id}", "withdraw_requested", request.reason)
+
+    # --- the payment provider's webhook ------------------------------------------------------
+
+    @workflow.signal
+    async def payment_event(self, payload: Any) -> None:
+        try:
+            event = _parse(PaymentEvent, payload)
+            refund = self._refund
+            ours = refund is not None and (
+                (event.provider_ref is not None and event.provider_ref == refund.provider_ref)
+                or (event.refund_key is not None and event.refund_key == refund.idempotency_key)
+            )
+            if not ours:
+                raise DecisionRefused(
+                    RefusalCode.UNKNOWN_REFUND,
+                    f"event {event.event_id} names no refund of this cancellation",
+                )
+        except DecisionRefused as err:
+            await self._refuse("provider", "payment_event_refused", err)
+            return
+        self._note("provider", "payment_event", f"{event.type.value} ({event.event_id})")
+        self._provider_news = True
 
     # --- operators --------------------------------------------------------------------------
 
