@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from domain.errors import LedgerError
 from domain.models import (
+    CancellationStatus,
     CouponInput,
     CouponOutcome,
     EventInput,
@@ -23,7 +25,10 @@ from domain.models import (
     TransitionInput,
 )
 from domain.rules import DEFAULT_ETA_TABLE
+from infra.metrics import NO_METRICS, BusinessMetrics, decided_by, failure_reason, seconds_between
 from ledger.repository import Ledger
+
+log = structlog.get_logger(__name__)
 
 
 def business_error(err: LedgerError) -> ApplicationError:
@@ -40,8 +45,10 @@ class LedgerActivities:
         timeout_policy: TimeoutPolicy,
         refund_policy: RefundPolicy,
         eta_table: Mapping[str, tuple[int, int, bool]] = DEFAULT_ETA_TABLE,
+        metrics: BusinessMetrics = NO_METRICS,
     ) -> None:
         self._ledger = ledger
+        self._metrics = metrics
         self._window = response_window
         self._timeout_policy = timeout_policy
         self._refund_policy = refund_policy
@@ -55,6 +62,8 @@ class LedgerActivities:
             )
         except LedgerError as err:
             raise business_error(err) from err
+        log.info("cancellation_opened", path=snapshot.path.value)
+        self._metrics.cancellation_started(path=snapshot.path.value)
         return OpenCancellationResult(
             path=snapshot.path,
             amount=snapshot.amount,
@@ -63,6 +72,8 @@ class LedgerActivities:
             response_window=params.request.response_window or self._window,
             timeout_policy=self._timeout_policy,
             refund_policy=self._refund_policy,
+            ledger_status=snapshot.status,
+            refund=snapshot.refund,
         )
 
     @activity.defn
@@ -71,6 +82,26 @@ class LedgerActivities:
             await self._ledger.record_transition(params)
         except LedgerError as err:
             raise business_error(err) from err
+        log.info("transition_recorded", status=params.status.value, actor=params.actor)
+        await self._observe_transition(params)
+
+    async def _observe_transition(self, params: TransitionInput) -> None:
+        if params.status.is_terminal:
+            self._metrics.cancellation_ended(status=params.status.value)
+        decided = params.status in (CancellationStatus.APPROVED, CancellationStatus.REJECTED)
+        if not (decided and self._metrics.enabled):
+            return
+        try:
+            timings = await self._ledger.timings(cancellation_id=params.cancellation_id)
+        except Exception as err:  # telemetry must never fail or retry a committed step
+            log.warning("metric_not_recorded", metric="seller_decision", error=str(err))
+            return
+        # The workflow schedules this write as soon as the decision (or the timer) lands.
+        seconds = seconds_between(timings.created_at, _scheduled_time())
+        if seconds is not None:
+            self._metrics.seller_decided(
+                decision=params.status.value, decided_by=decided_by(params.actor), seconds=seconds
+            )
 
     @activity.defn
     async def record_event(self, params: EventInput) -> None:
@@ -92,11 +123,14 @@ class LedgerActivities:
     @activity.defn
     async def restore_coupon(self, params: CouponInput) -> CouponOutcome:
         try:
-            return await self._ledger.decide_coupon(
+            outcome = await self._ledger.decide_coupon(
                 cancellation_id=params.cancellation_id, event_key=params.event_key
             )
         except LedgerError as err:
             raise business_error(err) from err
+        log.info("coupon_decided", outcome=outcome.outcome.value)
+        self._metrics.coupon_decided(outcome=outcome.outcome.value)
+        return outcome
 
     @activity.defn
     async def record_refund_failed(self, params: RefundFailureInput) -> RefundView:
@@ -105,7 +139,18 @@ class LedgerActivities:
                 cancellation_id=params.cancellation_id,
                 error=f"{params.error} (attempt {params.attempts})",
                 event_key=params.event_key,
+                final=params.final,
             )
         except LedgerError as err:
             raise business_error(err) from err
+        log.warning("refund_parked", error=params.error, passes=params.attempts)
+        self._metrics.refund_parked(reason=failure_reason(params.error))
         return record.view
+
+
+def _scheduled_time() -> datetime:
+    """When Temporal scheduled this activity (now, when called outside an activity)."""
+    try:
+        return activity.info().scheduled_time
+    except RuntimeError:
+        return datetime.now(UTC)

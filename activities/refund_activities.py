@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -17,6 +18,7 @@ from activities.ledger_activities import business_error
 from domain.errors import LedgerError, ProviderFinalError, ProviderTransientError
 from domain.models import RefundStage, RefundStepInput, RefundView
 from domain.rules import DEFAULT_ETA_TABLE, refund_eta
+from infra.metrics import NO_METRICS, BusinessMetrics, seconds_between
 from ledger.repository import Ledger
 from payments.provider import PaymentProvider, ProviderRefundStatus
 
@@ -24,6 +26,8 @@ from payments.provider import PaymentProvider, ProviderRefundStatus
 PROVIDER_UNAVAILABLE = "ProviderUnavailable"
 REFUND_REJECTED = "RefundRejected"
 REFUND_FAILED_AT_PROVIDER = "RefundFailedAtProvider"
+
+log = structlog.get_logger(__name__)
 
 
 class RefundActivities:
@@ -33,9 +37,11 @@ class RefundActivities:
         provider: PaymentProvider,
         *,
         eta_table: Mapping[str, tuple[int, int, bool]] = DEFAULT_ETA_TABLE,
+        metrics: BusinessMetrics = NO_METRICS,
     ) -> None:
         self._ledger = ledger
         self._provider = provider
+        self._metrics = metrics
         self._eta_table = eta_table
 
     @activity.defn
@@ -55,8 +61,10 @@ class RefundActivities:
                 amount=record.view.amount,
             )
         except ProviderTransientError as err:
+            self._metrics.refund_call_failed(reason=PROVIDER_UNAVAILABLE, step="submit")
             raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE) from err
         except ProviderFinalError as err:
+            self._metrics.refund_call_failed(reason=REFUND_REJECTED, step="submit")
             raise ApplicationError(str(err), type=REFUND_REJECTED, non_retryable=True) from err
         eta = refund_eta(record.method, record.view.kind, datetime.now(UTC), self._eta_table)
         record = await self._ledger.record_refund_submitted(
@@ -65,6 +73,8 @@ class RefundActivities:
             eta=eta,
             event_key=params.event_key,
         )
+        log.info("refund_submitted", kind=record.view.kind.value, provider_ref=made.provider_ref)
+        await self._observe_stage(params.cancellation_id, record.view)
         return record.view
 
     @activity.defn
@@ -84,8 +94,10 @@ class RefundActivities:
         try:
             found = await self._provider.get_refund(provider_ref=record.view.provider_ref)
         except ProviderTransientError as err:
+            self._metrics.refund_call_failed(reason=PROVIDER_UNAVAILABLE, step="confirm")
             raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE) from err
         except ProviderFinalError as err:
+            self._metrics.refund_call_failed(reason=REFUND_FAILED_AT_PROVIDER, step="confirm")
             raise ApplicationError(
                 str(err), type=REFUND_FAILED_AT_PROVIDER, non_retryable=True
             ) from err
@@ -93,6 +105,7 @@ class RefundActivities:
             # Not a failure: the workflow asks again after its poll interval or a webhook.
             return record.view
         if found.status is ProviderRefundStatus.FAILED:
+            self._metrics.refund_call_failed(reason=REFUND_FAILED_AT_PROVIDER, step="confirm")
             raise ApplicationError(
                 f"the provider reports refund {found.provider_ref} failed: {found.failure_code}",
                 type=REFUND_FAILED_AT_PROVIDER,
@@ -101,4 +114,52 @@ class RefundActivities:
         record = await self._ledger.record_refund_confirmed(
             cancellation_id=params.cancellation_id, event_key=params.event_key
         )
+        log.info("refund_confirmed", kind=record.view.kind.value)
+        await self._observe_stage(params.cancellation_id, record.view)
+        return record.view
+
+    async def _observe_stage(self, cancellation_id: str, refund: RefundView) -> None:
+        """How long the refund took to reach its stage from the previous one (ledger clock)."""
+        if not self._metrics.enabled:
+            return
+        try:
+            t = await self._ledger.timings(cancellation_id=cancellation_id)
+        except Exception as err:  # telemetry must never fail or retry a committed step
+            log.warning("metric_not_recorded", metric="refund_stage", error=str(err))
+            return
+        if refund.stage is RefundStage.SUBMITTED:
+            seconds = seconds_between(t.refund_requested_at, t.refund_submitted_at)
+        elif refund.stage is RefundStage.CONFIRMED:
+            seconds = seconds_between(t.refund_submitted_at, t.refund_confirmed_at)
+        else:
+            return
+        if seconds is not None:
+            self._metrics.refund_stage_reached(
+                stage=refund.stage.value, kind=refund.kind.value, seconds=seconds
+            )
+
+    @activity.defn
+    async def verify_reversal(self, params: RefundStepInput) -> RefundView:
+        """The provider says a confirmed refund failed after all: check with the provider (the
+        event may be stale or forged) and, if so, reverse it in the ledger. Returns the refund
+        as it now stands: `reversed`, or unchanged when the provider still says succeeded."""
+        try:
+            record = await self._ledger.get_refund(cancellation_id=params.cancellation_id)
+        except LedgerError as err:
+            raise business_error(err) from err
+        if record.view.stage is not RefundStage.CONFIRMED or record.view.provider_ref is None:
+            return record.view
+        try:
+            found = await self._provider.get_refund(provider_ref=record.view.provider_ref)
+        except ProviderTransientError as err:
+            raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE) from err
+        if found.status is not ProviderRefundStatus.FAILED:
+            return record.view
+        record = await self._ledger.reverse_refund(
+            cancellation_id=params.cancellation_id,
+            failure=f"the provider reversed refund {found.provider_ref}: {found.failure_code}",
+            event_key=params.event_key,
+        )
+        self._metrics.refund_reversed(kind=record.view.kind.value)
+        log.warning("refund_reversed", provider_ref=found.provider_ref, code=found.failure_code)
         return record.view

@@ -160,11 +160,18 @@ class RefundStage(StrEnum):
     REQUESTED = "requested"  # dot 1: dispute finished
     SUBMITTED = "submitted"  # dot 2: refund in progress
     CONFIRMED = "confirmed"  # dot 3: refund completed
-    FAILED = "failed"
+    FAILED = "failed"  # parked; the same refund is retried with the same key
+    DECLINED = "declined"  # refused for good by the provider: a retry makes a new generation
+    REVERSED = "reversed"  # confirmed, then reported failed by the provider (R7)
 
     @property
     def dots(self) -> int:
-        return {"requested": 1, "submitted": 2, "confirmed": 3, "failed": 1}[self.value]
+        return 3 if self is RefundStage.CONFIRMED else 2 if self is RefundStage.SUBMITTED else 1
+
+    @property
+    def is_dead(self) -> bool:
+        """Dead at the provider under its key: only a new generation can refund the money."""
+        return self in (RefundStage.DECLINED, RefundStage.REVERSED)
 
 
 class CouponOutcomeKind(StrEnum):
@@ -265,6 +272,7 @@ class RefundDot(Record):
 
 class RefundView(Record):
     idempotency_key: str
+    generation: int = 1
     kind: RefundKind
     amount: Money
     stage: RefundStage
@@ -344,6 +352,10 @@ class OpenCancellationResult(Record):
     # How the refund is driven, from the worker's configuration when the cancellation opened;
     # recorded in history so a replay sees the same values.
     refund_policy: RefundPolicy
+    # Where the ledger says the cancellation stands: a later run of an ended cancellation (a
+    # reversed refund reopens it) resumes there instead of asking the seller again.
+    ledger_status: CancellationStatus | None = None
+    refund: RefundView | None = None
 
 
 class TransitionInput(Record):
@@ -387,6 +399,8 @@ class RefundFailureInput(Record):
     error: str
     attempts: int
     event_key: str
+    # The provider refused for good: the refund is dead under its key (stage `declined`).
+    final: bool = False
 
 
 class CouponInput(Record):

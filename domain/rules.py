@@ -202,10 +202,12 @@ def cancellation_id(order_id: str, seller_id: str) -> str:
     return f"cancel-{order_id}-{seller_id}"
 
 
-def refund_idempotency_key(cancellation_id: str) -> str:
+def refund_idempotency_key(cancellation_id: str, generation: int = 1) -> str:
     """R9: derived from the cancellation id and the stage that calls the provider; never random.
-    The same key is used for every retry, so a refund that reached the provider is found."""
-    return f"{cancellation_id}:refund-submit"
+    The same key is used for every retry, so a refund that reached the provider is found. Only
+    after the provider reversed a refund does a new generation get a key of its own."""
+    suffix = "" if generation == 1 else f"-{generation}"
+    return f"{cancellation_id}:refund-submit{suffix}"
 
 
 _DURATION = re.compile(r"(\d+)\s*(ms|s|m|h|d)")

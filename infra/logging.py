@@ -1,7 +1,9 @@
 """structlog setup: JSON lines by default, a human console format one flag away.
 
 Standard-library loggers (the Temporal SDK's, including `workflow.logger`, which is replay-safe)
-go through the same processors, so every line comes out in one format.
+go through the same processors, so every line comes out in one format. The ids a line is about
+are bound by `infra.log_context`; secrets and card numbers are masked by
+`infra.log_processors.redact` on every line (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import sys
 from typing import Literal
 
 import structlog
+from temporalio import activity, workflow
+
+from infra.log_processors import redact, temporal_context
 
 
 def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "info") -> None:
@@ -35,10 +40,21 @@ def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "in
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.processors.format_exc_info],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[*shared, temporal_context, structlog.processors.format_exc_info],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # Tracebacks become text first, so that `redact` sees them too.
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
         )
     )
+    # The SDK's workflow and activity loggers put their context both in `extra` (turned into
+    # fields by `temporal_context`) and, by default, as a printed dict at the end of the
+    # message: keep the fields only.
+    workflow.logger.workflow_info_on_message = False
+    activity.logger.activity_info_on_message = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

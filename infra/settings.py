@@ -53,14 +53,36 @@ class Settings(BaseSettings):
     temporal_port: int = 7233
     ui_port: int = 8233
 
-    # The payment provider: the built-in simulator (a real adapter plugs in later).
-    provider: Literal["simulator"] = "simulator"
+    # The payment provider: the built-in simulator (fault injection), or Stripe
+    # (payments/stripe_provider.py: our payment ids are Stripe PaymentIntent ids).
+    provider: Literal["simulator", "stripe"] = "simulator"
+    stripe_api_key: SecretStr | None = None
+    # Another API base, e.g. a localstripe for tests (unset: Stripe's own).
+    stripe_api_base: str | None = None
     sim_latency: Duration = timedelta(0)
     sim_transient_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     sim_confirm_after_polls: int = Field(default=1, ge=0)
 
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=10, ge=1)
+
+    # Prometheus endpoint of `ordercancel worker` / `dev` (unset: 9464 there; 0: off). Other
+    # processes, tests included, serve none unless they ask (infra.metrics).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+    # The HTTP API (`ordercancel api`, and beside the worker in `ordercancel dev`; docs/api.md).
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    # API keys, stored hashed (`ordercancel api hash-key`): a file, and/or the same lines in
+    # ORDERCANCEL_API_KEYS (newline- or `;`-separated) for tests and dev.
+    api_keys_file: Path | None = None
+    api_keys: SecretStr | None = None
+    # How long POST /v1/cancellations waits for the outcome of an instant-path cancellation.
+    api_instant_wait: Duration = timedelta(seconds=5)
+    # The payment provider's webhook: shared HMAC secret and how old a signature may be.
+    payment_webhook_secret: SecretStr | None = None
+    webhook_tolerance: Duration = timedelta(minutes=5)
 
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

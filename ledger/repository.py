@@ -33,6 +33,7 @@ from domain.models import (
     EtaRange,
     EventInput,
     Money,
+    PaymentEvent,
     PaymentMethod,
     Record,
     RefundKind,
@@ -52,6 +53,9 @@ class SubOrderSnapshot(Record):
     amount: Money
     payment_method: PaymentMethod
     capture: CaptureState
+    # Where the cancellation stands in the ledger (a later run of an ended one resumes there).
+    status: CancellationStatus
+    refund: RefundView | None = None
 
 
 class RefundRecord(Record):
@@ -60,6 +64,15 @@ class RefundRecord(Record):
     view: RefundView
     payment_id: str
     method: PaymentMethod
+
+
+class CancellationTimings(Record):
+    """When a cancellation and its refund reached each stage (for the duration metrics)."""
+
+    created_at: datetime
+    refund_requested_at: datetime | None = None
+    refund_submitted_at: datetime | None = None
+    refund_confirmed_at: datetime | None = None
 
 
 _APPEND_EVENT = """
@@ -192,12 +205,36 @@ class Ledger:
                 )
             else:
                 path = CancellationPath(existing)
+            status = await conn.fetchval(
+                "SELECT status FROM cancellations WHERE cancellation_id = $1", cancellation_id
+            )
+            refund = await self._refund_row(conn, cancellation_id=cancellation_id)
             return SubOrderSnapshot(
                 path=path,
                 amount=Money(amount_minor=sub["cash_minor"], currency=sub["currency"].strip()),
                 payment_method=PaymentMethod(sub["method"]),
                 capture=CaptureState(sub["capture"]),
+                status=CancellationStatus(status),
+                refund=refund.view if refund is not None else None,
             )
+
+    async def sub_order_amount(
+        self, *, order_id: str, seller_id: str
+    ) -> tuple[Money, PaymentMethod] | None:
+        """The cash paid for a sub-order and how, for one-line summaries (None: unknown)."""
+        row = await self._pool.fetchrow(
+            """
+            SELECT s.cash_minor, p.currency, p.method
+            FROM sub_orders s JOIN payments p ON p.order_id = s.order_id
+            WHERE s.order_id = $1 AND s.seller_id = $2
+            """,
+            order_id,
+            seller_id,
+        )
+        if row is None:
+            return None
+        money = Money(amount_minor=row["cash_minor"], currency=row["currency"].strip())
+        return money, PaymentMethod(row["method"])
 
     async def accept_sub_order(self, *, order_id: str, seller_id: str) -> bool:
         """The order system's event: payment validated and the seller accepted the order.
@@ -265,11 +302,11 @@ class Ledger:
     ) -> RefundRecord:
         """Record the intent to refund (dot 1) and reserve the amount against the payment.
 
-        The refund's primary key is its idempotency key and `cancellation_id` is unique: a
-        second refund for the same cancellation cannot exist. The reservation is checked by
-        the payments table's CHECK, so the total can never exceed what was paid.
+        The refund's primary key is its idempotency key, and a cancellation has at most one
+        live (not reversed) refund: a second one cannot exist. The reservation is checked by
+        the payments table's CHECK, so the total can never exceed what was paid. After a
+        reversal the next call makes the next generation, with a key of its own.
         """
-        key = refund_idempotency_key(cancellation_id)
         async with self._pool.acquire() as conn, conn.transaction():
             sub = await conn.fetchrow(
                 """
@@ -288,8 +325,10 @@ class Ledger:
             # cancellation has committed its refund by then, and this statement's fresh
             # snapshot (read committed) sees it, so the amount is never reserved twice.
             existing = await self._refund_row(conn, cancellation_id=cancellation_id)
-            if existing is not None:
+            if existing is not None and not existing.view.stage.is_dead:
                 return existing
+            generation = existing.view.generation + 1 if existing is not None else 1
+            key = refund_idempotency_key(cancellation_id, generation)
             kind = refund_kind(CaptureState(sub["capture"]))
             eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
             try:
@@ -306,8 +345,8 @@ class Ledger:
             await conn.execute(
                 """
                 INSERT INTO refunds (idempotency_key, cancellation_id, payment_id, kind,
-                    amount_minor, currency, stage, eta_earliest, eta_latest)
-                VALUES ($1, $2, $3, $4, $5, $6, 'requested', $7, $8)
+                    amount_minor, currency, stage, eta_earliest, eta_latest, generation)
+                VALUES ($1, $2, $3, $4, $5, $6, 'requested', $7, $8, $9)
                 """,
                 key,
                 cancellation_id,
@@ -317,6 +356,7 @@ class Ledger:
                 sub["currency"],
                 eta.earliest,
                 eta.latest,
+                generation,
             )
             await conn.execute(
                 _SET_STATUS, cancellation_id, CancellationStatus.REFUND_REQUESTED.value
@@ -410,32 +450,51 @@ class Ledger:
             return record
 
     async def record_refund_failed(
-        self, *, cancellation_id: str, error: str, event_key: str
+        self, *, cancellation_id: str, error: str, event_key: str, final: bool = False
     ) -> RefundRecord:
-        """Park the refund (R10). The reserved amount stays reserved: the money is still owed
-        and an operator's retry resumes with the same idempotency key."""
+        """Park the refund (R10). A transient failure keeps the amount reserved: the money is
+        still owed and an operator's retry resumes with the same idempotency key. A final one
+        (`final`: the provider refused for good) makes the refund `declined`, dead under its
+        key: its reservation is released and the retry makes the next generation."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            row = await conn.fetchrow(
                 """
-                UPDATE refunds SET stage = 'failed', failed_at = clock_timestamp(),
-                    last_error = $2
-                WHERE cancellation_id = $1 AND stage <> 'confirmed'
+                SELECT idempotency_key, payment_id, amount_minor FROM refunds
+                WHERE cancellation_id = $1 AND stage NOT IN ('confirmed', 'declined', 'reversed')
+                FOR UPDATE
                 """,
                 cancellation_id,
-                error[:2000],
             )
-            await conn.execute(
-                _SET_STATUS_FROM_REFUND,
-                cancellation_id,
-                CancellationStatus.REFUND_FAILED.value,
-                "failed",
-            )
+            if row is not None:
+                if final:
+                    await conn.execute(
+                        "SELECT 1 FROM payments WHERE payment_id = $1 FOR UPDATE",
+                        row["payment_id"],
+                    )
+                    await conn.execute(
+                        "UPDATE payments SET refunded_minor = refunded_minor - $2"
+                        " WHERE payment_id = $1",
+                        row["payment_id"],
+                        row["amount_minor"],
+                    )
+                await conn.execute(
+                    """
+                    UPDATE refunds SET stage = $2, failed_at = clock_timestamp(), last_error = $3
+                    WHERE idempotency_key = $1
+                    """,
+                    row["idempotency_key"],
+                    RefundStage.DECLINED.value if final else RefundStage.FAILED.value,
+                    error[:2000],
+                )
+                await conn.execute(
+                    _SET_STATUS, cancellation_id, CancellationStatus.REFUND_FAILED.value
+                )
             await conn.execute(
                 _APPEND_EVENT,
                 cancellation_id,
                 event_key,
                 "system",
-                "refund_failed",
+                "refund_declined" if final else "refund_failed",
                 error[:2000],
             )
             record = await self._refund_row(conn, cancellation_id=cancellation_id)
@@ -449,6 +508,8 @@ class Ledger:
             """
             SELECT r.*, p.method FROM refunds r JOIN payments p ON p.payment_id = r.payment_id
             WHERE r.cancellation_id = $1
+            ORDER BY r.generation DESC
+            LIMIT 1
             """,
             cancellation_id,
         )
@@ -464,6 +525,7 @@ class Ledger:
             method=PaymentMethod(row["method"]),
             view=RefundView(
                 idempotency_key=row["idempotency_key"],
+                generation=row["generation"],
                 kind=RefundKind(row["kind"]),
                 amount=Money(amount_minor=row["amount_minor"], currency=row["currency"].strip()),
                 stage=RefundStage(row["stage"]),
@@ -472,6 +534,115 @@ class Ledger:
                 attempts=row["attempts"],
                 last_error=row["last_error"],
             ),
+        )
+
+    async def reverse_refund(
+        self, *, cancellation_id: str, failure: str, event_key: str
+    ) -> RefundRecord:
+        """The provider confirmed the refund, then reports it failed (R7): the money did not
+        reach the buyer after all. In one transaction the refund becomes `reversed` (its
+        reservation released, so the next generation can reserve it again), the cancellation
+        parks in `refund_failed`, and the coupon decision is re-evaluated: a coupon given back
+        because this sub-order counted as fully refunded is taken back, on every cancellation
+        of its footprint's story. Calling it again changes nothing."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """
+                SELECT r.idempotency_key, r.amount_minor, r.payment_id, r.stage, r.generation
+                FROM refunds r
+                WHERE r.cancellation_id = $1 AND r.stage NOT IN ('declined', 'reversed')
+                FOR UPDATE
+                """,
+                cancellation_id,
+            )
+            if row is not None and row["stage"] == RefundStage.CONFIRMED:
+                await conn.execute(
+                    "SELECT 1 FROM payments WHERE payment_id = $1 FOR UPDATE", row["payment_id"]
+                )
+                await conn.execute(
+                    """
+                    UPDATE refunds SET stage = 'reversed', reversed_at = clock_timestamp(),
+                        last_error = $2
+                    WHERE idempotency_key = $1
+                    """,
+                    row["idempotency_key"],
+                    failure[:2000],
+                )
+                await conn.execute(
+                    "UPDATE payments SET refunded_minor = refunded_minor - $2"
+                    " WHERE payment_id = $1",
+                    row["payment_id"],
+                    row["amount_minor"],
+                )
+                await conn.execute(
+                    _SET_STATUS, cancellation_id, CancellationStatus.REFUND_FAILED.value
+                )
+                await conn.execute(
+                    _APPEND_EVENT,
+                    cancellation_id,
+                    event_key,
+                    "provider",
+                    "refund_reversed",
+                    failure[:2000],
+                )
+                await self._revoke_coupon(
+                    conn, cancellation_id=cancellation_id, generation=row["generation"]
+                )
+            record = await self._refund_row(conn, cancellation_id=cancellation_id)
+            if record is None:
+                raise CancellationNotFound(f"no refund for {cancellation_id}")
+            return record
+
+    async def _revoke_coupon(
+        self, conn: asyncpg.Connection, *, cancellation_id: str, generation: int
+    ) -> None:
+        redemption = await conn.fetchrow(
+            """
+            SELECT r.redemption_id, r.coupon_code, r.restored_at
+            FROM cancellations c
+            JOIN coupon_footprints f ON f.order_id = c.order_id AND f.seller_id = c.seller_id
+            JOIN coupon_redemptions r USING (redemption_id)
+            WHERE c.cancellation_id = $1
+            FOR UPDATE OF r
+            """,
+            cancellation_id,
+        )
+        now = await conn.fetchval("SELECT clock_timestamp()")
+        # This cancellation's decision followed a refund that no longer holds.
+        await conn.execute(
+            "UPDATE coupon_decisions SET superseded_at = $2"
+            " WHERE cancellation_id = $1 AND superseded_at IS NULL",
+            cancellation_id,
+            now,
+        )
+        if redemption is None or redemption["restored_at"] is None:
+            return
+        await conn.execute(
+            "UPDATE coupon_redemptions SET restored_at = NULL, restored_by = NULL"
+            " WHERE redemption_id = $1",
+            redemption["redemption_id"],
+        )
+        await conn.execute(
+            "UPDATE coupon_decisions SET superseded_at = $2"
+            " WHERE redemption_id = $1 AND superseded_at IS NULL",
+            redemption["redemption_id"],
+            now,
+        )
+        await conn.execute(
+            """
+            INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
+            SELECT c.cancellation_id, 'coupon-revoked-' || $2 || '-g' || ($3::int)::text, 'system',
+                   'coupon_revoked',
+                   'coupon ' || $4 || ' taken back: the refund of ' || $2 || ' was reversed'
+            FROM coupon_footprints f
+            JOIN cancellations c ON c.order_id = f.order_id AND c.seller_id = f.seller_id
+            WHERE f.redemption_id = $1
+            ON CONFLICT (cancellation_id, event_key) DO NOTHING
+            """,
+            redemption["redemption_id"],
+            cancellation_id,
+            generation,
+            redemption["coupon_code"],
         )
 
     # --- coupons (R11) ----------------------------------------------------------------------
@@ -491,8 +662,16 @@ class Ledger:
                 "SELECT 1 FROM cancellations WHERE cancellation_id = $1 FOR UPDATE",
                 cancellation_id,
             )
+            # One decision per refund generation: after a reversal, the retried refund's
+            # coupon is decided again.
+            round_ = await conn.fetchval(
+                "SELECT coalesce(max(generation), 1) FROM refunds WHERE cancellation_id = $1",
+                cancellation_id,
+            )
             previous = await conn.fetchrow(
-                "SELECT * FROM coupon_decisions WHERE cancellation_id = $1", cancellation_id
+                "SELECT * FROM coupon_decisions WHERE cancellation_id = $1 AND round = $2",
+                cancellation_id,
+                round_,
             )
             if previous is not None:
                 return _coupon_outcome(previous)
@@ -528,7 +707,9 @@ class Ledger:
                     JOIN sub_orders s ON s.order_id = f.order_id AND s.seller_id = f.seller_id
                     LEFT JOIN cancellations c
                         ON c.order_id = f.order_id AND c.seller_id = f.seller_id
-                    LEFT JOIN refunds rf ON rf.cancellation_id = c.cancellation_id
+                    LEFT JOIN refunds rf
+                        ON rf.cancellation_id = c.cancellation_id
+                        AND rf.stage NOT IN ('declined', 'reversed')
                     WHERE f.redemption_id = $1
                     """,
                     redemption["redemption_id"],
@@ -558,7 +739,8 @@ class Ledger:
                             """
                             INSERT INTO cancellation_events (cancellation_id, event_key, actor,
                                 kind, detail)
-                            SELECT d.cancellation_id, 'coupon-restored-by-' || $2, 'system',
+                            SELECT DISTINCT d.cancellation_id,
+                                   'coupon-restored-by-' || $2 || '-r' || ($4::int)::text, 'system',
                                    'coupon_restored', 'coupon ' || $3 || ' given back when '
                                    || $2 || ' finished'
                             FROM coupon_decisions d
@@ -568,6 +750,7 @@ class Ledger:
                             redemption["redemption_id"],
                             cancellation_id,
                             redemption["coupon_code"],
+                            round_,
                         )
                     else:
                         outcome = outcome.model_copy(
@@ -579,8 +762,8 @@ class Ledger:
             await conn.execute(
                 """
                 INSERT INTO coupon_decisions (cancellation_id, redemption_id, outcome, reason,
-                    active_sub_orders, performed_restore, decided_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    active_sub_orders, performed_restore, decided_at, round)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                 """,
                 cancellation_id,
                 outcome.redemption_id,
@@ -589,6 +772,7 @@ class Ledger:
                 outcome.active_sub_orders,
                 performed,
                 now,
+                round_,
             )
             await conn.execute(
                 _APPEND_EVENT,
@@ -599,6 +783,73 @@ class Ledger:
                 outcome.reason,
             )
             return outcome
+
+    # --- the provider's webhook events -------------------------------------------------------
+
+    async def original_request(self, *, cancellation_id: str) -> RequestCancellationInput:
+        """The buyer's request as recorded, to start a new run of an ended cancellation."""
+        row = await self._pool.fetchrow(
+            "SELECT order_id, seller_id, buyer_id, reason, reason_text FROM cancellations"
+            " WHERE cancellation_id = $1",
+            cancellation_id,
+        )
+        if row is None:
+            raise CancellationNotFound(f"no cancellation {cancellation_id}")
+        return RequestCancellationInput(
+            order_id=row["order_id"],
+            seller_id=row["seller_id"],
+            buyer_id=row["buyer_id"],
+            reason=CancellationReason(row["reason"]),
+            reason_text=row["reason_text"],
+        )
+
+    async def find_refund_owner(
+        self, *, provider_ref: str | None, refund_key: str | None
+    ) -> str | None:
+        """The cancellation a provider refund belongs to, by provider reference or our key."""
+        return await self._pool.fetchval(
+            "SELECT cancellation_id FROM refunds"
+            " WHERE ($1::text IS NOT NULL AND provider_ref = $1)"
+            " OR ($2::text IS NOT NULL AND idempotency_key = $2)"
+            " LIMIT 1",
+            provider_ref,
+            refund_key,
+        )
+
+    async def payment_event_outcome(self, *, event_id: str) -> tuple[str, str | None] | None:
+        """What was done with this event before, and for which cancellation (None: never
+        seen)."""
+        row = await self._pool.fetchrow(
+            "SELECT outcome, cancellation_id FROM payment_events WHERE event_id = $1", event_id
+        )
+        return (row["outcome"], row["cancellation_id"]) if row is not None else None
+
+    async def record_payment_event(
+        self, event: PaymentEvent, *, cancellation_id: str | None, outcome: str
+    ) -> str:
+        """Keep the event once; returns the outcome recorded first (a concurrent duplicate
+        delivery gets the first one's)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO payment_events (event_id, type, provider_ref, refund_key,
+                    failure_code, occurred_at, cancellation_id, outcome)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                ON CONFLICT (event_id) DO NOTHING
+                """,
+                event.event_id,
+                event.type.value,
+                event.provider_ref,
+                event.refund_key,
+                event.failure_code,
+                event.occurred_at,
+                cancellation_id,
+                outcome,
+            )
+            first: str = await conn.fetchval(
+                "SELECT outcome FROM payment_events WHERE event_id = $1", event.event_id
+            )
+            return first
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -618,10 +869,26 @@ class Ledger:
             FROM coupon_decisions d
             LEFT JOIN coupon_redemptions r USING (redemption_id)
             WHERE d.cancellation_id = $1
+            ORDER BY d.round DESC
+            LIMIT 1
             """,
             cancellation_id,
         )
         return _coupon_outcome(row) if row is not None else None
+
+    async def timings(self, *, cancellation_id: str) -> CancellationTimings:
+        row = await self._pool.fetchrow(
+            """
+            SELECT c.created_at, r.requested_at AS refund_requested_at,
+                r.submitted_at AS refund_submitted_at, r.confirmed_at AS refund_confirmed_at
+            FROM cancellations c LEFT JOIN refunds r USING (cancellation_id)
+            WHERE c.cancellation_id = $1
+            """,
+            cancellation_id,
+        )
+        if row is None:
+            raise CancellationNotFound(f"no cancellation {cancellation_id}")
+        return CancellationTimings(**dict(row))
 
     async def view(self, *, cancellation_id: str) -> CancellationView:
         """The full story of one cancellation, from the ledger alone."""
@@ -652,7 +919,15 @@ def _coupon_outcome(row: asyncpg.Record) -> CouponOutcome:
     """The decision as recorded; when read with the redemption's current state, a coupon that a
     sibling restored later is shown as restored (the decision itself stays as it was made)."""
     restored_by = row.get("restored_by")
-    if row["outcome"] == CouponOutcomeKind.PARTIAL_REFUND and restored_by:
+    superseded = row.get("superseded_at") is not None and "restored_by" in row.keys()
+    if superseded and not restored_by:
+        return CouponOutcome(
+            outcome=CouponOutcomeKind.PARTIAL_REFUND,
+            reason="not restored: a refund of the coupon's sub-orders was reversed by the"
+            f" provider after this decision (then: {row['reason']})",
+            redemption_id=row["redemption_id"],
+        )
+    if row["outcome"] != CouponOutcomeKind.RESTORED and restored_by:
         return CouponOutcome(
             outcome=CouponOutcomeKind.RESTORED,
             reason=f"given back when {restored_by} finished (when this cancellation finished:"

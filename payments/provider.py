@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -53,6 +54,12 @@ class PaymentProvider(Protocol):
 
     async def find_refund(self, *, idempotency_key: str) -> ProviderRefund | None:
         """The refund created with this key, if the provider has one."""
+        ...
+
+    async def list_refunds(self, *, since: datetime | None = None) -> list[ProviderRefund]:
+        """Every refund and void this service made at the provider (created at or after
+        `since` when given), as the provider records them: what reconciliation compares the
+        ledger with. Read-only."""
         ...
 
 
@@ -257,6 +264,14 @@ class SimulatedProvider:
             "SELECT * FROM provider_sim.refunds WHERE idempotency_key = $1", idempotency_key
         )
         return _to_refund(row) if row is not None else None
+
+    async def list_refunds(self, *, since: datetime | None = None) -> list[ProviderRefund]:
+        rows = await self._pool.fetch(
+            "SELECT * FROM provider_sim.refunds"
+            " WHERE $1::timestamptz IS NULL OR created_at >= $1 ORDER BY created_at",
+            since,
+        )
+        return [_to_refund(row) for row in rows]
 
 
 def _to_refund(row: asyncpg.Record) -> ProviderRefund:

@@ -17,6 +17,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.cli import api_app
 from domain.errors import CancellationNotFound, LedgerError
 from domain.models import (
     CancellationReason,
@@ -26,11 +27,13 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
+from domain.rules import cancellation_id as workflow_id_of
 from domain.rules import parse_duration
 from infra.logging import configure_logging
 from infra.settings import Settings
 from ledger.orders import OrdersFileError, load_orders, orders_json_schema, parse_orders_file
 from ledger.repository import Ledger
+from starter.cli_refunds import reconcile_command, refunds_app
 from starter.render import render_view
 from starter.stack import open_stack
 from workflows.order_cancellation import OrderCancellation
@@ -42,6 +45,9 @@ app = typer.Typer(
 )
 orders_app = typer.Typer(help="Load orders handed over by the order system.", no_args_is_help=True)
 app.add_typer(orders_app, name="orders")
+app.add_typer(api_app, name="api")
+app.add_typer(refunds_app, name="refunds")
+app.command("reconcile")(reconcile_command)
 
 # Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -92,12 +98,16 @@ def dev(
 @app.command()
 def worker(log_format: LogFormat = None) -> None:
     """Run a worker on the `order-cancellation` task queue until SIGINT/SIGTERM (drains)."""
+    from infra.metrics import worker_metrics_runtime
     from workers.worker import run_worker
 
     settings = _settings(log_format)
 
     async def main() -> None:
-        async with open_stack(settings, embedded=False) as stack:
+        runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
+        if metrics_url:
+            structlog.get_logger().info("metrics_serving", url=metrics_url)
+        async with open_stack(settings, embedded=False, runtime=runtime) as stack:
             await run_worker(settings, stack.client, stack.pool)
 
     _run(main())
@@ -137,6 +147,12 @@ def request(
     from starter.requests import start_cancellation
 
     settings = _settings("console")
+    structlog.contextvars.bind_contextvars(
+        workflow_id=workflow_id_of(order_id, seller_id),
+        order_id=order_id,
+        seller_id=seller_id,
+        buyer_id=buyer,
+    )
     try:
         req = RequestCancellationInput(
             order_id=order_id,
@@ -152,7 +168,9 @@ def request(
 
     async def main() -> None:
         async with open_stack(settings, embedded=False) as stack:
-            handle = await start_cancellation(stack.client, req, task_queue=settings.task_queue)
+            handle = await start_cancellation(
+                stack.client, req, task_queue=settings.task_queue, ledger=Ledger(stack.pool)
+            )
             console.print(f"cancellation [bold]{handle.id}[/bold] started")
             if wait:
                 result = await handle.result()
@@ -189,6 +207,7 @@ def decide(
 ) -> None:
     """Send the seller's decision. By update (default): refused at once if not allowed."""
     settings = _settings("console")
+    structlog.contextvars.bind_contextvars(workflow_id=cancellation_id)
     try:
         payload = SellerDecision(seller_id=seller, decision=decision, reason=reason)
     except ValueError as err:
@@ -221,6 +240,7 @@ def withdraw(
 ) -> None:
     """The buyer withdraws a pending request (signal `withdraw`)."""
     settings = _settings("console")
+    structlog.contextvars.bind_contextvars(workflow_id=cancellation_id)
 
     async def main() -> None:
         async with open_stack(settings, embedded=False) as stack:
@@ -243,6 +263,7 @@ def status(
 ) -> None:
     """Show a cancellation: the three dots, ETA, coupon outcome and the audit trail."""
     settings = _settings("console")
+    structlog.contextvars.bind_contextvars(workflow_id=cancellation_id)
 
     async def main() -> CancellationView:
         async with open_stack(settings, embedded=False) as stack:

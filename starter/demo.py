@@ -92,6 +92,7 @@ async def run_demo(
         )
 
     report = await load_orders(pool, orders)
+    ledger = Ledger(pool)
     console.print(f"orders: {len(report.loaded)} loaded, {len(report.unchanged)} already there")
     # The transient-failure scenario: the provider fails twice, then loses one response after
     # recording the refund; the refund must still happen exactly once.
@@ -100,7 +101,10 @@ async def run_demo(
     )
 
     async def start(name: str, request: RequestCancellationInput) -> Outcome:
-        return Outcome(name, await start_cancellation(client, request, task_queue=task_queue))
+        return Outcome(
+            name,
+            await start_cancellation(client, request, task_queue=task_queue, ledger=ledger),
+        )
 
     outcomes = [
         await start(
@@ -144,8 +148,6 @@ async def run_demo(
         _decide(by_name["provider fails transiently"].handle, "S-10", Decision.ACCEPT, "ok"),
     ]
     await asyncio.gather(*decisions, return_exceptions=True)
-
-    ledger = Ledger(pool)
 
     async def finish(outcome: Outcome) -> None:
         try:

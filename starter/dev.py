@@ -8,6 +8,8 @@ import signal
 import structlog
 from rich.console import Console
 
+from api.dev import start_dev_api
+from infra.metrics import worker_metrics_runtime
 from infra.settings import Settings
 from starter.demo import run_demo
 from starter.stack import open_stack
@@ -21,8 +23,10 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with open_stack(settings, embedded=True) as stack:
+    runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
+    async with open_stack(settings, embedded=True, runtime=runtime) as stack:
         worker = asyncio.create_task(run_worker(settings, stack.client, stack.pool, stop))
+        api = await start_dev_api(settings, pool=stack.pool, client=stack.client, console=console)
         ui = stack.ui_url or "(Temporal UI of your own server)"
         if demo:
             await run_demo(
@@ -34,14 +38,17 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             )
         console.print(
             f"\n[bold green]Serving.[/bold green] Temporal Web UI: {ui}\n"
-            "Try (in another terminal, after `source .venv/bin/activate`):\n"
+            + (f"Worker metrics (Prometheus): {metrics_url}\n" if metrics_url else "")
+            + "Try (in another terminal, after `source .venv/bin/activate`):\n"
             "  ordercancel status cancel-O-2001-S-7\n"
             "  ordercancel orders load demo/try-it.json\n"
             "  ordercancel request O-3001 S-1 --buyer B-3001 --reason out_of_stock\n"
             "  ordercancel decide cancel-O-3001-S-1 accept --seller S-1 --reason sorry\n"
             "Ctrl-C stops everything; data stays in .data/ for the next start."
         )
+        console.print(api.banner, markup=False, highlight=False)
         await stop.wait()
         console.print("stopping: draining the worker, then the servers")
+        await api.stop()
         await worker
     log.info("dev_stopped")

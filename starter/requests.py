@@ -13,30 +13,53 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from domain.models import CancellationResult, CancellationStatus, RequestCancellationInput
+from domain.models import (
+    CancellationResult,
+    CancellationStatus,
+    Money,
+    PaymentMethod,
+    RequestCancellationInput,
+)
 from domain.rules import cancellation_id
 from infra.settings import TASK_QUEUE
+from ledger.repository import Ledger
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
 
 
-def summary(request: RequestCancellationInput) -> str:
+def summary(
+    request: RequestCancellationInput, amount: tuple[Money, PaymentMethod] | None = None
+) -> str:
+    """The one line operators see in the workflow list, e.g.
+    "Cancel order O-1001 / seller S-7: 25.40 EUR, card (out_of_stock)"."""
+    money = f"{amount[0]}, {amount[1].value.replace('_', ' ')} " if amount else ""
     return (
         f"Cancel order {request.order_id} / seller {request.seller_id}: "
-        f"{request.reason.value} ({request.reason.fault.value} fault)"
+        f"{money}({request.reason.value}, {request.reason.fault.value} fault)"
     )
 
 
 async def start_cancellation(
-    client: Client, request: RequestCancellationInput, *, task_queue: str = TASK_QUEUE
+    client: Client,
+    request: RequestCancellationInput,
+    *,
+    task_queue: str = TASK_QUEUE,
+    ledger: Ledger | None = None,
 ) -> WorkflowHandle[Any, CancellationResult]:
     """Start the cancellation of one sub-order, or return the one that already exists.
+
+    With `ledger`, the one-line summary names the amount and the payment method.
 
     One cancellation per sub-order: a running one is joined (USE_EXISTING); an ended one is
     returned rather than started again (a new run is allowed only after a failure or a
     termination, when the first one never completed).
     """
     workflow_id = cancellation_id(request.order_id, request.seller_id)
+    amount = (
+        await ledger.sub_order_amount(order_id=request.order_id, seller_id=request.seller_id)
+        if ledger is not None
+        else None
+    )
     try:
         return await client.start_workflow(
             OrderCancellation.run,
@@ -53,7 +76,7 @@ async def start_cancellation(
                     SearchAttributePair(sa.CANCELLATION_STATUS, CancellationStatus.OPENING.value),
                 ]
             ),
-            static_summary=summary(request),
+            static_summary=summary(request, amount),
             static_details=(
                 f"**Order** {request.order_id}  \n**Seller** {request.seller_id}  \n"
                 f"**Buyer** {request.buyer_id}  \n**Reason** {request.reason.value} "

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 
-from infra.client import connect
+from infra.client import connect, load_profile
 from infra.embedded import EmbeddedPostgres, TemporalDevServer
 from infra.settings import Settings
 from ledger.db import create_pool, migrate
@@ -43,7 +44,9 @@ def _adopt_embedded_postgres(settings: Settings) -> str:
 
 
 @asynccontextmanager
-async def open_stack(settings: Settings, *, embedded: bool) -> AsyncIterator[Stack]:
+async def open_stack(
+    settings: Settings, *, embedded: bool, runtime: Runtime | None = None
+) -> AsyncIterator[Stack]:
     """Connect to PostgreSQL and Temporal, migrating the ledger.
 
     With `embedded`, servers that are not configured (`DATABASE_URL`, `TEMPORAL_ADDRESS`) are
@@ -63,8 +66,14 @@ async def open_stack(settings: Settings, *, embedded: bool) -> AsyncIterator[Sta
                 log.info("postgres_started", data_dir=str(postgres.data_dir))
             else:
                 dsn = _adopt_embedded_postgres(settings)
-        if settings.temporal_address is not None:
-            address = settings.temporal_address
+        # A server named by TEMPORAL_ADDRESS or by the client profile (infra/client.py) is the
+        # user's; so is the profile's namespace for it, unless TEMPORAL_NAMESPACE is set.
+        profile = load_profile()
+        namespace = settings.temporal_namespace
+        if (configured := settings.temporal_address or profile.address) is not None:
+            address = configured
+            if "temporal_namespace" not in settings.model_fields_set and profile.namespace:
+                namespace = profile.namespace
         elif embedded:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             server = TemporalDevServer(
@@ -88,10 +97,10 @@ async def open_stack(settings: Settings, *, embedded: bool) -> AsyncIterator[Sta
         if applied:
             log.info("ledger_migrated", versions=applied)
         try:
-            client = await connect(address, settings.temporal_namespace)
+            client = await connect(address, namespace, runtime=runtime)
         except Exception as err:
             raise RuntimeError(
-                f"cannot reach Temporal at {address} (namespace {settings.temporal_namespace}):"
+                f"cannot reach Temporal at {address} (namespace {namespace}):"
                 f" {err}. Start the stack with `make run` / `ordercancel dev`, or set"
                 " TEMPORAL_ADDRESS."
             ) from err

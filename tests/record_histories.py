@@ -32,6 +32,8 @@ from domain.models import (
     CaptureState,
     Decision,
     OperatorDecision,
+    PaymentEvent,
+    PaymentEventType,
     PaymentMethod,
     PaymentValidation,
     RequestCancellationInput,
@@ -46,7 +48,9 @@ from infra.embedded import EmbeddedPostgres, TemporalDevServer, free_port
 from infra.settings import Settings
 from ledger.db import create_pool, migrate
 from ledger.orders import load_orders
+from ledger.repository import Ledger
 from payments.provider import SimulatedProvider, SimulatorFaults
+from starter.payment_events import forward_payment_event
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
@@ -65,6 +69,8 @@ PATHS = (
     "escalated_resolved",
     "refund_failed_retried",
     "refused_signal",
+    "pending_then_webhook",
+    "reversed_reopened",
 )
 
 SELLER = "S-1"
@@ -99,11 +105,20 @@ def _order(path: str) -> CheckoutOrderIn:
 
 
 class Recorder:
-    def __init__(self, client: Client, pool: asyncpg.Pool, queue: str, escalate_queue: str):
+    def __init__(
+        self,
+        client: Client,
+        pool: asyncpg.Pool,
+        queue: str,
+        escalate_queue: str,
+        slow_poll_queue: str,
+    ):
         self.client = client
         self.provider = SimulatedProvider(pool)
+        self.ledger = Ledger(pool)
         self.queue = queue
         self.escalate_queue = escalate_queue
+        self.slow_poll_queue = slow_poll_queue
 
     async def start(self, path: str, *, queue: str | None = None, **kw: Any) -> Handle:
         request = RequestCancellationInput(
@@ -198,6 +213,61 @@ class Recorder:
         )
         return handle
 
+    async def pending_then_webhook(self) -> Handle:
+        # The provider answers "pending" once; the workflow's hour-long wait is cut short by
+        # the provider's webhook event.
+        payment = "P-pending_then_webhook"
+        await self.provider.set_faults(payment, SimulatorFaults(confirm_after_polls=1))
+        handle = await self.start("pending_then_webhook", queue=self.slow_poll_queue)
+        await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.execute_update(
+            OrderCancellation.decide,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="ok"),
+        )
+        await self.until(handle, CancellationStatus.REFUND_SUBMITTED)
+        refund = await self.ledger.get_refund(cancellation_id=handle.id)
+        await handle.signal(
+            OrderCancellation.payment_event,
+            PaymentEvent(
+                event_id="evt_pending_then_webhook",
+                type=PaymentEventType.REFUND_CONFIRMED,
+                provider_ref=refund.view.provider_ref,
+            ),
+        )
+        return handle
+
+    async def reversed_reopened(self) -> Handle:
+        # Completed, then the provider reverses the refund: a new run parks it, an operator
+        # retries, a second refund completes it. The new run's history is the one kept.
+        payment = "P-reversed_reopened"
+        await self.provider.set_faults(payment, SimulatorFaults(fail_after_success=True))
+        first = await self.start("reversed_reopened")
+        await self.until(first, CancellationStatus.AWAITING_SELLER)
+        await first.execute_update(
+            OrderCancellation.decide,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="ok"),
+        )
+        await first.result()
+        refund = await self.ledger.get_refund(cancellation_id=first.id)
+        await forward_payment_event(
+            self.client,
+            self.ledger,
+            PaymentEvent(
+                event_id="evt_reversed_reopened",
+                type=PaymentEventType.REFUND_REVERSED,
+                provider_ref=refund.view.provider_ref,
+                failure_code="card_closed",
+            ),
+            task_queue=self.queue,
+        )
+        reopened = self.client.get_workflow_handle_for(OrderCancellation.run, first.id)
+        await self.until(reopened, CancellationStatus.REFUND_FAILED)
+        await reopened.execute_update(
+            OrderCancellation.retry_refund,
+            RetryRefundRequest(operator_id="OP-1", reason="new card"),
+        )
+        return reopened
+
     async def refused_signal(self) -> Handle:
         handle = await self.start("refused_signal")
         await self.until(handle, CancellationStatus.AWAITING_SELLER)
@@ -214,9 +284,13 @@ class Recorder:
         return handle
 
 
-async def record(out_dir: Path, tag: str | None, overwrite: bool) -> list[Path]:
+async def record(
+    out_dir: Path, tag: str | None, overwrite: bool, missing_only: bool = False
+) -> list[Path]:
     suffix = f".{tag}" if tag else ""
     targets = {path: out_dir / f"{path}{suffix}.json" for path in PATHS}
+    if missing_only:
+        targets = {path: target for path, target in targets.items() if not target.exists()}
     existing = [t for t in targets.values() if t.exists()]
     if existing and not overwrite:
         raise SystemExit(
@@ -241,7 +315,7 @@ async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[P
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
-        await load_orders(pool, OrdersFile(orders=[_order(path) for path in PATHS]))
+        await load_orders(pool, OrdersFile(orders=[_order(path) for path in targets]))
         client = await connect(address)
         settings = Settings(
             refund_poll_interval=timedelta(milliseconds=200),
@@ -250,8 +324,10 @@ async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[P
             refund_submit_max_interval=timedelta(milliseconds=500),
             refund_submit_max_attempts=3,
         )
-        queue, escalate_queue = (f"record-{uuid.uuid4().hex[:8]}" for _ in range(2))
-        recorder = Recorder(client, pool, queue, escalate_queue)
+        queue, escalate_queue, slow_poll_queue = (
+            f"record-{uuid.uuid4().hex[:8]}" for _ in range(3)
+        )
+        recorder = Recorder(client, pool, queue, escalate_queue, slow_poll_queue)
         async with (
             build_worker(client, pool, settings, task_queue=queue),
             build_worker(
@@ -260,9 +336,20 @@ async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[P
                 settings.model_copy(update={"timeout_policy": TimeoutPolicy.ESCALATE}),
                 task_queue=escalate_queue,
             ),
+            build_worker(
+                client,
+                pool,
+                settings.model_copy(
+                    update={
+                        "refund_poll_interval": timedelta(hours=1),
+                        "refund_poll_max_interval": timedelta(hours=1),
+                    }
+                ),
+                task_queue=slow_poll_queue,
+            ),
         ):
             scenarios: dict[str, Callable[[], Awaitable[Handle]]] = {
-                path: getattr(recorder, path) for path in PATHS
+                path: getattr(recorder, path) for path in targets
             }
             handles = await asyncio.gather(*(run() for run in scenarios.values()))
             written = []
@@ -285,10 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HISTORIES)
     parser.add_argument("--tag", help="save as <path>.<tag>.json, keeping the older files")
     parser.add_argument("--overwrite", action="store_true", help="replace files of the same name")
+    parser.add_argument(
+        "--missing", action="store_true", help="record only the paths that have no file yet"
+    )
     args = parser.parse_args(argv)
     # The refund path fails activities on purpose; their tracebacks are noise here.
     logging.basicConfig(level=logging.ERROR)
-    asyncio.run(record(args.out, args.tag, args.overwrite))
+    asyncio.run(record(args.out, args.tag, args.overwrite, args.missing))
 
 
 if __name__ == "__main__":

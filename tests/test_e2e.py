@@ -12,17 +12,26 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
+
+# Shared with the other end-to-end modules (fixtures: `e2e_database_url`, `temporal_address`).
+from e2e_stack import (  # noqa: F401
+    assert_listed,
+    e2e_database_url_fixture,
+    eventually,
+    listed,
+    run_command,
+    temporal_address_fixture,
+)
 from rich.console import Console
 from temporalio.client import Client, WorkflowHandle
 
@@ -41,7 +50,7 @@ from domain.models import (
 )
 from domain.rules import cancellation_id
 from infra.client import connect
-from infra.embedded import TemporalDevServer, free_port, temporal_binary
+from infra.embedded import temporal_binary
 from infra.settings import Settings
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
@@ -50,11 +59,8 @@ from starter.demo import Outcome, run_demo
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
-from workflows.search_attributes import CLI_TYPES
 
 pytestmark = pytest.mark.e2e
-
-T = TypeVar("T")
 
 ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
 
@@ -72,70 +78,6 @@ APPROVED_IDS = DEMO_IDS - {REJECTED}
 DEMO_ORDERS = ("O-1001", "O-1002", "O-1003", "O-1004", "O-1005", "O-2001", "O-2002")
 
 
-# --- helpers ---------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 15, interval: float = 0.2
-) -> T:
-    """Retry `check` until it stops raising AssertionError (visibility and status lag), then
-    return its value; after `timeout` seconds re-raise the last failure."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            return await check()
-        except AssertionError:
-            if loop.time() >= deadline:
-                raise
-        await asyncio.sleep(interval)
-
-
-async def listed(client: Client, query: str) -> list[str]:
-    return [wf.id async for wf in client.list_workflows(query)]
-
-
-async def assert_listed(client: Client, query: str, expected: set[str]) -> None:
-    """The visibility query finds exactly `expected` (once each), within a bounded wait."""
-
-    async def check() -> None:
-        found = await listed(client, query)
-        assert sorted(found) == sorted(expected), query
-
-    await eventually(check)
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def run_command(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> Ran:
-    """A subprocess that does not block the event loop: the worker answering it runs here."""
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
-
-
-def _with_database(url: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
-
-
 # --- fixtures --------------------------------------------------------------------------------
 
 
@@ -146,42 +88,6 @@ class Stack:
     pool: asyncpg.Pool
     database_url: str
     task_queue: str
-
-
-@pytest.fixture(scope="module")
-async def e2e_database_url(postgres_url: str, _template_db: str) -> AsyncIterator[str]:
-    """A fresh migrated database for this module (the demo's order ids are fixed)."""
-    name = "e2e_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {_template_db}")
-    finally:
-        await admin.close()
-    yield _with_database(postgres_url, name)
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture(scope="module")
-async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """The user's Temporal (`TEMPORAL_ADDRESS`) or a headless dev server for this module."""
-    if os.environ.get("TEMPORAL_ADDRESS"):
-        yield os.environ["TEMPORAL_ADDRESS"]
-        return
-    server = TemporalDevServer(
-        port=free_port(),
-        ui_port=None,
-        db_file=tmp_path_factory.mktemp("temporal") / "temporal.db",
-        search_attributes=CLI_TYPES,
-    )
-    await server.start()
-    try:
-        yield server.address
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +220,17 @@ async def test_seller_accepts_and_the_capture_is_refunded(demo: dict[str, Outcom
     assert r.refund is not None
     assert r.refund.kind is RefundKind.REFUND
     assert r.refund.stage is RefundStage.CONFIRMED
+    # Operators read the money at stake in the list and the memo without opening anything.
+    description = await demo[ACCEPTED].handle.describe()
+    assert await description.static_summary() == (
+        f"Cancel order O-1002 / seller S-7: {r.refund.amount}, card (out_of_stock, seller fault)"
+    )
+    memo = await description.memo()
+    assert (memo["amount_minor"], memo["currency"], memo["payment_method"]) == (
+        r.refund.amount.amount_minor,
+        "EUR",
+        "card",
+    )
 
 
 async def test_seller_rejects_and_nothing_is_refunded(demo: dict[str, Outcome]) -> None:

@@ -509,16 +509,17 @@ async def test_database_refuses_a_second_refund_for_a_cancellation(pool: asyncpg
     ledger = await load_demo(pool)
     cid = await cancel_and_request_refund(ledger, "O-1002", "S-7")
 
+    # Even as a later generation, a second live refund beside the first one is refused.
     with pytest.raises(asyncpg.UniqueViolationError) as err:
         await pool.execute(
             """
             INSERT INTO refunds (idempotency_key, cancellation_id, payment_id, kind,
-                amount_minor, currency, stage)
-            VALUES ('another-key', $1, 'P-1002', 'refund', 1, 'EUR', 'requested')
+                amount_minor, currency, stage, generation)
+            VALUES ('another-key', $1, 'P-1002', 'refund', 1, 'EUR', 'requested', 2)
             """,
             cid,
         )
-    assert err.value.constraint_name == "refunds_cancellation_id_key"
+    assert err.value.constraint_name == "refunds_one_live"
     # And the payments CHECK refuses a total above what was paid, whatever the code does.
     with pytest.raises(asyncpg.CheckViolationError):
         await pool.execute(
@@ -893,3 +894,25 @@ async def test_a_late_failure_report_does_not_contradict_a_confirmed_refund(
         cid,
     )
     assert (row["status"], row["stage"]) == ("refund_confirmed", "confirmed")
+
+
+async def test_a_declined_refund_releases_its_money_and_the_next_is_a_new_generation(
+    pool: asyncpg.Pool,
+) -> None:
+    ledger = await load_demo(pool)
+    cid = await cancel_and_request_refund(ledger, "O-1002", "S-7")
+    amount = await cash(pool, "O-1002", "S-7")
+    declined = await ledger.record_refund_failed(
+        cancellation_id=cid, error="card_closed", event_key="declined", final=True
+    )
+    assert declined.view.stage is RefundStage.DECLINED
+    assert await refunded(pool, "P-1002") == 0
+    assert (await events(pool, cid))[-1] == "refund_declined"
+    # Asking again (the operator's retry) makes generation 2 under a key of its own.
+    second = await ask_refund(ledger, cid)
+    assert second.view.generation == 2
+    assert second.view.idempotency_key == refund_idempotency_key(cid, 2)
+    assert second.view.stage is RefundStage.REQUESTED
+    assert await refunded(pool, "P-1002") == amount
+    # And asking once more returns that one, not a third.
+    assert (await ask_refund(ledger, cid)).view.idempotency_key == second.view.idempotency_key

@@ -80,6 +80,13 @@ REQUIRED_PATHS: dict[str, tuple[CancellationStatus, Counter[str]]] = {
         Counter({ACTIVITY_FAILED: 1, UPDATED: 2}),
     ),
     "refused_signal": (CancellationStatus.COMPLETED, Counter({SIGNALED: 3})),
+    # The provider said "pending"; its webhook cut the hour-long wait short.
+    "pending_then_webhook": (
+        CancellationStatus.COMPLETED,
+        Counter({UPDATED: 1, SIGNALED: 1, TIMER_CANCELED: 2}),
+    ),
+    # A new run of an ended cancellation, started with the reversal event; parked, retried.
+    "reversed_reopened": (CancellationStatus.COMPLETED, Counter({SIGNALED: 1, UPDATED: 1})),
 }
 
 

@@ -133,7 +133,8 @@ class FakeActivities:
         @activity.defn(name="record_refund_failed")
         async def record_refund_failed(params: RefundFailureInput) -> RefundView:
             self.calls.append(("record_refund_failed", params))
-            return self._refund(RefundStage.FAILED, params.cancellation_id)
+            stage = RefundStage.DECLINED if params.final else RefundStage.FAILED
+            return self._refund(stage, params.cancellation_id)
 
         @activity.defn(name="restore_coupon")
         async def restore_coupon(params: CouponInput) -> CouponOutcome:
@@ -493,11 +494,19 @@ async def test_final_refund_failure_parks_and_an_operator_retry_resumes(harness:
     assert receipt.accepted
     result = await handle.result()
     assert result.status is CancellationStatus.COMPLETED
-    # One refund intent; the same key for both submissions.
-    assert fakes.names().count("request_refund") == 1
+    # Refused for good: the refund was declined, and the retry asked for a new one (the ledger
+    # gives it the next generation's key) before submitting again.
+    assert [f.final for f in fakes.args("record_refund_failed")] == [True]
+    assert fakes.names().count("request_refund") == 2
+    names = fakes.names()
+    retry_at = names.index("record_refund_failed")
+    assert names[retry_at + 1 : retry_at + 4] == [
+        "record_transition",
+        "request_refund",
+        "submit_refund",
+    ]
     submits = fakes.args("submit_refund")
     assert len(submits) == 2
-    assert {s.idempotency_key for s in submits} == {refund_idempotency_key(handle.id)}
     assert len({s.event_key for s in submits}) == 2
     retry = [t for t in fakes.args("record_transition") if t.kind == "refund_retry"]
     assert retry and retry[0].actor == "operator:sre-1"
@@ -515,8 +524,9 @@ async def test_transient_failures_exhausting_retries_also_park(harness: Any) -> 
     handle = await h.start()
     parked = await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
     assert parked.last_error is not None and "ProviderUnavailable" in parked.last_error
-    # submit_max_attempts=2 in the fake's policy.
+    # submit_max_attempts=2 in the fake's policy; not final: the same refund, same key, later.
     assert fakes.names().count("submit_refund") == 2
+    assert [f.final for f in fakes.args("record_refund_failed")] == [False]
     await handle.execute_update(OrderCancellation.retry_refund, {"operator_id": "sre-1"})
     assert (await handle.result()).status is CancellationStatus.COMPLETED
 

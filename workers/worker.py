@@ -10,19 +10,25 @@ from datetime import timedelta
 import asyncpg
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehavior, PollerBehaviorSimpleMaximum, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import RefundActivities
+from infra.log_context import LogContextInterceptor
+from infra.metrics import BusinessMetrics
 from infra.settings import Settings
 from ledger.repository import Ledger
 from payments.provider import PaymentProvider, SimulatedProvider
+from workers.health import serve_health
 from workflows.order_cancellation import OrderCancellation
 
 log = structlog.get_logger(__name__)
 
 WORKFLOWS: Sequence[type] = (OrderCancellation,)
+# SIGTERM drains: running activities get this long to finish before they are cancelled. The
+# deployment's grace period must be longer (deploy/k8s, tests/test_deploy.py).
+GRACEFUL_SHUTDOWN = timedelta(seconds=20)
 
 # The product's own pure modules and heavy libraries are passed through the sandbox: they are
 # deterministic or only used by activities, and re-importing them per workflow costs 5-12x CPU.
@@ -45,12 +51,20 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 
 def build_provider(settings: Settings, pool: asyncpg.Pool) -> PaymentProvider:
+    if settings.provider == "stripe":
+        from payments.stripe_provider import StripeProvider
+
+        return StripeProvider.from_settings(settings)
     return SimulatedProvider(
         pool,
         latency_seconds=settings.sim_latency.total_seconds(),
         transient_rate=settings.sim_transient_rate,
         confirm_after_polls=settings.sim_confirm_after_polls,
     )
+
+
+# The SDK's own default for both poller kinds (temporalio 1.35).
+SDK_DEFAULT_POLLERS = PollerBehaviorSimpleMaximum(maximum=5)
 
 
 def build_worker(
@@ -61,15 +75,27 @@ def build_worker(
     provider: PaymentProvider | None = None,
     task_queue: str | None = None,
     max_cached_workflows: int = 1000,
+    metrics: BusinessMetrics | None = None,
+    workflow_task_poller_behavior: PollerBehavior = SDK_DEFAULT_POLLERS,
+    activity_task_poller_behavior: PollerBehavior = SDK_DEFAULT_POLLERS,
+    max_concurrent_workflow_tasks: int | None = None,
+    max_concurrent_activities: int | None = None,
 ) -> Worker:
+    """`metrics`: by default, through the client's runtime (a no-op unless that runtime
+    exports metrics, see infra.metrics). Pollers and concurrency: the SDK's defaults unless
+    given (`ordercancel bench` compares settings, docs/performance.md)."""
     ledger = Ledger(pool)
+    metrics = metrics or BusinessMetrics.for_client(client)
     ledger_activities = LedgerActivities(
         ledger,
         response_window=settings.seller_response_window,
         timeout_policy=settings.timeout_policy,
         refund_policy=settings.refund_policy(),
+        metrics=metrics,
     )
-    refund_activities = RefundActivities(ledger, provider or build_provider(settings, pool))
+    refund_activities = RefundActivities(
+        ledger, provider or build_provider(settings, pool), metrics=metrics
+    )
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -83,11 +109,17 @@ def build_worker(
             ledger_activities.restore_coupon,
             refund_activities.submit_refund,
             refund_activities.confirm_refund,
+            refund_activities.verify_reversal,
         ],
         workflow_runner=workflow_runner(),
         max_cached_workflows=max_cached_workflows,
-        # SIGTERM drains: running activities get this long to finish before they are cancelled.
-        graceful_shutdown_timeout=timedelta(seconds=20),
+        workflow_task_poller_behavior=workflow_task_poller_behavior,
+        activity_task_poller_behavior=activity_task_poller_behavior,
+        max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
+        max_concurrent_activities=max_concurrent_activities,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        # Every log line of an activity or workflow carries the cancellation's ids.
+        interceptors=[LogContextInterceptor()],
     )
 
 
@@ -103,10 +135,9 @@ async def run_worker(
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     worker = build_worker(client, pool, settings)
-    log.info(
-        "worker_started", task_queue=settings.task_queue, namespace=settings.temporal_namespace
-    )
-    async with worker:
+    log.info("worker_started", task_queue=settings.task_queue, namespace=client.namespace)
+    # Probes (workers/health.py) answer through the drain: ready only while polling, not stopping.
+    async with serve_health(lambda: worker.is_running and not stop.is_set()), worker:
         await stop.wait()
         log.info("worker_draining")
     log.info("worker_stopped")

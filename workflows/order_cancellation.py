@@ -6,6 +6,7 @@ an activity. Names here (workflow type, signals, updates, query) are a public co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -39,7 +40,9 @@ with workflow.unsafe.imports_passed_through():
         OpenCancellationResult,
         OperatorDecision,
         PaymentEvent,
+        PaymentEventType,
         RefundFailureInput,
+        RefundPolicy,
         RefundRequestInput,
         RefundStage,
         RefundStepInput,
@@ -52,6 +55,14 @@ with workflow.unsafe.imports_passed_through():
         WithdrawRequest,
     )
     from workflows import search_attributes as sa
+
+# Patch ids: a change to the commands a workflow issues must not break cancellations already
+# running (their histories replay against this code). Each id guards one such change; remove a
+# guard only once no history recorded before it can still be replayed (docs/operations.md).
+MEMO_PATCH = "memo-with-amounts-v1"
+# A refund the provider refused for good is declined and retried as a new generation with a
+# new idempotency key (before: retried under the same key, which a provider answers the same).
+DECLINED_PATCH = "declined-refund-new-generation-v1"
 
 LEDGER_TIMEOUT = timedelta(seconds=30)
 # A ledger write that fails for a business reason says so with a non-retryable type; anything
@@ -77,6 +88,14 @@ def _parse(model: type[M], payload: Any) -> M:
         )
         raise DecisionRefused(RefusalCode.INVALID_PAYLOAD, f"invalid payload: {fields}") from err
 
+
+# Statuses a cancellation has before the seller's decision; a run that finds the ledger past
+# them resumes instead of asking again.
+_BEFORE_DECISION = (
+    CancellationStatus.OPENING,
+    CancellationStatus.AWAITING_SELLER,
+    CancellationStatus.ESCALATED,
+)
 
 # What operators read in the Web UI for each state: a headline and the next step.
 _STAGE_TEXT: dict[CancellationStatus, tuple[str, str]] = {
@@ -112,8 +131,12 @@ _STAGE_TEXT: dict[CancellationStatus, tuple[str, str]] = {
 }
 
 
-def _refusal(err: DecisionRefused) -> ApplicationError:
-    return ApplicationError(err.message, type=err.code.value, non_retryable=True)
+def _refuse_unless(check: Callable[[Any], object], payload: Any) -> None:
+    """An update validator: the caller gets the refusal's code as the failure type."""
+    try:
+        check(payload)
+    except DecisionRefused as err:
+        raise ApplicationError(err.message, type=err.code.value, non_retryable=True) from None
 
 
 @workflow.defn(name="OrderCancellation")
@@ -136,6 +159,7 @@ class OrderCancellation:
         self._coupon: CouponOutcome | None = None
         self._last_error: str | None = None
         self._provider_news = False
+        self._reversal: PaymentEvent | None = None
         self._next_check: datetime | None = None
         self._since = workflow.now()
         self._audit: list[AuditEntry] = []
@@ -165,24 +189,66 @@ class OrderCancellation:
             summary="Read the sub-order and choose the instant or request path",
         )
         self._opened = opened
+        self._record_memo(opened)
         self._note(
             f"buyer:{request.buyer_id}",
             "requested",
             f"reason {request.reason.value} ({request.reason.fault.value} fault)",
         )
-        if opened.path is CancellationPath.INSTANT:
+        resumed_at = opened.ledger_status
+        if resumed_at in (CancellationStatus.REJECTED, CancellationStatus.WITHDRAWN):
+            # A new run of a request that ended: nothing is left to do.
+            self._set_status(resumed_at, "system", "resumed", "the request had already ended")
+            return await self._finish()
+        if opened.path is CancellationPath.INSTANT and opened.refund is None:
             self._set_status(
                 CancellationStatus.APPROVED,
                 "system",
                 "cancelled_instantly",
                 "payment not validated yet: cancelled without the seller (R1)",
             )
+        elif resumed_at is not None and resumed_at not in _BEFORE_DECISION:
+            # A new run of a cancellation past its decision (e.g. reopened by a reversed
+            # refund): carry on from where the ledger says it stands.
+            self._refund = opened.refund
+            self._set_status(
+                resumed_at, "system", "resumed", f"a new run resumes at {resumed_at.value}"
+            )
         else:
             approved = await self._await_seller(opened)
             if not approved:
                 return await self._finish()
+        await self._settle(opened)
+        return await self._finish()
 
-        await self._refund_money(opened)
+    def _record_memo(self, opened: OpenCancellationResult) -> None:
+        """What operators read without opening the history: the money at stake. Added after
+        cancellations were already running, hence the patch guard (see MEMO_PATCH)."""
+        if workflow.patched(MEMO_PATCH):
+            workflow.upsert_memo(
+                {
+                    "amount_minor": opened.amount.amount_minor,
+                    "currency": opened.amount.currency,
+                    "payment_method": opened.payment_method.value,
+                    "amount": str(opened.amount),
+                }
+            )
+
+    async def _settle(self, opened: OpenCancellationResult) -> None:
+        """Refund, coupon, done; and if the provider reverses the refund after success, park
+        for an operator and do it again with a new refund (R7, R10, R11)."""
+        while True:
+            if self._refund is None or self._refund.stage is not RefundStage.CONFIRMED:
+                await self._refund_money(opened)
+            if self._coupon is None:
+                await self._decide_coupon()
+            if self._reversal is None and self._status is not CancellationStatus.COMPLETED:
+                await self._transition(CancellationStatus.COMPLETED, "system", "completed")
+            if self._reversal is None:
+                return
+            await self._handle_reversal()
+
+    async def _decide_coupon(self) -> None:
         self._coupon = await workflow.execute_activity_method(
             LedgerActivities.restore_coupon,
             CouponInput(cancellation_id=self._id, event_key=self._key("coupon")),
@@ -192,8 +258,41 @@ class OrderCancellation:
         )
         workflow.upsert_search_attributes([sa.COUPON_OUTCOME.value_set(self._coupon.outcome.value)])
         self._note("system", f"coupon_{self._coupon.outcome.value}", self._coupon.reason)
-        await self._transition(CancellationStatus.COMPLETED, "system", "completed")
-        return await self._finish()
+
+    async def _handle_reversal(self) -> None:
+        """The provider's event says the confirmed refund failed after all. The provider is
+        asked (the event may be stale); if it agrees, the refund is reversed in the ledger (the
+        coupon decision with it) and the cancellation waits in refund_failed for an operator,
+        whose retry makes a new refund with its own idempotency key."""
+        event, self._reversal = self._reversal, None
+        assert event is not None and self._refund is not None
+        self._refund = await workflow.execute_activity_method(
+            RefundActivities.verify_reversal,
+            self._refund_step("refund_reversed"),
+            start_to_close_timeout=PROVIDER_TIMEOUT,
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=5)
+            ),
+            summary="Check with the provider that the refund was reversed",
+        )
+        if self._refund.stage is not RefundStage.REVERSED:
+            self._note(
+                "system",
+                "reversal_not_confirmed",
+                f"event {event.event_id}: the provider still reports the refund succeeded",
+            )
+            return
+        self._coupon = None
+        self._last_error = self._refund.last_error
+        workflow.upsert_search_attributes([sa.COUPON_OUTCOME.value_unset()])
+        self._set_status(
+            CancellationStatus.REFUND_FAILED,
+            "provider",
+            "refund_reversed",
+            self._refund.last_error or "",
+        )
+        workflow.logger.warning("refund reversed by the provider: %s", self._refund.last_error)
+        await self._wait_for_operator()
 
     async def _await_seller(self, opened: OpenCancellationResult) -> bool:
         """R3-R5: wait on a durable timer for the seller. True when the cancellation is approved."""
@@ -264,6 +363,28 @@ class OrderCancellation:
 
     async def _refund_money(self, opened: OpenCancellationResult) -> None:
         """R7-R10: requested -> submitted -> confirmed; park in refund_failed, never fail."""
+        await self._request_refund(opened)
+        policy = opened.refund_policy
+        passes = 0
+        while True:
+            passes += 1
+            assert self._refund is not None
+            if self._refund.stage.is_dead:
+                # Declined for good under its key: the operator's retry needs a new refund.
+                await self._request_refund(opened)
+            try:
+                if self._refund.stage in (RefundStage.REQUESTED, RefundStage.FAILED):
+                    await self._submit(policy)
+                if self._refund.stage is not RefundStage.CONFIRMED:
+                    self._refund = await self._await_confirmation(opened)
+                self._set_status(
+                    CancellationStatus.REFUND_CONFIRMED, "provider", "refund_confirmed"
+                )
+                return
+            except ActivityError as err:
+                await self._park_refund(err, passes)
+
+    async def _request_refund(self, opened: OpenCancellationResult) -> None:
         self._refund = await workflow.execute_activity_method(
             LedgerActivities.request_refund,
             RefundRequestInput(cancellation_id=self._id, event_key=self._key("refund_requested")),
@@ -271,34 +392,24 @@ class OrderCancellation:
             retry_policy=LEDGER_RETRY,
             summary=f"Record the refund of {opened.amount} (dot 1)",
         )
-        self._set_status(CancellationStatus.REFUND_REQUESTED, "system", "refund_requested")
-        policy = opened.refund_policy
-        passes = 0
-        while True:
-            passes += 1
-            try:
-                self._refund = await workflow.execute_activity_method(
-                    RefundActivities.submit_refund,
-                    self._refund_step("refund_submitted"),
-                    start_to_close_timeout=PROVIDER_TIMEOUT,
-                    retry_policy=RetryPolicy(
-                        initial_interval=policy.submit_initial_interval,
-                        maximum_interval=policy.submit_max_interval,
-                        maximum_attempts=policy.submit_max_attempts,
-                        non_retryable_error_types=[REFUND_REJECTED],
-                    ),
-                    summary=f"Submit the {self._refund.kind.value} to the payment provider (dot 2)",
-                )
-                self._set_status(
-                    CancellationStatus.REFUND_SUBMITTED, "provider", "refund_submitted"
-                )
-                self._refund = await self._await_confirmation(opened)
-                self._set_status(
-                    CancellationStatus.REFUND_CONFIRMED, "provider", "refund_confirmed"
-                )
-                return
-            except ActivityError as err:
-                await self._park_refund(err, passes)
+        if self._refund.stage is RefundStage.REQUESTED:
+            self._set_status(CancellationStatus.REFUND_REQUESTED, "system", "refund_requested")
+
+    async def _submit(self, policy: RefundPolicy) -> None:
+        assert self._refund is not None
+        self._refund = await workflow.execute_activity_method(
+            RefundActivities.submit_refund,
+            self._refund_step("refund_submitted"),
+            start_to_close_timeout=PROVIDER_TIMEOUT,
+            retry_policy=RetryPolicy(
+                initial_interval=policy.submit_initial_interval,
+                maximum_interval=policy.submit_max_interval,
+                maximum_attempts=policy.submit_max_attempts,
+                non_retryable_error_types=[REFUND_REJECTED],
+            ),
+            summary=f"Submit the {self._refund.kind.value} to the payment provider (dot 2)",
+        )
+        self._set_status(CancellationStatus.REFUND_SUBMITTED, "provider", "refund_submitted")
 
     async def _await_confirmation(self, opened: OpenCancellationResult) -> RefundView:
         """Dot 3: ask the provider; while it says "pending", wait on a durable timer that grows
@@ -344,6 +455,11 @@ class OrderCancellation:
             message = f"{cause.type}: {cause.message}"
         self._last_error = message
         assert self._refund is not None
+        final = (
+            isinstance(cause, ApplicationError)
+            and cause.type in (REFUND_REJECTED, REFUND_FAILED_AT_PROVIDER)
+            and workflow.patched(DECLINED_PATCH)
+        )
         self._refund = await workflow.execute_activity_method(
             LedgerActivities.record_refund_failed,
             RefundFailureInput(
@@ -352,6 +468,7 @@ class OrderCancellation:
                 error=message,
                 attempts=passes,
                 event_key=self._key("refund_failed"),
+                final=final,
             ),
             start_to_close_timeout=LEDGER_TIMEOUT,
             retry_policy=LEDGER_RETRY,
@@ -359,6 +476,10 @@ class OrderCancellation:
         )
         self._set_status(CancellationStatus.REFUND_FAILED, "system", "refund_failed", message)
         workflow.logger.warning("refund parked in refund_failed: %s", message)
+        await self._wait_for_operator()
+
+    async def _wait_for_operator(self) -> None:
+        """R10: parked, durably, for as long as it takes, until update `retry_refund`."""
         await workflow.wait_condition(lambda: self._retry is not None)
         assert self._retry is not None
         retry, self._retry = self._retry, None
@@ -406,6 +527,9 @@ class OrderCancellation:
         self._status = status
         self._since = workflow.now()
         self._note(actor, kind, detail)
+        workflow.logger.info(
+            "cancellation_%s", kind, extra={"status": status.value, "actor": actor}
+        )
         stage = self._refund.stage.dots if self._refund is not None else 0
         workflow.upsert_search_attributes(
             [
@@ -539,10 +663,7 @@ class OrderCancellation:
 
     @decide.validator
     def _validate_decide(self, payload: Any) -> None:
-        try:
-            self._check_seller(payload)
-        except DecisionRefused as err:
-            raise _refusal(err) from None
+        _refuse_unless(self._check_seller, payload)
 
     @workflow.signal
     async def seller_decision(self, payload: Any) -> None:
@@ -580,6 +701,8 @@ class OrderCancellation:
 
     @workflow.signal
     async def payment_event(self, payload: Any) -> None:
+        # A reopening run gets its event with its start: judge it once the refund is known.
+        await workflow.wait_condition(lambda: self._opened is not None)
         try:
             event = _parse(PaymentEvent, payload)
             refund = self._refund
@@ -597,6 +720,14 @@ class OrderCancellation:
             return
         self._note("provider", "payment_event", f"{event.type.value} ({event.event_id})")
         self._provider_news = True
+        if (
+            event.type is PaymentEventType.REFUND_REVERSED
+            and self._refund is not None
+            and self._refund.stage is RefundStage.CONFIRMED
+        ):
+            # Before confirmation the provider's own answer reports a failure; after it, only
+            # this tells the workflow to look again.
+            self._reversal = event
 
     # --- operators --------------------------------------------------------------------------
 
@@ -619,10 +750,7 @@ class OrderCancellation:
 
     @resolve_escalation.validator
     def _validate_resolve(self, payload: Any) -> None:
-        try:
-            self._check_operator(payload)
-        except DecisionRefused as err:
-            raise _refusal(err) from None
+        _refuse_unless(self._check_operator, payload)
 
     def _check_retry(self, payload: Any) -> RetryRefundRequest:
         request = _parse(RetryRefundRequest, payload)
@@ -646,10 +774,7 @@ class OrderCancellation:
 
     @retry_refund.validator
     def _validate_retry(self, payload: Any) -> None:
-        try:
-            self._check_retry(payload)
-        except DecisionRefused as err:
-            raise _refusal(err) from None
+        _refuse_unless(self._check_retry, payload)
 
     # --- status -----------------------------------------------------------------------------
 

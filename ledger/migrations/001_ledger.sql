@@ -93,13 +93,17 @@ CREATE INDEX cancellations_status ON cancellations (status);
 
 CREATE TABLE refunds (
     idempotency_key text PRIMARY KEY,
-    -- Exactly one refund per cancellation (R9), whatever retries happen.
-    cancellation_id text NOT NULL UNIQUE REFERENCES cancellations(cancellation_id),
+    cancellation_id text NOT NULL REFERENCES cancellations(cancellation_id),
+    -- A refund the provider declined for good (before or after confirming it) is dead at the
+    -- provider under its key, so an operator's retry makes the next generation with its own.
+    generation      int NOT NULL DEFAULT 1 CHECK (generation >= 1),
     payment_id      text NOT NULL REFERENCES payments(payment_id),
     kind            text NOT NULL CHECK (kind IN ('void', 'refund')),
     amount_minor    bigint NOT NULL CHECK (amount_minor >= 0),
     currency        char(3) NOT NULL,
-    stage           text NOT NULL CHECK (stage IN ('requested', 'submitted', 'confirmed', 'failed')),
+    stage           text NOT NULL
+        CHECK (stage IN ('requested', 'submitted', 'confirmed', 'failed', 'declined',
+                         'reversed')),
     provider_ref    text,
     attempts        int NOT NULL DEFAULT 0,
     last_error      text,
@@ -108,8 +112,14 @@ CREATE TABLE refunds (
     requested_at    timestamptz NOT NULL DEFAULT now(),
     submitted_at    timestamptz,
     confirmed_at    timestamptz,
-    failed_at       timestamptz
+    failed_at       timestamptz,
+    reversed_at     timestamptz,
+    UNIQUE (cancellation_id, generation)
 );
+-- Exactly one live refund per cancellation (R9), whatever retries happen: only dead ones
+-- (declined, reversed) may stand beside it.
+CREATE UNIQUE INDEX refunds_one_live ON refunds (cancellation_id)
+    WHERE stage NOT IN ('declined', 'reversed');
 CREATE INDEX refunds_stage ON refunds (stage);
 
 CREATE TABLE coupon_decisions (
@@ -122,14 +132,19 @@ CREATE TABLE coupon_decisions (
     -- Siblings that finish together may both see the footprint fully refunded and both record
     -- `restored`; only the one that flipped coupon_redemptions.restored_at performed it.
     performed_restore boolean NOT NULL DEFAULT false,
+    -- The refund generation it followed: a reversed refund's coupon is decided again.
+    round             int NOT NULL DEFAULT 1,
+    -- Set when the refund this decision followed was reversed (the decision no longer holds).
+    superseded_at     timestamptz,
     decided_at        timestamptz NOT NULL DEFAULT now()
 );
--- One decision per cancellation and redemption: a retried activity reads the first one back.
+-- One decision per cancellation and round: a retried activity reads the first one back.
 CREATE UNIQUE INDEX coupon_decisions_once
-    ON coupon_decisions (cancellation_id, coalesce(redemption_id, ''));
--- A coupon is restored at most once, whichever sibling sub-order gets there.
+    ON coupon_decisions (cancellation_id, round);
+-- A coupon is restored at most once at a time, whichever sibling sub-order gets there; only a
+-- reversal (which takes it back) makes room for a later restoration.
 CREATE UNIQUE INDEX coupon_restored_once
-    ON coupon_decisions (redemption_id) WHERE performed_restore;
+    ON coupon_decisions (redemption_id) WHERE performed_restore AND superseded_at IS NULL;
 
 -- The append-only audit trail (R12).
 CREATE TABLE cancellation_events (

@@ -1,0 +1,101 @@
+"""`ordercancel api`: serve the HTTP API; `api hash-key`: make a key; `api openapi`: export the
+OpenAPI document. Heavy imports wait until a command needs them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from api.keys import KeyConfigError, KeyStore, Principal, generate_key, key_line
+from infra.logging import configure_logging
+from infra.settings import Settings
+
+api_app = typer.Typer(
+    help="The HTTP API (docs/api.md): serve it, make API keys, export the OpenAPI document.",
+    invoke_without_command=True,
+)
+
+
+@api_app.callback()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Default: ORDERCANCEL_API_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: ORDERCANCEL_API_PORT")] = None,
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="json (default) or console")
+    ] = None,
+) -> None:
+    """Serve the API until SIGINT/SIGTERM (needs Temporal and PostgreSQL, as `worker` does)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = Settings()
+    configure_logging(log_format or settings.log_format, settings.log_level)  # type: ignore[arg-type]
+    try:
+        keys = KeyStore.load(
+            file=settings.api_keys_file,
+            env_value=settings.api_keys.get_secret_value() if settings.api_keys else None,
+        )
+    except KeyConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    app = create_app(settings, keys=keys)
+    config = uvicorn.Config(
+        app,
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        log_config=None,  # uvicorn's lines go through our structlog handler
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
+
+
+@api_app.command("hash-key")
+def hash_key(
+    principal: Annotated[
+        str, typer.Argument(help="buyer-service, seller:<seller_id>, sre or payment-provider")
+    ],
+    key_stdin: Annotated[
+        bool, typer.Option("--key-stdin", help="Hash the key read from stdin instead of a new one")
+    ] = False,
+) -> None:
+    """Make a new API key for PRINCIPAL and print it once, with the line for the keys file."""
+    try:
+        who = Principal.parse(principal)
+        key = sys.stdin.readline().strip() if key_stdin else generate_key()
+        line = key_line(who, key)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if not key_stdin:
+        typer.echo(f"# API key for {who}: give it to its owner; it is stored nowhere", err=True)
+        typer.echo(f"key: {key}")
+    typer.echo("# add this line to the keys file (or to ORDERCANCEL_API_KEYS):", err=True)
+    typer.echo(line)
+
+
+@api_app.command("openapi")
+def openapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout")
+    ] = None,
+) -> None:
+    """Print the OpenAPI document (docs/openapi.json is this, kept in sync by a test)."""
+    from api.app import create_app
+
+    text = openapi_json(create_app(Settings()).openapi())
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+
+
+def openapi_json(document: dict[str, object]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,141 @@
+"""Request dependencies: the app's context, who is calling, what they may do, and the JSON body.
+
+Dependencies run in the order a route declares them, so every route checks the key (401),
+then the role (403), and only then reads the body (400/415/422): a caller who may not use an
+endpoint learns nothing about its payload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client
+
+from api.errors import ApiError, validation_refusal
+from api.keys import KeyStore, Principal, Role
+from api.service import CancellationService
+from api.stores import IdempotencyStore
+from infra.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ApiContext:
+    """Everything a request needs, built once by the lifespan (api.app)."""
+
+    settings: Settings
+    client: Client
+    keys: KeyStore
+    webhook_secret: str | None
+    service: CancellationService
+    idempotency: IdempotencyStore
+    ping_database: Callable[[], Awaitable[object]]
+
+
+def context(request: Request) -> ApiContext:
+    ctx: ApiContext | None = getattr(request.app.state, "ctx", None)
+    if ctx is None:
+        raise ApiError(503, "not_ready", "the API is starting or stopping; retry shortly")
+    return ctx
+
+
+Context = Annotated[ApiContext, Depends(context)]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `Authorization: Bearer ock_<key id>_<secret>`",
+)
+
+
+async def authenticate(
+    request: Request,
+    ctx: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> Principal:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "an API key is required: Authorization: Bearer <key>",
+            headers=challenge,
+        )
+    principal = ctx.keys.authenticate(credentials.credentials)
+    if principal is None:
+        raise ApiError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
+    # For the refusal log lines (api.errors): the principal, never the key.
+    request.state.principal = str(principal)
+    return principal
+
+
+def allow(*roles: Role, action: str) -> Callable[..., Awaitable[Principal]]:
+    async def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if principal.role not in roles:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"{principal} may not {action} (allowed: {', '.join(r.value for r in roles)})",
+            )
+        return principal
+
+    return check
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """The body validated by the workflow's own model: unknown fields, wrong types, unknown
+    enum values and oversized text are refused field by field."""
+
+    async def parse(request: Request) -> M:
+        if not _is_json(request.headers.get("content-type", "")):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "send the body as JSON (Content-Type: application/json)",
+            )
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as err:
+            raise validation_refusal(err) from None
+
+    parse.__name__ = f"{model.__name__}_body"
+    return parse
+
+
+# Workflow ids are `cancel-{order_id}-{seller_id}` with identifiers of a safe alphabet; anything
+# else cannot exist and is not worth a round trip to Temporal.
+_IDENTIFIER = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"  # domain.models.Identifier
+_CANCELLATION_ID = re.compile(rf"^cancel-{_IDENTIFIER}-{_IDENTIFIER}$")
+
+
+def checked_id(cancellation_id: str) -> str:
+    if not _CANCELLATION_ID.fullmatch(cancellation_id):
+        raise ApiError(404, "not_found", "no such cancellation (ids read cancel-<order>-<seller>)")
+    return cancellation_id
+
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def checked_idempotency_key(value: str | None) -> str | None:
+    if value is not None and not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-255 printable ASCII characters without spaces",
+        )
+    return value

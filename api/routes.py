@@ -1,0 +1,311 @@
+"""The endpoints. Each one: who may call it, the body model, then one service call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import BaseModel
+
+from api.deps import Context, allow, checked_id, checked_idempotency_key, json_body
+from api.errors import ApiError, problem_responses
+from api.keys import Principal, Role
+from api.schemas import (
+    CancellationAccepted,
+    CancellationDetails,
+    Health,
+    Readiness,
+    WithdrawalReceipt,
+)
+from api.service import Located, workflow_id_for
+from api.signing import SIGNATURE_HEADER, SignatureRefused, verify_signature
+from api.stores import request_hash
+from domain.models import (
+    DecisionReceipt,
+    PaymentEvent,
+    RequestCancellationInput,
+    RetryRefundRequest,
+    SellerDecision,
+    WithdrawRequest,
+)
+from starter.payment_events import ForwardResult
+
+router = APIRouter()
+
+READY_TIMEOUT = 2.0
+
+# Request bodies are parsed by `json_body` (after the key and role checks), so FastAPI does not
+# see them; the OpenAPI document names them here (api.app adds their schemas).
+BODY_MODELS: list[type[BaseModel]] = [
+    RequestCancellationInput,
+    SellerDecision,
+    WithdrawRequest,
+    RetryRefundRequest,
+    PaymentEvent,
+]
+
+
+def _body(model: type[BaseModel], **extra: Any) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        },
+        **extra,
+    }
+
+
+BuyerService = Annotated[
+    Principal, Depends(allow(Role.BUYER_SERVICE, action="request or withdraw cancellations"))
+]
+Seller = Annotated[Principal, Depends(allow(Role.SELLER, action="decide on cancellations"))]
+Reader = Annotated[
+    Principal,
+    Depends(allow(Role.BUYER_SERVICE, Role.SELLER, Role.SRE, action="read cancellations")),
+]
+Sre = Annotated[Principal, Depends(allow(Role.SRE, action="retry refunds"))]
+Provider = Annotated[
+    Principal, Depends(allow(Role.PAYMENT_PROVIDER, action="deliver payment events"))
+]
+
+
+def _ensure_own(principal: Principal, located: Located) -> None:
+    """A seller key acts on its own sub-orders only."""
+    if principal.role is Role.SELLER and located.view.seller_id != principal.seller_id:
+        raise ApiError(
+            403,
+            "not_your_sub_order",
+            f"{located.view.cancellation_id} concerns another seller's sub-order",
+        )
+
+
+# --- cancellations ------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/cancellations",
+    response_model=CancellationAccepted,
+    status_code=200,
+    summary="Request the cancellation of one sub-order (idempotent)",
+    description=(
+        "Starts the cancellation, or returns the one that exists for the sub-order. 200 with"
+        " `outcome` when it has ended (an instant-path cancellation usually ends within the"
+        " request), 202 while it goes on (the seller decides, or the refund is under way)."
+        " An `Idempotency-Key` replayed with the same body returns the same cancellation;"
+        " with another body it is refused (422 `idempotency_key_reused`)."
+    ),
+    responses={
+        202: {"model": CancellationAccepted, "description": "Accepted, still in progress"},
+        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+    },
+    openapi_extra=_body(RequestCancellationInput),
+)
+async def request_cancellation(
+    ctx: Context,
+    principal: BuyerService,
+    request: Annotated[RequestCancellationInput, Depends(json_body(RequestCancellationInput))],
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Any 1-255 printable characters; scoped to the caller's key",
+        ),
+    ] = None,
+) -> CancellationAccepted:
+    key = checked_idempotency_key(idempotency_key)
+    # A request that cannot succeed claims no key: the caller may fix it and reuse the key.
+    await ctx.service.check_cancellable(request)
+    if key is not None:
+        first = await ctx.idempotency.claim(
+            principal=str(principal),
+            key=key,
+            request_hash=request_hash(request),
+            cancellation_id=workflow_id_for(request),
+        )
+        if first.request_hash != request_hash(request):
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                f"Idempotency-Key {key!r} was first used with another request (for"
+                f" {first.cancellation_id}); use a new key for a new request",
+            )
+    accepted = await ctx.service.request(request)
+    response.status_code = 200 if accepted.final else 202
+    response.headers["Location"] = accepted.status_url
+    return accepted
+
+
+@router.get(
+    "/v1/cancellations/{cancellation_id}",
+    response_model=CancellationDetails,
+    summary="State, the three refund dots with ETA, coupon outcome, audit trail",
+    responses=problem_responses(401, 403, 404, 503),
+)
+async def get_cancellation(
+    ctx: Context, principal: Reader, cancellation_id: str
+) -> CancellationDetails:
+    located = await ctx.service.locate(checked_id(cancellation_id))
+    _ensure_own(principal, located)
+    return located.details()
+
+
+@router.post(
+    "/v1/cancellations/{cancellation_id}/seller-decision",
+    response_model=DecisionReceipt,
+    summary="The seller accepts or rejects (workflow update `decide`: the answer is final)",
+    description=(
+        "`seller_id` must be the calling seller's. 409 with the workflow's refusal code when"
+        " the decision is not allowed now: `already_decided`, `not_pending`, `wrong_seller`."
+    ),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
+    openapi_extra=_body(SellerDecision),
+)
+async def seller_decision(
+    ctx: Context,
+    principal: Seller,
+    cancellation_id: str,
+    decision: Annotated[SellerDecision, Depends(json_body(SellerDecision))],
+) -> DecisionReceipt:
+    if decision.seller_id != principal.seller_id:
+        raise ApiError(
+            403,
+            "seller_mismatch",
+            f"{principal} may not decide for seller {decision.seller_id!r}",
+        )
+    located = await ctx.service.locate(checked_id(cancellation_id))
+    _ensure_own(principal, located)
+    return await ctx.service.decide(located, decision)
+
+
+@router.post(
+    "/v1/cancellations/{cancellation_id}/withdraw",
+    response_model=WithdrawalReceipt,
+    summary="The buyer withdraws a pending request (signal `withdraw`)",
+    description=(
+        "409 `not_pending` unless the request awaits the seller (or an operator), 409"
+        " `wrong_buyer` for another buyer, 409 `already_decided` when a decision won the race."
+        " 200 once applied; 202 if the workflow had not applied it within a few seconds."
+    ),
+    responses={
+        202: {"model": WithdrawalReceipt, "description": "Sent, not applied yet"},
+        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+    },
+    openapi_extra=_body(WithdrawRequest),
+)
+async def withdraw(
+    ctx: Context,
+    principal: BuyerService,
+    cancellation_id: str,
+    request: Annotated[WithdrawRequest, Depends(json_body(WithdrawRequest))],
+    response: Response,
+) -> WithdrawalReceipt:
+    located = await ctx.service.locate(checked_id(cancellation_id))
+    receipt = await ctx.service.withdraw(located, request)
+    response.status_code = 200 if receipt.applied else 202
+    return receipt
+
+
+@router.post(
+    "/v1/cancellations/{cancellation_id}/retry-refund",
+    response_model=DecisionReceipt,
+    summary="Retry a parked refund with the same idempotency key (update `retry_refund`)",
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
+    openapi_extra=_body(RetryRefundRequest),
+)
+async def retry_refund(
+    ctx: Context,
+    principal: Sre,
+    cancellation_id: str,
+    request: Annotated[RetryRefundRequest, Depends(json_body(RetryRefundRequest))],
+) -> DecisionReceipt:
+    located = await ctx.service.locate(checked_id(cancellation_id))
+    return await ctx.service.retry_refund(located, request)
+
+
+# --- the payment provider's webhook -------------------------------------------------------------
+
+
+@router.post(
+    "/v1/payment-events",
+    response_model=ForwardResult,
+    summary="The payment provider's refund news (signed; deduplicated by event id)",
+    description=(
+        f"Needs a `payment-provider` key and an `{SIGNATURE_HEADER}: t=<unix>,v1=<hex>` header:"
+        " HMAC-SHA256 of `<t>.<raw body>` with the shared secret, `t` within the tolerance."
+        " The answer tells what was done: `delivered`, `reopened`, `ignored`, `unknown_refund`;"
+        " `duplicate: true` for an event id seen before (the first answer is repeated)."
+    ),
+    responses=problem_responses(400, 401, 403, 413, 415, 422, 503),
+    openapi_extra=_body(
+        PaymentEvent,
+        parameters=[
+            {
+                "name": SIGNATURE_HEADER,
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>",
+            }
+        ],
+    ),
+)
+async def payment_event(ctx: Context, principal: Provider, request: Request) -> ForwardResult:
+    if ctx.webhook_secret is None:
+        raise ApiError(503, "webhook_not_configured", "no payment webhook secret is configured")
+    body = await request.body()
+    try:
+        verify_signature(
+            ctx.webhook_secret,
+            request.headers.get(SIGNATURE_HEADER),
+            body,
+            now=time.time(),
+            tolerance=ctx.settings.webhook_tolerance,
+        )
+    except SignatureRefused as err:
+        status = 400 if err.code == "malformed_signature" else 401
+        raise ApiError(status, err.code, err.message) from None
+    # Parsed only once the signature proves who sent it.
+    event = await json_body(PaymentEvent)(request)
+    return await ctx.service.payment_event(event)
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up (no dependencies)")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Ready when PostgreSQL and Temporal both answer",
+    responses={503: {"model": Readiness, "description": "Not ready"}},
+)
+async def readyz(request: Request, response: Response) -> Readiness:
+    ctx = getattr(request.app.state, "ctx", None)
+    if ctx is None:
+        checks = {"api": "starting or stopping"}
+    else:
+        checks = {
+            "postgres": await _check(ctx.ping_database()),
+            "temporal": await _check(ctx.client.service_client.check_health()),
+        }
+    ready = all(v == "ok" for v in checks.values())
+    response.status_code = 200 if ready else 503
+    return Readiness(status="ready" if ready else "not_ready", checks=checks)
+
+
+async def _check(probe: Awaitable[object]) -> str:
+    try:
+        answer = await asyncio.wait_for(probe, READY_TIMEOUT)
+    except Exception as err:  # any failure means "not ready", and says which
+        return f"error: {type(err).__name__}: {err}"[:300]
+    return "error: not serving" if answer is False else "ok"

@@ -1,0 +1,363 @@
+"""What each endpoint does, over the Temporal client and the ledger; HTTP-free but for the
+refusals it raises (`ApiError`). The workflow stays the judge of every decision: the checks here
+only spare a round trip or give a precise answer where a signal could not."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.errors import ApiError
+from api.schemas import CancellationAccepted, CancellationDetails, WithdrawalReceipt
+from api.stores import SubOrders
+from domain.errors import CancellationNotFound, RefusalCode
+from domain.models import (
+    CancellationPath,
+    CancellationResult,
+    CancellationStatus,
+    CancellationView,
+    DecisionReceipt,
+    PaymentEvent,
+    RequestCancellationInput,
+    RetryRefundRequest,
+    SellerDecision,
+    SubOrderStatus,
+    WithdrawRequest,
+)
+from domain.rules import cancellation_id as cancellation_id_of
+from domain.rules import refund_dots
+from ledger.repository import Ledger
+from starter.payment_events import ForwardResult, forward_payment_event
+from starter.requests import start_cancellation
+from workflows.order_cancellation import OrderCancellation
+
+log = structlog.get_logger("api")
+
+QUERY_TIMEOUT = timedelta(seconds=5)
+UPDATE_TIMEOUT = timedelta(seconds=10)
+# How long a withdrawal waits to see the workflow apply it.
+WITHDRAW_WAIT = 3.0
+_POLL = 0.1
+PENDING = (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED)
+
+
+@dataclass(frozen=True)
+class Located:
+    view: CancellationView
+    running: bool
+    source: str  # "workflow" | "ledger"
+
+    def details(self) -> CancellationDetails:
+        return CancellationDetails(
+            **self.view.model_dump(), running=self.running, source=self.source
+        )
+
+
+def _not_found(cancellation_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no cancellation {cancellation_id}")
+
+
+def _update_refusal(err: WorkflowUpdateFailedError) -> ApiError:
+    """The workflow's validator said no: its `type` is the public refusal code."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type:
+        status = 422 if cause.type == RefusalCode.INVALID_PAYLOAD else 409
+        return ApiError(status, cause.type, cause.message)
+    return ApiError(409, "refused", str(cause or err))
+
+
+class CancellationService:
+    def __init__(
+        self,
+        client: Client,
+        ledger: Ledger,
+        sub_orders: SubOrders,
+        *,
+        task_queue: str,
+        instant_wait: timedelta,
+    ) -> None:
+        self._client = client
+        self._ledger = ledger
+        self._sub_orders = sub_orders
+        self._task_queue = task_queue
+        self._instant_wait = instant_wait.total_seconds()
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def locate(self, cancellation_id: str) -> Located:
+        """The cancellation as it stands: the status query while its workflow runs, the ledger
+        once it has ended (or when the workflow cannot answer). 404 when neither knows it."""
+        handle = self._client.get_workflow_handle(cancellation_id)
+        try:
+            description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
+            running = description.status == WorkflowExecutionStatus.RUNNING
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            running = False
+        if running:
+            try:
+                view: CancellationView = await handle.query(
+                    OrderCancellation.status, rpc_timeout=QUERY_TIMEOUT
+                )
+            except (WorkflowQueryFailedError, WorkflowQueryRejectedError, RPCError) as err:
+                # No worker to answer right now: the ledger still tells the story.
+                log.warning("status_query_failed", cancellation_id=cancellation_id, error=str(err))
+            else:
+                # A coupon a sibling restored later is only known to the ledger.
+                coupon = await self._ledger.coupon_outcome(cancellation_id=cancellation_id)
+                if coupon is not None:
+                    view = view.model_copy(update={"coupon": coupon})
+                return Located(view, running=True, source="workflow")
+        try:
+            view = await self._ledger.view(cancellation_id=cancellation_id)
+        except CancellationNotFound:
+            if running:
+                raise ApiError(
+                    503,
+                    "status_unavailable",
+                    f"cancellation {cancellation_id} is opening and its workflow does not answer"
+                    " yet; retry shortly",
+                ) from None
+            raise _not_found(cancellation_id) from None
+        if not view.dots:
+            view = view.model_copy(update={"dots": refund_dots(view.refund)})
+        return Located(view, running=running, source="ledger")
+
+    # --- requesting -------------------------------------------------------------------------
+
+    async def check_cancellable(self, request: RequestCancellationInput) -> None:
+        """Refuse what the workflow would fail on, before it exists."""
+        state = await self._sub_orders.state(order_id=request.order_id, seller_id=request.seller_id)
+        if state is None or state.buyer_id != request.buyer_id:
+            # Same answer for a wrong buyer as for no order: it reveals nothing about whose
+            # order it is (as the workflow does).
+            raise ApiError(
+                404,
+                "sub_order_not_found",
+                f"order {request.order_id} has no sub-order of seller {request.seller_id} for"
+                f" buyer {request.buyer_id}",
+            )
+        if state.status is SubOrderStatus.CANCELLED and state.cancellation_id is None:
+            raise ApiError(
+                409,
+                "sub_order_already_cancelled",
+                f"sub-order {request.order_id}/{request.seller_id} was cancelled by the order"
+                " system",
+            )
+
+    async def request(self, request: RequestCancellationInput) -> CancellationAccepted:
+        """Start the cancellation (or join the one that exists), then read where it stands;
+        an instant-path one is given up to `instant_wait` to finish, so the caller gets the
+        outcome in the same request."""
+        handle = await start_cancellation(self._client, request, task_queue=self._task_queue)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._instant_wait
+        located: Located | None = None
+        while True:
+            try:
+                located = await self.locate(handle.id)
+            except ApiError as err:
+                if err.status not in (404, 503):
+                    raise
+                await self._raise_if_failed(handle.id)
+            if located is not None:
+                view = located.view
+                settled = (
+                    view.status.is_terminal
+                    or not located.running
+                    or view.path is CancellationPath.REQUEST
+                )
+                if settled:
+                    break
+                if view.path is CancellationPath.INSTANT:
+                    remaining = deadline - loop.time()
+                    if remaining > 0:
+                        try:
+                            await asyncio.wait_for(handle.result(), remaining)
+                        except (TimeoutError, WorkflowFailureError):
+                            pass
+                        located = await self.locate(handle.id)
+                    break
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(_POLL)
+        if located is None:
+            return CancellationAccepted(
+                cancellation_id=handle.id,
+                status=CancellationStatus.OPENING,
+                final=False,
+                status_url=f"/v1/cancellations/{handle.id}",
+            )
+        view = located.view
+        final = view.status.is_terminal
+        return CancellationAccepted(
+            cancellation_id=handle.id,
+            status=view.status,
+            path=view.path,
+            final=final,
+            outcome=(
+                CancellationResult(
+                    cancellation_id=handle.id,
+                    status=view.status,
+                    path=view.path,
+                    refund=view.refund,
+                    coupon=view.coupon,
+                )
+                if final and view.path is not None
+                else None
+            ),
+            status_url=f"/v1/cancellations/{handle.id}",
+        )
+
+    async def _raise_if_failed(self, cancellation_id: str) -> None:
+        """A workflow that failed while opening (e.g. the sub-order changed under us) left no
+        ledger row: say why instead of "not found"."""
+        handle = self._client.get_workflow_handle(cancellation_id)
+        try:
+            description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
+        except RPCError:
+            return
+        if description.status in (
+            WorkflowExecutionStatus.FAILED,
+            WorkflowExecutionStatus.TERMINATED,
+            WorkflowExecutionStatus.TIMED_OUT,
+        ):
+            reason = description.status.name.lower() if description.status else "ended"
+            try:
+                await handle.result()
+            except WorkflowFailureError as err:
+                cause: BaseException | None = err.cause
+                while cause is not None and cause.__cause__ is not None:
+                    cause = cause.__cause__
+                reason = str(cause or err)
+            raise ApiError(409, "cancellation_failed", f"the cancellation could not open: {reason}")
+
+    # --- decisions --------------------------------------------------------------------------
+
+    async def _update(self, cancellation_id: str, update: Any, payload: Any, ended: str) -> Any:
+        handle = self._client.get_workflow_handle(cancellation_id)
+        try:
+            return await handle.execute_update(update, payload, rpc_timeout=UPDATE_TIMEOUT)
+        except WorkflowUpdateFailedError as err:
+            raise _update_refusal(err) from None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise ApiError(
+                504,
+                "workflow_timeout",
+                "the cancellation did not answer in time; read its status before retrying",
+            ) from None
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:  # it ended since it was located
+                raise ApiError(409, ended, "the cancellation has ended") from None
+            raise
+
+    async def decide(self, located: Located, decision: SellerDecision) -> DecisionReceipt:
+        if not located.running:
+            raise ApiError(
+                409,
+                RefusalCode.NOT_PENDING,
+                f"this cancellation has ended (status: {located.view.status.value})",
+            )
+        receipt: DecisionReceipt = await self._update(
+            located.view.cancellation_id,
+            OrderCancellation.decide,
+            decision,
+            RefusalCode.NOT_PENDING,
+        )
+        return receipt
+
+    async def retry_refund(self, located: Located, request: RetryRefundRequest) -> DecisionReceipt:
+        if not located.running:
+            raise ApiError(
+                409,
+                RefusalCode.NOT_REFUND_FAILED,
+                f"only a cancellation in refund_failed can be retried (status:"
+                f" {located.view.status.value})",
+            )
+        receipt: DecisionReceipt = await self._update(
+            located.view.cancellation_id,
+            OrderCancellation.retry_refund,
+            request,
+            RefusalCode.NOT_REFUND_FAILED,
+        )
+        return receipt
+
+    async def withdraw(self, located: Located, request: WithdrawRequest) -> WithdrawalReceipt:
+        """`withdraw` is a signal (fire-and-forget), so the request is checked first and the
+        outcome read after: the caller learns whether the withdrawal took effect."""
+        view = located.view
+        if not located.running or view.status not in PENDING:
+            raise ApiError(
+                409,
+                RefusalCode.NOT_PENDING,
+                f"only a pending request can be withdrawn (status: {view.status.value})",
+            )
+        if request.buyer_id != view.buyer_id:
+            raise ApiError(
+                409,
+                RefusalCode.WRONG_BUYER,
+                f"buyer {request.buyer_id!r} did not request this cancellation",
+            )
+        handle = self._client.get_workflow_handle(view.cancellation_id)
+        try:
+            await handle.signal(OrderCancellation.withdraw, request, rpc_timeout=QUERY_TIMEOUT)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise ApiError(409, RefusalCode.NOT_PENDING, "the cancellation has ended") from None
+            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WITHDRAW_WAIT
+        status = view.status
+        while loop.time() < deadline:
+            await asyncio.sleep(_POLL)
+            try:
+                status = (await self.locate(view.cancellation_id)).view.status
+            except ApiError:
+                continue
+            if status is CancellationStatus.WITHDRAWN:
+                return WithdrawalReceipt(
+                    cancellation_id=view.cancellation_id,
+                    applied=True,
+                    status=status,
+                    message="the request is withdrawn; the order goes on",
+                )
+            if status not in PENDING:
+                raise ApiError(
+                    409,
+                    RefusalCode.ALREADY_DECIDED,
+                    f"the request was decided before the withdrawal arrived (status:"
+                    f" {status.value})",
+                )
+        return WithdrawalReceipt(
+            cancellation_id=view.cancellation_id,
+            applied=False,
+            status=status,
+            message="withdrawal sent; not applied yet (read the status)",
+        )
+
+    # --- the provider's webhook -------------------------------------------------------------
+
+    async def payment_event(self, event: PaymentEvent) -> ForwardResult:
+        return await forward_payment_event(
+            self._client, self._ledger, event, task_queue=self._task_queue
+        )
+
+
+def workflow_id_for(request: RequestCancellationInput) -> str:
+    return cancellation_id_of(request.order_id, request.seller_id)

@@ -1,0 +1,140 @@
+"""structlog processors: Temporal's log context as fields, and secrets kept out of every line.
+
+`temporal_context` turns what the Temporal SDK attaches to its stdlib records (`extra` of
+`workflow.logger` and `activity.logger`: a `temporal_workflow` / `temporal_activity` dict) and
+any other `extra` into top-level fields, so a line is `{"workflow_id": ..., "run_id": ...}`, not
+a dict printed into the message.
+
+`redact` runs last, on every line: values under secret-looking keys are replaced, and in any
+string (messages, errors, tracebacks) URL passwords, secret query parameters and card numbers
+are masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from structlog.types import EventDict, WrappedLogger
+
+REDACTED = "[REDACTED]"
+
+# The SDK's context keys, renamed to this service's field names. A workflow's own attempt is
+# `workflow_attempt`: `attempt` means an activity attempt.
+_TEMPORAL_EXTRA: Mapping[str, Mapping[str, str]] = {
+    "temporal_workflow": {
+        "workflow_id": "workflow_id",
+        "run_id": "run_id",
+        "workflow_type": "workflow_type",
+        "task_queue": "task_queue",
+        "namespace": "namespace",
+        "attempt": "workflow_attempt",
+        "update_id": "update_id",
+        "update_name": "update_name",
+    },
+    "temporal_activity": {
+        "workflow_id": "workflow_id",
+        "workflow_run_id": "run_id",
+        "workflow_type": "workflow_type",
+        "activity_type": "activity",
+        "activity_id": "activity_id",
+        "attempt": "attempt",
+        "task_queue": "task_queue",
+        "namespace": "namespace",
+    },
+}
+# Attributes every LogRecord has; anything else on a record came from `extra`.
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+# Whole objects the SDK can attach (full_*_info_on_extra); not log material.
+_SKIPPED_EXTRA = frozenset({"workflow_info", "activity_info"})
+
+
+def temporal_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Lift a stdlib record's `extra` into fields (for `foreign_pre_chain`). Values already
+    bound (context variables) win: they are the same ids."""
+    record = event_dict.get("_record")
+    if not isinstance(record, logging.LogRecord):
+        return event_dict
+    for key, value in record.__dict__.items():
+        if key in _RECORD_ATTRIBUTES or key.startswith("_") or key in _SKIPPED_EXTRA:
+            continue
+        renames = _TEMPORAL_EXTRA.get(key)
+        if renames is not None and isinstance(value, Mapping):
+            for src, dst in renames.items():
+                if src in value:
+                    event_dict.setdefault(dst, value[src])
+        else:
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
+# Keys whose values are secrets or card data, whatever they hold.
+_SECRET_KEY = re.compile(
+    r"""^(?:
+        database_url | .*_dsn | dsn | .*password.* | passwd | pwd | .*secret.*
+      | api[_-]?key | .*_api_key | .*token | authorization | proxy[_-]authorization
+      | cookie | set[_-]cookie | card.* | .*_card | pan | cvv | cvc | security_code
+    )$""",
+    re.IGNORECASE | re.VERBOSE,
+)
+# scheme://user:password@host -> scheme://user:***@host
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]+(?=@)")
+# ?password=... / &api_key=... in URLs and DSNs
+_SECRET_PARAM = re.compile(
+    r"(?P<head>[?&;\s](?:password|passwd|pwd|secret|api_key|apikey|token|access_token)=)"
+    r"[^&;\s]+",
+    re.IGNORECASE,
+)
+# 13-19 digits, optionally grouped by spaces or dashes; masked when they pass the Luhn check
+# (amounts and ids of that length almost never do by chance, ~10%, and keep their last digits).
+_CARD_CANDIDATE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _mask_card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    if not _luhn_ok(digits):
+        return match.group(0)
+    return f"[CARD ****{digits[-4:]}]"
+
+
+def redact_text(text: str) -> str:
+    text = _URL_PASSWORD.sub(r"\g<head>***", text)
+    text = _SECRET_PARAM.sub(r"\g<head>***", text)
+    return _CARD_CANDIDATE.sub(_mask_card, text)
+
+
+def _redact_value(key: str | None, value: Any) -> Any:
+    if key is not None and _SECRET_KEY.match(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(None, v) for v in value]
+    return value
+
+
+def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Mask secrets and card numbers in every field (run after exceptions are formatted)."""
+    for key in list(event_dict):
+        if key.startswith("_"):  # the formatter's own bookkeeping (_record, _from_structlog)
+            continue
+        event_dict[key] = _redact_value(key, event_dict[key])
+    return event_dict

@@ -1,0 +1,373 @@
+"""`ordercancel refunds failed|retry` and `ordercancel reconcile`: the SRE's and finance's tools
+for refunds that did not go through (R9, R10). The logic lives in `starter.refunds` and
+`starter.reconcile`; this module parses, prints and sets exit codes.
+
+Exit codes: 0 done (skips are not failures: a skipped cancellation is no longer parked), 1 some
+retries failed or the stack is unreachable, 2 bad arguments, 130 interrupted (run the same
+command again: it retries only what is still parked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from domain.errors import LedgerError
+from domain.models import RetryRefundRequest
+from infra.logging import configure_logging
+from infra.settings import Settings
+from starter.reconcile import ReconcileReport, reconcile
+from starter.refunds import (
+    FailedRefund,
+    RetryOutcome,
+    RetryResult,
+    RetrySummary,
+    failed_query,
+    find_failed_ids,
+    list_failed,
+    parse_rate,
+    parse_since,
+    retry_refunds,
+    summarize,
+)
+from starter.stack import open_stack
+
+refunds_app = typer.Typer(
+    help="Failed refunds: list those parked in refund_failed, retry one or all (R10).",
+    no_args_is_help=True,
+)
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    configure_logging("console", settings.log_level)
+    return settings
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except (RuntimeError, LedgerError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+
+
+def _bad_argument(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(2)
+
+
+def _default_operator() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = ""
+    user = re.sub(r"[^A-Za-z0-9_.:-]", "-", user)[:64].lstrip("_.:-")
+    return user or "sre"
+
+
+def _since(moment: Any) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment is not None else "?"
+
+
+def _failed_table(rows: list[FailedRefund]) -> Table:
+    table = Table(title=f"{len(rows)} cancellation(s) in refund_failed", title_justify="left")
+    for column in ("id", "order", "seller", "amount", "last error", "attempts", "since"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row.cancellation_id,
+            row.order_id or "?",
+            row.seller_id or "?",
+            str(row.amount) if row.amount is not None else "?",
+            (f"[{row.refund_stage}] " if row.refund_stage == "reversed" else "")
+            + (row.last_error or ""),
+            str(row.attempts),
+            _since(row.failed_since),
+        )
+    return table
+
+
+@refunds_app.command("failed")
+def failed(
+    seller: Annotated[str | None, typer.Option(help="Only this seller's (SellerId)")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only those parked at or after this: a duration (30m, 2h, 7d ago) or an ISO"
+            " time. Compared with the ledger's refunds.failed_at (reversed_at for a reversal)",
+        ),
+    ] = None,
+    query: Annotated[
+        str | None,
+        typer.Option(help="A visibility query ANDed to the refund_failed one"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List the cancellations parked in refund_failed (Temporal visibility + the ledger)."""
+    try:
+        since_at = parse_since(since) if since else None
+        failed_query(seller=seller, query=query)
+    except ValueError as err:
+        raise _bad_argument(str(err)) from None
+    settings = _settings()
+
+    async def main() -> list[FailedRefund]:
+        async with open_stack(settings, embedded=False) as stack:
+            return await list_failed(
+                stack.client, stack.pool, seller=seller, since=since_at, query=query
+            )
+
+    rows = _run(main())
+    if as_json:
+        sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in rows], indent=2) + "\n")
+    else:
+        console.print(_failed_table(rows))
+
+
+def _summary_table(summary: RetrySummary) -> Table:
+    table = Table(title="Dry run: nothing was changed" if summary.dry_run else None)
+    table.add_column("id")
+    table.add_column("outcome")
+    table.add_column("detail", overflow="fold")
+    style = {
+        RetryOutcome.RETRIED: "green",
+        RetryOutcome.WOULD_RETRY: "green",
+        RetryOutcome.SKIPPED: "yellow",
+        RetryOutcome.WOULD_SKIP: "yellow",
+        RetryOutcome.ERROR: "red",
+    }
+    for r in summary.results:
+        table.add_row(r.cancellation_id, f"[{style[r.outcome]}]{r.outcome.value}[/]", r.detail)
+    return table
+
+
+def _print_summary(summary: RetrySummary, *, as_json: bool, interrupted: bool = False) -> None:
+    if as_json:
+        payload = {
+            **summary.model_dump(mode="json"),
+            "totals": summary.totals(),
+            "interrupted": interrupted,
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    # Dry runs list everything; real runs list what needs a look (skips and errors).
+    shown = (
+        summary
+        if summary.dry_run
+        else summary.model_copy(
+            update={
+                "results": [r for r in summary.results if r.outcome is not RetryOutcome.RETRIED]
+            }
+        )
+    )
+    if shown.results:
+        console.print(_summary_table(shown))
+    if summary.dry_run:
+        console.print(
+            f"dry run: would retry {summary.count(RetryOutcome.WOULD_RETRY)}, would skip"
+            f" {summary.count(RetryOutcome.WOULD_SKIP)}, errors {summary.errors}"
+        )
+    else:
+        console.print(
+            f"retried {summary.retried}, skipped {summary.skipped} (no longer failed),"
+            f" errors {summary.errors}"
+        )
+    if interrupted:
+        err_console.print(
+            "[yellow]interrupted:[/yellow] run the same command again to finish the rest"
+            " (only cancellations still in refund_failed are retried)"
+        )
+
+
+@refunds_app.command("retry")
+def retry(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="Cancellation ids, e.g. cancel-O-1002-S-7")
+    ] = None,
+    all_failed: Annotated[
+        bool, typer.Option("--all-failed", help="Every cancellation in refund_failed")
+    ] = False,
+    query: Annotated[
+        str | None,
+        typer.Option(help="With --all-failed: a visibility query ANDed to the refund_failed one"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be retried; change nothing")
+    ] = False,
+    concurrency: Annotated[int, typer.Option(min=1, max=100, help="Updates in flight at once")] = 4,
+    rate: Annotated[str, typer.Option(help="At most this many updates per second: 5/s, 120/m")] = (
+        "10/s"
+    ),
+    operator: Annotated[
+        str | None, typer.Option(help="Who retries (audit trail); default: your user name")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why (audit trail)")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
+) -> None:
+    """Retry parked refunds with the same idempotency key (update `retry_refund`). Safe to run
+    twice or to interrupt: one no longer in refund_failed refuses and is counted as skipped."""
+    if bool(ids) == all_failed:
+        raise _bad_argument("give cancellation ids, or --all-failed (not both)")
+    if query and not all_failed:
+        raise _bad_argument("--query goes with --all-failed")
+    try:
+        per_second = parse_rate(rate)
+        visibility = failed_query(query=query)
+        request = RetryRefundRequest(
+            operator_id=operator or _default_operator(),
+            reason=reason or ("bulk retry" if all_failed else "retry") + " (ordercancel CLI)",
+        )
+    except ValueError as err:
+        raise _bad_argument(str(err)) from None
+    settings = _settings()
+    seen: list[RetryResult] = []
+    # Progress goes to stderr so that --json stays parseable on stdout.
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("retried {task.fields[retried]} skipped {task.fields[skipped]}"),
+        TextColumn("errors {task.fields[errors]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+    async def main() -> RetrySummary:
+        async with open_stack(settings, embedded=False) as stack:
+            targets = (
+                await find_failed_ids(stack.client, visibility) if all_failed else list(ids or [])
+            )
+            if not targets:
+                return RetrySummary(dry_run=dry_run, results=[])
+            task = progress.add_task(
+                "checking" if dry_run else "retrying",
+                total=len(dict.fromkeys(targets)),
+                retried=0,
+                skipped=0,
+                errors=0,
+            )
+
+            counts: Counter[str] = Counter()
+            column = {
+                RetryOutcome.RETRIED: "retried",
+                RetryOutcome.WOULD_RETRY: "retried",
+                RetryOutcome.SKIPPED: "skipped",
+                RetryOutcome.WOULD_SKIP: "skipped",
+                RetryOutcome.ERROR: "errors",
+            }
+
+            def on_result(result: RetryResult) -> None:
+                seen.append(result)
+                counts[column[result.outcome]] += 1
+                progress.update(
+                    task,
+                    advance=1,
+                    retried=counts["retried"],
+                    skipped=counts["skipped"],
+                    errors=counts["errors"],
+                )
+
+            with progress:
+                return await retry_refunds(
+                    stack.client,
+                    targets,
+                    request=request,
+                    concurrency=concurrency,
+                    rate=per_second,
+                    dry_run=dry_run,
+                    on_result=on_result,
+                )
+
+    try:
+        summary = _run(main())
+    except KeyboardInterrupt:
+        _print_summary(summarize(seen, dry_run=dry_run), as_json=as_json, interrupted=True)
+        raise typer.Exit(130) from None
+    if not summary.results and not as_json:
+        console.print("nothing to retry: no cancellation in refund_failed matches")
+    _print_summary(summary, as_json=as_json)
+    if summary.errors:
+        raise typer.Exit(1)
+
+
+# --- reconcile --------------------------------------------------------------------------------
+
+
+def _reconcile_table(report: ReconcileReport) -> Table:
+    table = Table(
+        title=f"Reconciliation: {report.ledger_refunds} ledger refund(s), "
+        f"{report.provider_refunds} at the provider",
+        title_justify="left",
+    )
+    for column in ("kind", "refund key", "cancellation", "detail", "action"):
+        table.add_column(column, overflow="fold")
+    if report.fix:
+        table.add_column("fix", overflow="fold")
+    for f in report.findings:
+        cells = [f.kind.value, f.idempotency_key, f.cancellation_id or "-", f.detail, f.action]
+        if report.fix:
+            cells.append(
+                "-"
+                if f.fix_outcome is None
+                else f.fix_outcome + (" (sent before)" if f.fix_duplicate else "")
+            )
+        table.add_row(*cells)
+    return table
+
+
+def reconcile_command(
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix",
+            help="Repair status mismatches through the workflows (synthetic payment events);"
+            " the rest is reported",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report")] = False,
+) -> None:
+    """Compare the ledger's refunds with the payment provider's records (finance's report)."""
+    from workers.worker import build_provider
+
+    settings = _settings()
+
+    async def main() -> ReconcileReport:
+        async with open_stack(settings, embedded=False) as stack:
+            return await reconcile(
+                stack.pool,
+                build_provider(settings, stack.pool),
+                client=stack.client,
+                fix=fix,
+                task_queue=settings.task_queue,
+            )
+
+    report = _run(main())
+    if as_json:
+        payload = {**report.model_dump(mode="json"), "totals": report.totals()}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    if report.findings:
+        console.print(_reconcile_table(report))
+    totals = report.totals()
+    console.print(
+        "totals: "
+        + ", ".join(f"{k} {v}" for k, v in totals.items())
+        + ("" if report.findings else " — ledger and provider agree")
+    )

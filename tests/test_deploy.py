@@ -1,0 +1,507 @@
+"""The deployment kit agrees with the code, checked where no container engine runs.
+
+- docs/configuration.md names every setting the code reads (the pydantic settings models, and the
+  `TEMPORAL_*` variables `temporalio.envconfig` honours), with the code's defaults.
+- deploy/compose.yaml and deploy/k8s/ name only settings the code reads and every required one;
+  all YAML parses; the compose file validates against the Compose Specification's JSON Schema and
+  every Kubernetes object against the Kubernetes 1.33 API schema (both vendored in tests/data).
+- Probes, resources, grace periods longer than the worker's drain, selectors that select.
+- The search attributes registered by compose, k8s and the script are the workflow's.
+- deploy/Dockerfile: pinned multi-stage build, non-root, `ordercancel` entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
+from temporalio.envconfig import ClientConfig, ClientConfigProfile
+
+from infra.settings import Settings
+from workers.health import HealthSettings
+from workers.worker import GRACEFUL_SHUTDOWN
+from workflows.search_attributes import CLI_TYPES
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DATA = Path(__file__).resolve().parent / "data"
+SETTINGS_MODELS: tuple[type[BaseSettings], ...] = (Settings, HealthSettings)
+# What a deployed process cannot run without (the defaults point at the embedded dev stack).
+REQUIRED = {"DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE"}
+IMAGE = "order-cancellation"
+UID = 10001
+
+
+# --- what the code reads ---------------------------------------------------------------------
+
+
+def env_names(model: type[BaseSettings], field: str) -> list[str]:
+    """The environment names a settings field is read from, the documented one first."""
+    info = model.model_fields[field]
+    if isinstance(info.validation_alias, AliasChoices):
+        return [str(c) for c in info.validation_alias.choices]
+    prefix = model.model_config.get("env_prefix") or ""
+    return [f"{prefix}{field}".upper()]
+
+
+def settings_names() -> dict[str, tuple[type[BaseSettings], str]]:
+    """Every accepted environment name -> (model, field)."""
+    names: dict[str, tuple[type[BaseSettings], str]] = {}
+    for model in SETTINGS_MODELS:
+        for field in model.model_fields:
+            for name in env_names(model, field):
+                assert name not in names, f"{name} read by two settings"
+                names[name] = (model, field)
+    return names
+
+
+def documented_names() -> set[str]:
+    return {env_names(model, field)[0] for model in SETTINGS_MODELS for field in model.model_fields}
+
+
+def config_table() -> list[tuple[str, str, str]]:
+    """(name, default cell, meaning) of each setting row of docs/configuration.md's table."""
+    lines = (ROOT / "docs" / "configuration.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variable | default |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if match := re.fullmatch(r"`([A-Z0-9_*]+)`", cells[0]):
+            rows.append((match.group(1), cells[1], cells[2]))
+        else:
+            assert cells[0].startswith("**"), f"row neither a setting nor a group: {line}"
+    return rows
+
+
+def envconfig_rows() -> list[str]:
+    names = settings_names()
+    return [name for name, _, _ in config_table() if name not in names]
+
+
+def is_known(name: str) -> bool:
+    """Read by our settings or by temporalio.envconfig (as documented)."""
+    if name in settings_names():
+        return True
+    for documented in envconfig_rows():
+        if documented == name or (documented.endswith("*") and name.startswith(documented[:-1])):
+            return True
+    return False
+
+
+# --- docs/configuration.md -------------------------------------------------------------------
+
+
+def test_the_table_names_every_setting_once() -> None:
+    rows = [name for name, _, _ in config_table()]
+    assert len(rows) == len(set(rows)), "a setting is listed twice"
+    ours = set(rows) & set(settings_names())
+    assert ours == documented_names(), (
+        f"undocumented: {sorted(documented_names() - ours)}; "
+        f"documented under a secondary name: {sorted(ours - documented_names())}"
+    )
+
+
+def test_the_documented_defaults_are_the_code_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each default in the table, given as the variable's value, yields the code's default."""
+    names = settings_names()
+    for name, default, _ in config_table():
+        if name not in names:
+            continue
+        model, field = names[name]
+        code_default = model.model_fields[field].default
+        value = re.match(r"`([^`]*)`", default)
+        if code_default is None:
+            assert default.startswith("unset"), f"{name}: the code's default is unset"
+            continue
+        assert value, f"{name}: no default value in `backticks`"
+        monkeypatch.setenv(name, value.group(1))
+        assert getattr(model(), field) == code_default, f"{name}: documented {default}"
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("name", [n for n in envconfig_rows() if n.startswith("TEMPORAL_")])
+def test_each_documented_temporal_variable_is_honoured_by_the_sdk(
+    name: str, tmp_path: Path
+) -> None:
+    """The TEMPORAL_* rows that are not our settings: setting one changes the loaded profile."""
+    profile_file = tmp_path / "temporal.toml"
+    profile_file.write_text('[profile.other]\naddress = "from-file:7233"\n')
+    samples = {
+        "TEMPORAL_CONFIG_FILE": {
+            "TEMPORAL_CONFIG_FILE": str(profile_file),
+            "TEMPORAL_PROFILE": "other",
+        },
+        "TEMPORAL_PROFILE": {
+            "TEMPORAL_CONFIG_FILE": str(profile_file),
+            "TEMPORAL_PROFILE": "other",
+        },
+        "TEMPORAL_TLS": {"TEMPORAL_TLS": "true"},
+        "TEMPORAL_GRPC_META_*": {"TEMPORAL_GRPC_META_X_TEAM": "a"},
+    }
+    env = samples.get(name, {name: "sample"})
+    loaded = ClientConfigProfile.load(
+        override_env_vars=env, disable_file="TEMPORAL_CONFIG_FILE" not in env
+    )
+    assert loaded != ClientConfigProfile(), f"{name} changed nothing"
+
+
+def test_the_example_profile_file_loads_strictly() -> None:
+    text = (DEPLOY / "temporal.toml.example").read_text()
+    config = ClientConfig.load(config_source=text, config_file_strict=True)
+    assert {"default", "cloud", "mtls"} <= set(config.profiles)
+    assert config.profiles["cloud"].api_key and config.profiles["cloud"].namespace
+    tls = config.profiles["mtls"].tls
+    assert tls is not None and tls.client_cert is not None and tls.client_private_key is not None
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def load_all(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def test_every_yaml_file_parses() -> None:
+    assert len(yaml_files()) >= 10
+    for path in yaml_files():
+        assert load_all(path), f"{path} is empty"
+
+
+# --- deploy/compose.yaml ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = load_all(DEPLOY / "compose.yaml")
+    assert len(doc) == 1
+    return dict(doc[0])
+
+
+def ours(service: dict[str, Any]) -> bool:
+    return str(service.get("image", "")).startswith(IMAGE)
+
+
+def test_compose_validates_against_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema = json.loads((DATA / "compose-spec.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(compose), key=lambda e: e.json_path
+    )
+    assert not errors, [f"{e.json_path}: {e.message}" for e in errors]
+
+
+def test_compose_schema_catches_mistakes(compose: dict[str, Any]) -> None:
+    """The vendored schema is strict enough to be worth running."""
+    schema = json.loads((DATA / "compose-spec.json").read_text())
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["worker"]["healthcheck"]["intervall"] = "10s"
+    assert not jsonschema.Draft202012Validator(schema).is_valid(broken)
+
+
+def test_compose_runs_the_stack_the_issue_asks_for(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    images = {name: str(s.get("image", "")) for name, s in services.items()}
+    assert images["temporal"].startswith("temporalio/auto-setup:")
+    assert images["temporal-ui"].startswith("temporalio/ui:")
+    assert images["register-search-attributes"].startswith("temporalio/admin-tools:")
+    assert images["temporal-db"].startswith("postgres:") and images["ledger-db"].startswith(
+        "postgres:"
+    )
+    for name, image in images.items():
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image"
+    assert services["temporal"]["environment"]["POSTGRES_SEEDS"] == "temporal-db"
+    assert "ledger-db:5432" in services["worker"]["environment"]["DATABASE_URL"]
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert services["worker"]["command"] == ["worker"] and services["api"]["command"] == ["api"]
+
+
+def test_compose_health_checks_and_start_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        if name == "register-search-attributes":
+            assert service["restart"] == "no"  # a one-shot, awaited below
+            continue
+        assert "test" in service.get("healthcheck", {}), f"{name} has no health check"
+    for name in ("worker", "api"):
+        needs = services[name]["depends_on"]
+        assert needs["ledger-db"]["condition"] == "service_healthy"
+        assert needs["temporal"]["condition"] == "service_healthy"
+        assert needs["register-search-attributes"]["condition"] == (
+            "service_completed_successfully"
+        )
+    assert services["register-search-attributes"]["depends_on"]["temporal"]["condition"] == (
+        "service_healthy"
+    )
+    worker = services["worker"]
+    port = worker["environment"]["ORDERCANCEL_HEALTH_PORT"]
+    assert f"127.0.0.1:{port}/readyz" in " ".join(worker["healthcheck"]["test"])
+
+
+def duration(text: str) -> timedelta:
+    from domain.rules import parse_duration
+
+    return parse_duration(text)
+
+
+def test_compose_waits_for_the_drain(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if ours(service):
+            assert duration(service["stop_grace_period"]) > GRACEFUL_SHUTDOWN, name
+
+
+def test_compose_names_only_settings_the_code_reads(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if not ours(service):
+            continue
+        env = service.get("environment", {})
+        assert isinstance(env, dict), f"{name}: use the mapping form"
+        unknown = sorted(k for k in env if not is_known(k))
+        assert not unknown, f"{name} sets what the code does not read: {unknown}"
+        assert REQUIRED <= set(env), f"{name} lacks {sorted(REQUIRED - set(env))}"
+    assert "ORDERCANCEL_HEALTH_PORT" in compose["services"]["worker"]["environment"]
+
+
+def test_compose_registers_the_workflows_search_attributes(compose: dict[str, Any]) -> None:
+    service = compose["services"]["register-search-attributes"]
+    mounted = {v.split(":")[0] for v in service["volumes"]}
+    assert "./register-search-attributes.sh" in mounted
+    assert service["entrypoint"][-1].endswith("register-search-attributes.sh")
+    assert service["environment"]["TEMPORAL_ADDRESS"] == "temporal:7233"
+    script = (DEPLOY / "register-search-attributes.sh").read_text()
+    listed = re.search(r"<<'LIST'\n(.*?)\nLIST", script, re.S)
+    assert listed
+    pairs = dict(line.split() for line in listed.group(1).splitlines())
+    assert pairs == CLI_TYPES
+
+
+def test_compose_mounts_files_that_exist(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+        build = service.get("build")
+        if build:
+            context = DEPLOY / build["context"]
+            assert (context / build["dockerfile"]).is_file(), name
+
+
+# --- deploy/k8s ------------------------------------------------------------------------------
+
+
+def k8s_objects() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in load_all(path):
+            yield path, doc
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in k8s_objects() if doc["kind"] == kind]
+
+
+def one(kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}"
+    return found[0]
+
+
+WORKER = "order-cancellation-worker"
+API = "order-cancellation-api"
+
+
+def test_k8s_has_the_objects_the_issue_asks_for() -> None:
+    kinds = sorted(doc["kind"] for _, doc in k8s_objects())
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "Job",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    kustomization = load_all(K8S / "kustomization.yaml")[0]
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert (K8S / "README.md").read_text().count("helm") >= 1
+
+
+def test_k8s_objects_validate_against_the_kubernetes_api_schema() -> None:
+    bundle = json.loads((DATA / "k8s-schemas.json").read_text())
+    for path, doc in k8s_objects():
+        kind = f"{doc['apiVersion']}/{doc['kind']}"
+        assert kind in bundle["kinds"], f"{path.name}: no schema for {kind}"
+        schema = {**bundle["schema"], "$ref": f"#/$defs/{bundle['kinds'][kind]}"}
+        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(doc))
+        assert not errors, (path.name, [f"{e.json_path}: {e.message}" for e in errors][:5])
+
+
+def test_k8s_schema_catches_mistakes() -> None:
+    bundle = json.loads((DATA / "k8s-schemas.json").read_text())
+    deployment = json.loads(json.dumps(one("Deployment", WORKER)))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    schema = {**bundle["schema"], "$ref": f"#/$defs/{bundle['kinds']['apps/v1/Deployment']}"}
+    assert not jsonschema.Draft202012Validator(schema).is_valid(deployment)
+
+
+def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(deployment["spec"]["template"]["spec"]["containers"])
+
+
+def test_k8s_names_only_settings_the_code_reads_and_every_required_one() -> None:
+    config = one("ConfigMap", "order-cancellation-settings")["data"]
+    secret = one("Secret", "order-cancellation-secrets")["stringData"]
+    for name in (*config, *secret):
+        assert is_known(name), f"{name} is not read by the code"
+    for deployment in (one("Deployment", WORKER), one("Deployment", API)):
+        for container in containers(deployment):
+            refs = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
+            assert refs == {
+                "configMapRef": "order-cancellation-settings",
+                "secretRef": "order-cancellation-secrets",
+            }
+            env = {e["name"] for e in container.get("env", [])}
+            assert all(is_known(n) for n in env), sorted(n for n in env if not is_known(n))
+            provided = set(config) | set(secret) | env
+            assert REQUIRED <= provided, sorted(REQUIRED - provided)
+
+
+def test_k8s_probes_resources_and_security() -> None:
+    for name in (WORKER, API):
+        deployment = one("Deployment", name)
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == UID
+        assert pod["automountServiceAccountToken"] is False
+        for container in containers(deployment):
+            assert container["image"] == IMAGE  # the tag is kustomization.yaml's
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert container[probe]["httpGet"]["path"], f"{name}: {probe}"
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name} {bound}"
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_worker_is_ready_from_its_own_health_endpoint() -> None:
+    (worker,) = containers(one("Deployment", WORKER))
+    assert worker["args"] == ["worker"]
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert ports["health"] == int(env["ORDERCANCEL_HEALTH_PORT"])
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    (api,) = containers(one("Deployment", API))
+    assert api["args"] == ["api"] and api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_termination_grace_outlasts_the_worker_drain() -> None:
+    pod = one("Deployment", WORKER)["spec"]["template"]["spec"]
+    grace = timedelta(seconds=pod["terminationGracePeriodSeconds"])
+    # The drain, then closing the pool and the client: keep a margin.
+    assert grace >= GRACEFUL_SHUTDOWN + timedelta(seconds=10)
+
+
+def test_autoscaler_and_disruption_budgets_select_the_right_pods() -> None:
+    hpa = one("HorizontalPodAutoscaler", WORKER)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": WORKER,
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    for name in (WORKER, API):
+        labels = one("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        selector = one("PodDisruptionBudget", name)["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= labels.items(), name
+        assert one("Deployment", name)["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = one("Service", API)
+    api_labels = one("Deployment", API)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= api_labels.items()
+
+
+def test_the_k8s_job_registers_the_workflows_search_attributes() -> None:
+    job = one("Job", "order-cancellation-register-search-attributes")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:4] == ["temporal", "operator", "search-attribute", "create"]
+    flags = command[4:]
+    names = flags[1::4]
+    types = flags[3::4]
+    assert flags[0::4] == ["--name"] * len(names) and flags[2::4] == ["--type"] * len(types)
+    assert dict(zip(names, types, strict=True)) == CLI_TYPES
+
+
+# --- deploy/Dockerfile -----------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[str]]:
+    """Instructions per stage, continuation lines joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    stages: list[list[str]] = [[]]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_is_a_pinned_non_root_multi_stage_build() -> None:
+    preamble, build, runtime = dockerfile_stages()
+    (arg,) = preamble
+    assert re.fullmatch(r"ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+", arg), arg
+    assert build[0] == "FROM ${PYTHON_IMAGE} AS build"
+    assert runtime[0] == "FROM ${PYTHON_IMAGE} AS runtime"
+    final = "\n".join(runtime)
+    assert "COPY --from=build /opt/venv /opt/venv" in final
+    for tool in ("apt-get", "pip install", "gcc", "build-essential"):
+        assert tool not in final, f"the final stage must not carry {tool}"
+    assert f"USER {UID}:{UID}" in runtime
+    assert runtime[-2:] == ['ENTRYPOINT ["ordercancel"]', 'CMD ["worker"]']
+    # The image ships every package pyproject.toml declares.
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
+    copied = {m.group(1) for m in re.finditer(r"^COPY (\w+) \./\1$", "\n".join(build), re.M)}
+    assert copied == set(packages)
+    for line in (*build, *runtime):
+        if line.startswith("ENV "):
+            names = re.findall(r"\b(ORDERCANCEL_\w+|TEMPORAL_\w+)=", line)
+            assert all(is_known(n) for n in names), line
+
+
+def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for excluded in (".git", ".venv", ".data", "tests", "**/*.pem"):
+        assert excluded in patterns
+    for needed in ("pyproject.toml", "README.md", "domain", "infra", "ledger"):
+        assert needed not in patterns
+    assert "!pyproject.toml" in patterns  # *.toml (client profiles) are out, this one is in
