@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
@@ -70,9 +71,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(1) from None
 
 
-def _settings(log_format: str | None = None) -> Settings:
+def _settings(log_format: str | None = None, *, quiet: bool = False) -> Settings:
+    """Settings, with logging configured. `quiet`: warnings and errors only unless
+    ORDERCANCEL_LOG_LEVEL says otherwise (the dev stack's console is for the demo table)."""
     settings = Settings()
-    configure_logging(log_format or settings.log_format, settings.log_level)  # type: ignore[arg-type]
+    level = "warning" if quiet and "ORDERCANCEL_LOG_LEVEL" not in os.environ else None
+    configure_logging(log_format or settings.log_format, level or settings.log_level)  # type: ignore[arg-type]
     return settings
 
 
@@ -91,7 +95,7 @@ def dev(
     serving until Ctrl-C. What `make run` runs."""
     from starter.dev import run_dev
 
-    settings = _settings(log_format)
+    settings = _settings(log_format, quiet=True)
     _run(run_dev(settings, console=console, demo=demo))
 
 

@@ -181,7 +181,9 @@ def compare(ledger: list[LedgerRefund], provider: list[ProviderRefund]) -> list[
             continue  # in flight: intent recorded, the provider call under way
         theirs = at_provider.get(row.idempotency_key)
         if theirs is None:
-            if row.stage is not RefundStage.FAILED:
+            # Parked before the provider recorded anything, or declined by it outright (a
+            # final refusal at submission records no refund): nothing is missing there.
+            if row.stage not in (RefundStage.FAILED, RefundStage.DECLINED):
                 findings.append(
                     Finding(
                         kind=FindingKind.MISSING_AT_PROVIDER,
