@@ -21,6 +21,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The limit and the product side by side (docs/performance.md); BENCH_ARGS="--count 500".
+bench: install
+	$(BIN)/ordercancel bench $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

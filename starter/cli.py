@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.cli import api_app
+from bench.cli import bench_app
 from domain.errors import CancellationNotFound, LedgerError
 from domain.models import (
     CancellationReason,
@@ -48,6 +49,7 @@ orders_app = typer.Typer(help="Load orders handed over by the order system.", no
 app.add_typer(orders_app, name="orders")
 app.add_typer(api_app, name="api")
 app.add_typer(refunds_app, name="refunds")
+app.add_typer(bench_app, name="bench")
 app.command("reconcile")(reconcile_command)
 
 # Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.

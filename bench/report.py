@@ -1,0 +1,110 @@
+"""The bench reports as rich tables (the JSON is the report dict itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+# (label, key path in a side's report, format)
+ROWS: list[tuple[str, str, str]] = [
+    ("cancellations completed", "cancellations", "{:.0f}"),
+    ("errors", "errors", "{:.0f}"),
+    ("cancellations completed/s", "throughput_per_s", "{:.1f}"),
+    ("request→terminal p50 ms", "latency_ms.request_to_terminal.p50", "{:.0f}"),
+    ("request→terminal p95 ms", "latency_ms.request_to_terminal.p95", "{:.0f}"),
+    ("request→terminal p99 ms", "latency_ms.request_to_terminal.p99", "{:.0f}"),
+    (
+        "  same, seller window excluded, p95 ms",
+        "latency_ms.request_to_terminal_excl_window.p95",
+        "{:.0f}",
+    ),
+    ("decision→refund confirmed p50 ms", "latency_ms.decision_to_confirmed.p50", "{:.0f}"),
+    ("decision→refund confirmed p95 ms", "latency_ms.decision_to_confirmed.p95", "{:.0f}"),
+    ("decision→refund confirmed p99 ms", "latency_ms.decision_to_confirmed.p99", "{:.0f}"),
+    ("CPU s/cancellation: worker", "cpu_s_per_cancellation.worker", "{:.4f}"),
+    (
+        "  worker: asyncio loop (activities)",
+        "worker_cpu_s_per_cancellation_by_thread.main",
+        "{:.4f}",
+    ),
+    (
+        "  worker: workflow threads (sandbox)",
+        "worker_cpu_s_per_cancellation_by_thread.workflow_threads",
+        "{:.4f}",
+    ),
+    ("  worker: SDK Rust core", "worker_cpu_s_per_cancellation_by_thread.rust_core", "{:.4f}"),
+    ("CPU s/cancellation: Temporal server", "cpu_s_per_cancellation.server", "{:.4f}"),
+    ("CPU s/cancellation: PostgreSQL", "cpu_s_per_cancellation.postgres", "{:.4f}"),
+    ("CPU s/cancellation: bench driver", "cpu_s_per_cancellation.driver", "{:.4f}"),
+    ("CPU s/cancellation: other processes", "cpu_s_per_cancellation.other_processes", "{:.4f}"),
+    ("history events/cancellation", "history.events_per_cancellation", "{:.1f}"),
+    ("billable actions/cancellation", "history.actions_per_cancellation", "{:.2f}"),
+    ("ledger round trips/cancellation", "ledger.round_trips_per_cancellation", "{:.1f}"),
+    ("  of which pool resets", "ledger.pool_resets_per_cancellation", "{:.1f}"),
+    ("ledger transactions/cancellation", "ledger.transactions_per_cancellation", "{:.1f}"),
+    (
+        "provider simulator round trips/cancellation",
+        "ledger.provider_sim_round_trips_per_cancellation",
+        "{:.1f}",
+    ),
+    ("PostgreSQL commits/cancellation (pg_stat)", "ledger.pg_commits_per_cancellation", "{:.1f}"),
+    ("worker RSS MiB (peak)", "rss_mib.worker_peak", "{:.0f}"),
+    ("Temporal server RSS MiB (peak)", "rss_mib.server_peak", "{:.0f}"),
+]
+
+
+def dig(node: Any, path: str) -> Any:
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int | float):
+        return fmt.format(value)
+    return str(value)
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    sides = report["sides"]
+    limit, product = sides.get("limit", {}), sides.get("product", {})
+    opts = report["options"]
+    table = Table(
+        title=(
+            f"ordercancel bench: {opts['count']} cancellations per side, concurrency "
+            f"{opts['concurrency']} (run {report['run_id']})"
+        )
+    )
+    table.add_column("figure")
+    table.add_column("limit", justify="right")
+    table.add_column("product", justify="right")
+    table.add_column("product/limit", justify="right")
+    for label, path, fmt in ROWS:
+        lim, prod = dig(limit, path), dig(product, path)
+        ratio = (
+            f"{prod / lim:.2f}"
+            if isinstance(prod, int | float) and isinstance(lim, int | float) and lim
+            else "-"
+        )
+        table.add_row(label, _fmt(lim, fmt), _fmt(prod, fmt), ratio)
+    return table
+
+
+def shape_table(report: dict[str, Any]) -> Table:
+    table = Table(title="event shape per path: limit reproduces product")
+    for column in ("path", "events", "activities", "timers", "upserts", "match"):
+        table.add_column(column)
+    for key, check in report.get("shape_check", {}).items():
+        product = check["product"]
+        table.add_row(
+            key,
+            str(check["events"]),
+            str(product.get("ACTIVITY_TASK_SCHEDULED", 0)),
+            str(product.get("TIMER_STARTED", 0)),
+            str(product.get("UPSERT_WORKFLOW_SEARCH_ATTRIBUTES", 0)),
+            "yes" if check["match"] else f"[red]no[/red] (limit: {check['limit']})",
+        )
+    return table

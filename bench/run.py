@@ -1,0 +1,556 @@
+"""`ordercancel bench`: the product's cancellation mix and the engine's limit, side by side.
+
+1. PostgreSQL (embedded in a temporary directory, or DATABASE_URL) is migrated and the orders
+   of the run are generated and loaded in bulk (unique ids per run).
+2. **product**, on its own fresh dev server and worker process: one cancellation per path
+   first (calibration; also the warm-up), whose histories give each path's event shape; then
+   the measured mix.
+3. **limit**, on another fresh dev server and worker process: one `BenchLimitShape` per path
+   (warm-up), its event counts compared with the product's per path (`shape_check`); then the
+   same mix, measured.
+
+For each measured side: wall-clock window from the first request to the last result; CPU of
+each process over that window; statement counters of the worker (and of the starter's summary
+look-up); pg_stat_database commits; RSS sampled every 0.5 s; histories fetched afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import temporalio
+
+from bench.analysis import analyse_histories, fetch_events, percentiles
+from bench.driver import LimitSide, ProductSide, Side, SideRun, Timing, run_units
+from bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units
+from bench.procs import Probe, Sampler, WorkerProcess
+from bench.shape import Shape, derive_shape, event_counts, merge_upserts
+from bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
+from bench.stack import Database, Temporal, database, pg_commits, temporal
+from bench.worker_proc import WorkerConfig
+from domain.orders import CheckoutOrderIn, OrdersFile
+from infra.client import connect
+from infra.settings import Settings
+from ledger.orders import load_orders
+from ledger.repository import Ledger
+
+MIB = 1024 * 1024
+# An idle backend reports its counts to pg_stat_database within PGSTAT_IDLE_INTERVAL (10 s);
+# one that exits, at once. Measured here: 100 statements took 12 s to show from idle backends.
+STATS_SETTLE = 11.0
+# Server CPU per cancellation, product/limit, seen in 30 runs here: 0.89-1.17, one at 1.36.
+DRIFT_BAND = (0.85, 1.2)
+_LOAD_CHUNK = 5000
+
+
+@dataclass
+class BenchOptions:
+    count: int = 200
+    concurrency: int = 8
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    silent_window: timedelta = timedelta(seconds=1)
+    history_sample: int = 1000
+    wf_pollers: str | None = None
+    act_pollers: str | None = None
+    max_workflow_tasks: int | None = None
+    max_activities: int | None = None
+    pool_min: int | None = None
+    pool_max: int | None = None
+    cache: int = 1000
+    metrics: bool = True
+    no_pool_reset: bool = False
+    lean_ledger: bool = False
+    unsandboxed: bool = False
+    # "merged-upserts": the limit runs proposal A1-A3's shape (bench.shape.merge_upserts).
+    limit_variant: str | None = None
+    server_db: str = "file"
+    sides: tuple[str, ...] = ("product", "limit")
+    logs_dir: Path | None = None
+    # Seconds to wait for idle sessions' counts to reach pg_stat_database (0: skip, the
+    # PostgreSQL commit cross-check is then approximate).
+    stats_settle: float = STATS_SETTLE
+    log_level: str = "info"
+    profile_dir: Path | None = None
+    # Workers keep compiled bytecode (as an installed package does); False reproduces a source
+    # tree run with PYTHONDONTWRITEBYTECODE=1.
+    bytecode: bool = True
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "concurrency": self.concurrency,
+            "mix": self.mix,
+            "silent_window_s": self.silent_window.total_seconds(),
+            "history_sample": self.history_sample,
+            "wf_pollers": self.wf_pollers or "sdk default (5)",
+            "act_pollers": self.act_pollers or "sdk default (5)",
+            "max_workflow_tasks": self.max_workflow_tasks,
+            "max_activities": self.max_activities,
+            "pool": [self.pool_min, self.pool_max],
+            "max_cached_workflows": self.cache,
+            "metrics": self.metrics,
+            "no_pool_reset": self.no_pool_reset,
+            "lean_ledger": self.lean_ledger,
+            "unsandboxed": self.unsandboxed,
+            "limit_variant": self.limit_variant,
+            "sides": list(self.sides),
+            "server_db": self.server_db,
+            "log_level": self.log_level,
+            "bytecode": self.bytecode,
+        }
+
+
+Progress = Callable[[str, int], Callable[[Timing], None]]
+
+
+async def load_in_chunks(pool: Any, orders: list[CheckoutOrderIn]) -> None:
+    for i in range(0, len(orders), _LOAD_CHUNK):
+        await load_orders(pool, OrdersFile(orders=orders[i : i + _LOAD_CHUNK]))
+
+
+def _machine_busy() -> float:
+    """CPU seconds the machine's CPUs spent on anything (steal excluded)."""
+    t = psutil.cpu_times()
+    return float(
+        sum(t)
+        - t.idle
+        - getattr(t, "iowait", 0.0)
+        - getattr(t, "steal", 0.0)
+        - getattr(t, "guest", 0.0)
+        - getattr(t, "guest_nice", 0.0)
+    )
+
+
+def _steal() -> float:
+    """CPU seconds the hypervisor gave to others while we wanted to run (a VM's noise)."""
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
+
+
+@dataclass
+class Measured:
+    run: SideRun
+    cpu: dict[str, float | None]
+    worker_threads: dict[str, float]
+    other_cpu: float
+    steal: float
+    rss_end: dict[str, int | None]
+    rss_peak: dict[str, int]
+    sql: dict[str, int]
+    starter_sql: dict[str, int]
+    pg: dict[str, int] | None
+    load: tuple[float, float]
+    histories: dict[str, Any]
+    decision_to_confirmed: list[float]
+    counts_by_shape: dict[str, dict[str, int]]
+
+
+async def measure(
+    side: Side,
+    units: list[Unit],
+    *,
+    client: Any,
+    worker: WorkerProcess,
+    server: Temporal,
+    db: Database,
+    starter_counter: SqlCounter | None,
+    shapes: dict[str, Shape],
+    options: BenchOptions,
+    on_done: Callable[[Timing], None] | None,
+    release: Callable[[], Awaitable[None]],
+) -> Measured:
+    """Run `units` and measure. `release` stops the worker and closes the starter's pool once
+    the run is over (their PostgreSQL sessions end, so their counts reach pg_stat_database)."""
+    await worker.reset()
+    if starter_counter is not None:
+        starter_counter.reset()
+    uses_db = starter_counter is not None
+    if uses_db:
+        # Counts of the warm-up still pending in idle sessions must land before "before".
+        await asyncio.sleep(options.stats_settle)
+    pg_before = await pg_commits(db.dsn) if uses_db else None
+    probes = {
+        "worker": Probe(worker.pid),
+        "server": server.probe,
+        "postgres": db.probe,
+        "driver": Probe(os.getpid()),
+    }
+    cpu_before = {k: p.cpu() for k, p in probes.items()}
+    threads_before = probes["worker"].threads()
+    busy_before = _machine_busy()
+    steal_before = _steal()
+    load_before = os.getloadavg()[0]
+    with Sampler({"worker": probes["worker"], "server": probes["server"]}) as sampler:
+        run = await run_units(side, units, concurrency=options.concurrency, on_done=on_done)
+    cpu_after = {k: p.cpu() for k, p in probes.items()}
+    threads_after = probes["worker"].threads()
+    busy = _machine_busy() - busy_before
+    steal = _steal() - steal_before
+    load_after = os.getloadavg()[0]
+    rss_end = sampler.sample()
+    sql = await worker.sql()
+    starter_sql = starter_counter.snapshot() if starter_counter is not None else {}
+    await release()
+    await asyncio.sleep(1.0)
+    pg_after = await pg_commits(db.dsn) if uses_db else None
+    cpu: dict[str, float | None] = {}
+    for k in probes:
+        before, after = cpu_before[k], cpu_after[k]
+        cpu[k] = after - before if before is not None and after is not None else None
+    ours = sum(v for v in cpu.values() if v is not None)
+    figures = await analyse_histories(client, run.timings, shapes, sample=options.history_sample)
+    pg = (
+        {k: pg_after[k] - pg_before[k] for k in pg_after}
+        if pg_before is not None and pg_after is not None
+        else None
+    )
+    return Measured(
+        run=run,
+        cpu=cpu,
+        worker_threads={k: threads_after[k] - threads_before.get(k, 0.0) for k in threads_after},
+        other_cpu=max(busy - ours, 0.0),
+        steal=steal,
+        rss_end=rss_end,
+        rss_peak=dict(sampler.peaks),
+        sql=sql,
+        starter_sql=starter_sql,
+        pg=pg,
+        load=(load_before, load_after),
+        histories=figures.summary(),
+        decision_to_confirmed=figures.decision_to_confirmed,
+        counts_by_shape=figures.counts_by_shape,
+    )
+
+
+def _per_second(offsets: list[float]) -> list[int]:
+    buckets = [0] * (int(max(offsets, default=0.0)) + 1)
+    for offset in offsets:
+        buckets[int(max(offset, 0.0))] += 1
+    return buckets
+
+
+def _ms(stats: dict[str, float]) -> dict[str, float]:
+    return {k: v * 1000 for k, v in stats.items()}
+
+
+def side_report(m: Measured) -> dict[str, Any]:
+    ok = [t for t in m.run.timings if t.error is None and t.ended is not None]
+    n = len(ok)
+    per = max(n, 1)
+    began = min((t.started for t in m.run.timings), default=m.run.began)
+    ended = max((t.ended for t in ok if t.ended is not None), default=m.run.finished)
+    duration = max(ended - began, 1e-9)
+    terminal = [t.ended - t.started for t in ok if t.ended is not None]
+    active = [t.ended - t.started - t.window for t in ok if t.ended is not None]
+
+    def sql(counter: dict[str, int], category: str, what: str) -> int:
+        return counter.get(f"{category}.{what}", 0)
+
+    ledger_rt = sql(m.sql, LEDGER, "statements") + sql(m.starter_sql, LEDGER, "statements")
+    ledger_tx = sql(m.sql, LEDGER, "transactions") + sql(m.starter_sql, LEDGER, "transactions")
+    by_path = Counter(t.path for t in ok)
+    return {
+        "cancellations": n,
+        "errors": len(m.run.timings) - n,
+        "error_samples": sorted({t.error for t in m.run.timings if t.error})[:5],
+        "by_path": {p: by_path.get(p, 0) for p in PATHS},
+        "statuses": dict(Counter(t.status for t in ok if t.status)),
+        "duration_s": duration,
+        "throughput_per_s": n / duration,
+        "latency_ms": {
+            "request_to_terminal": _ms(percentiles(terminal)),
+            "request_to_terminal_excl_window": _ms(percentiles(active)),
+            "decision_to_confirmed": _ms(percentiles(m.decision_to_confirmed)),
+        },
+        "cpu_s_per_cancellation": {
+            k: (v / per if v is not None else None) for k, v in m.cpu.items()
+        }
+        | {"other_processes": m.other_cpu / per},
+        "cpu_s_total": m.cpu | {"other_processes": m.other_cpu},
+        "worker_cpu_s_per_cancellation_by_thread": {
+            k: v / per for k, v in m.worker_threads.items()
+        },
+        "history": m.histories,
+        "ledger": {
+            "round_trips_per_cancellation": ledger_rt / per,
+            "transactions_per_cancellation": ledger_tx / per,
+            "pool_resets_per_cancellation": (
+                sql(m.sql, LEDGER, "resets") + sql(m.starter_sql, LEDGER, "resets")
+            )
+            / per,
+            "starter_round_trips_per_cancellation": sql(m.starter_sql, LEDGER, "statements") / per,
+            "provider_sim_round_trips_per_cancellation": sql(m.sql, PROVIDER, "statements") / per,
+            "provider_sim_transactions_per_cancellation": sql(m.sql, PROVIDER, "transactions")
+            / per,
+            "pg_commits_per_cancellation": (m.pg["commits"] / per) if m.pg else None,
+            "rollbacks": m.sql.get("rollbacks", 0),
+            # Every statement (pool resets included) by the activity that sent it, ledger and
+            # provider simulator together.
+            "round_trips_by_activity_per_cancellation": {
+                k.removeprefix("by_activity."): v / per
+                for k, v in sorted(m.sql.items())
+                if k.startswith("by_activity.")
+            },
+            "raw": {"worker": m.sql, "starter": m.starter_sql, "pg_stat_database": m.pg},
+        },
+        "rss_mib": {
+            "worker_end": (m.rss_end.get("worker") or 0) / MIB,
+            "worker_peak": m.rss_peak.get("worker", 0) / MIB,
+            "server_end": (m.rss_end.get("server") or 0) / MIB or None,
+            "server_peak": (m.rss_peak["server"] / MIB) if m.rss_peak.get("server") else None,
+        },
+        "updates_rejected": sum(t.rejected_updates for t in m.run.timings),
+        "max_latency_ms": max(terminal, default=0.0) * 1000,
+        # Completions per second of the run, to tell a stall from a steady rate.
+        "completions_per_second": _per_second([t.ended - began for t in ok if t.ended]),
+        "starts_per_second": _per_second([t.started - began for t in m.run.timings]),
+        "load_avg_1m": list(m.load),
+        "cpu_steal_s": m.steal,
+    }
+
+
+def ratios(product: dict[str, Any], limit: dict[str, Any]) -> dict[str, float | None]:
+    def get(side: dict[str, Any], path: str) -> Any:
+        node: Any = side
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    keys = [
+        "throughput_per_s",
+        "latency_ms.request_to_terminal.p50",
+        "latency_ms.request_to_terminal.p95",
+        "latency_ms.request_to_terminal.p99",
+        "latency_ms.request_to_terminal_excl_window.p95",
+        "latency_ms.decision_to_confirmed.p50",
+        "latency_ms.decision_to_confirmed.p95",
+        "latency_ms.decision_to_confirmed.p99",
+        "cpu_s_per_cancellation.worker",
+        "cpu_s_per_cancellation.server",
+        "history.events_per_cancellation",
+        "history.actions_per_cancellation",
+        "rss_mib.worker_peak",
+        "rss_mib.server_peak",
+    ]
+    found: dict[str, float | None] = {}
+    for key in keys:
+        p, lim = get(product, key), get(limit, key)
+        found[key] = (
+            p / lim if isinstance(p, int | float) and isinstance(lim, int | float) and lim else None
+        )
+    return found
+
+
+def shape_check(
+    shapes: dict[str, Shape], limit_counts: dict[str, dict[str, int]]
+) -> dict[str, dict[str, Any]]:
+    """Per shape: do the limit's event counts equal the product's?"""
+    found = {}
+    for key, shape in sorted(shapes.items()):
+        got = limit_counts.get(key)
+        found[key] = {
+            "match": got == shape.event_counts,
+            "events": sum(shape.event_counts.values()),
+            "product": shape.event_counts,
+            "limit": got,
+        }
+    return found
+
+
+def _calibration_counts() -> dict[str, int]:
+    return {p: (2 if p == COUPON else 1) for p in PATHS}
+
+
+async def run_bench(
+    options: BenchOptions, *, progress: Progress | None = None, note: Callable[[str], None] = print
+) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:6]
+    settings = Settings()
+    counts = allocate(options.count, options.mix)
+    workdir = Path(tempfile.mkdtemp(prefix="ordercancel-bench-"))
+    report: dict[str, Any] = {
+        "run_id": run_id,
+        "machine": {
+            "cpus": psutil.cpu_count(),
+            "python": platform.python_version(),
+            "temporalio": temporalio.__version__,
+            "load_avg_at_start": list(os.getloadavg()),
+        },
+        "options": options.public(),
+        "planned": counts,
+        "sides": {},
+    }
+    pool_min = options.pool_min or settings.db_pool_min
+    pool_max = options.pool_max or settings.db_pool_max
+    report["options"]["pool"] = [pool_min, pool_max]
+
+    def worker_config(side: str, server: Temporal, dsn: str | None) -> WorkerConfig:
+        return WorkerConfig(
+            side="product" if side == "product" else "limit",
+            address=server.address,
+            namespace=server.namespace,
+            task_queue=f"bench-{side}-{run_id}",
+            database_url=dsn,
+            max_cached_workflows=options.cache,
+            wf_pollers=options.wf_pollers,
+            act_pollers=options.act_pollers,
+            max_workflow_tasks=options.max_workflow_tasks,
+            max_activities=options.max_activities,
+            pool_min=pool_min,
+            pool_max=pool_max,
+            metrics=options.metrics,
+            no_pool_reset=options.no_pool_reset,
+            lean_ledger=options.lean_ledger,
+            unsandboxed=options.unsandboxed,
+            log_level=options.log_level,
+            profile=(
+                str(options.profile_dir / f"worker-{side}-{run_id}.prof")
+                if options.profile_dir
+                else None
+            ),
+        )
+
+    try:
+        async with database(settings, workdir) as db:
+            report["machine"]["postgres"] = "embedded" if db.embedded else "DATABASE_URL"
+            calib_units, calib_orders = build_units(
+                run_id, "calibration", _calibration_counts(), silent_window=options.silent_window
+            )
+            product_units, product_orders = build_units(
+                run_id, "product", counts, silent_window=options.silent_window
+            )
+            note(f"loading {len(calib_orders) + len(product_orders)} orders")
+            loader = await counting_pool(db.dsn, SqlCounter(), min_size=1, max_size=2)
+            try:
+                await load_in_chunks(loader, calib_orders + product_orders)
+            finally:
+                await loader.close()
+
+            # --- product --------------------------------------------------------------------
+            shapes: dict[str, Shape] = {}
+            async with temporal(settings, workdir, "product", server_db=options.server_db) as srv:
+                report["machine"]["temporal"] = "embedded" if srv.embedded else srv.address
+                client = await connect(srv.address, srv.namespace)
+                worker = WorkerProcess(
+                    worker_config("product", srv, db.dsn),
+                    (options.logs_dir or workdir) / f"worker-product-{run_id}.log",
+                    pycache=workdir / "pycache" if options.bytecode else None,
+                )
+                starter_counter = SqlCounter()
+                starter_pool = await counting_pool(
+                    db.dsn, starter_counter, min_size=1, max_size=max(options.concurrency, 2)
+                )
+                await worker.start()
+
+                async def release() -> None:
+                    await worker.stop()
+                    if not starter_pool.is_closing():
+                        await starter_pool.close()
+
+                try:
+                    side = ProductSide(client, worker.config.task_queue, Ledger(starter_pool))
+                    note("product: calibration (one cancellation per path)")
+                    cal = await run_units(side, calib_units, concurrency=16)
+                    failed = [t for t in cal.timings if t.error]
+                    if failed:
+                        raise RuntimeError(f"calibration failed: {failed[0].error}")
+                    for t in cal.timings:
+                        shapes[t.shape_key] = derive_shape(
+                            t.shape_key, await fetch_events(client, t.workflow_id)
+                        )
+                    report["shapes"] = {k: s.model_dump() for k, s in sorted(shapes.items())}
+                    if "product" in options.sides:
+                        note("product: measured run")
+                        m = await measure(
+                            side,
+                            product_units,
+                            client=client,
+                            worker=worker,
+                            server=srv,
+                            db=db,
+                            starter_counter=starter_counter,
+                            shapes=shapes,
+                            options=options,
+                            on_done=progress("product", options.count) if progress else None,
+                            release=release,
+                        )
+                        report["sides"]["product"] = side_report(m)
+                finally:
+                    await release()
+
+            # --- limit ----------------------------------------------------------------------
+            if "limit" in options.sides:
+                warm_units, _ = build_units(
+                    run_id, "warmup", _calibration_counts(), silent_window=options.silent_window
+                )
+                limit_units, _ = build_units(
+                    run_id, "limit", counts, silent_window=options.silent_window
+                )
+                async with temporal(settings, workdir, "limit", server_db=options.server_db) as srv:
+                    client = await connect(srv.address, srv.namespace)
+                    worker = WorkerProcess(
+                        worker_config("limit", srv, None),
+                        (options.logs_dir or workdir) / f"worker-limit-{run_id}.log",
+                        pycache=workdir / "pycache" if options.bytecode else None,
+                    )
+                    await worker.start()
+                    try:
+                        limit_shapes = shapes
+                        if options.limit_variant == "merged-upserts":
+                            limit_shapes = {k: merge_upserts(s) for k, s in shapes.items()}
+                        lside = LimitSide(client, worker.config.task_queue, limit_shapes, run_id)
+                        note("limit: warm-up (one per path) and shape check")
+                        warm = await run_units(lside, warm_units, concurrency=16)
+                        failed = [t for t in warm.timings if t.error]
+                        if failed:
+                            raise RuntimeError(f"limit warm-up failed: {failed[0].error}")
+                        counts_by_shape = {
+                            t.shape_key: event_counts(await fetch_events(client, t.workflow_id))
+                            for t in warm.timings
+                        }
+                        report["shape_check"] = shape_check(shapes, counts_by_shape)
+                        note("limit: measured run")
+                        m = await measure(
+                            lside,
+                            limit_units,
+                            client=client,
+                            worker=worker,
+                            server=srv,
+                            db=db,
+                            starter_counter=None,
+                            shapes=shapes,
+                            options=options,
+                            on_done=progress("limit", options.count) if progress else None,
+                            release=worker.stop,
+                        )
+                        report["sides"]["limit"] = side_report(m)
+                    finally:
+                        await worker.stop()
+    finally:
+        report["machine"]["load_avg_at_end"] = list(os.getloadavg())
+        shutil.rmtree(workdir, ignore_errors=True)
+    sides = report["sides"]
+    if "product" in sides and "limit" in sides:
+        report["ratios"] = ratios(sides["product"], sides["limit"])
+        # The dev server does the same work per cancellation on both sides (same events), so
+        # its CPU per cancellation should match: when it does not, the machine itself ran at
+        # another speed for one side (a VM's neighbours), and the run says more about that.
+        server = report["ratios"].get("cpu_s_per_cancellation.server")
+        report["drift_check"] = {
+            "server_cpu_ratio": server,
+            "suspect": server is not None and not DRIFT_BAND[0] <= server <= DRIFT_BAND[1],
+        }
+    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return report

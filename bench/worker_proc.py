@@ -1,0 +1,186 @@
+"""The worker of one bench side, in a process of its own (so its CPU and memory are its own).
+
+    python -m bench.worker_proc '<WorkerConfig as JSON>'
+
+`product`: the product's worker exactly as `ordercancel worker` builds it
+(`workers.worker.build_worker`), its pool counting every statement (bench.sql_counter), the
+provider simulator at zero latency (`confirm_after_polls=0`), JSON logs to stderr (the parent
+sends them to a file), the SDK's and the business metrics exported (as `ordercancel worker`
+does). `limit`: `BenchLimitShape` and its no-op activity with the same worker options, runner and
+metrics, and no database.
+
+Talks to the parent in JSON lines: it prints `{"ready": ...}` once polling, then answers each
+line read from stdin: `stats` (statement counters), `reset` (zero them), `stop` (shut down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from temporalio.worker import (
+    PollerBehavior,
+    PollerBehaviorAutoscaling,
+    PollerBehaviorSimpleMaximum,
+    Worker,
+)
+
+from bench.sql_counter import SqlCounter, counting_pool
+
+
+class WorkerConfig(BaseModel):
+    side: Literal["product", "limit"]
+    address: str
+    namespace: str = "default"
+    task_queue: str
+    database_url: str | None = None
+    max_cached_workflows: int = 1000
+    # "auto" (PollerBehaviorAutoscaling), a number (SimpleMaximum), or None (the SDK default).
+    wf_pollers: str | None = None
+    act_pollers: str | None = None
+    max_workflow_tasks: int | None = None
+    max_activities: int | None = None
+    pool_min: int = 2
+    pool_max: int = 10
+    metrics: bool = True
+    # Proposal P1 (docs/performance.md): pooled connections without the reset round trip.
+    no_pool_reset: bool = False
+    # Proposal P2: ledger transitions in one statement each (bench.experiments.LeanLedger).
+    lean_ledger: bool = False
+    # Experiment: workflows without the sandbox (temporalio's UnsandboxedWorkflowRunner).
+    unsandboxed: bool = False
+    log_level: str = "info"
+    # Write a cProfile of the worker's Python threads here when it stops (where the time goes).
+    profile: str | None = None
+
+
+def poller_behavior(value: str | None) -> PollerBehavior | None:
+    if value is None or value == "":
+        return None
+    if value == "auto":
+        return PollerBehaviorAutoscaling()
+    return PollerBehaviorSimpleMaximum(maximum=int(value))
+
+
+def worker_options(config: WorkerConfig) -> dict[str, Any]:
+    """The options both sides share (unset ones keep the SDK's and build_worker's defaults)."""
+    options: dict[str, Any] = {"max_cached_workflows": config.max_cached_workflows}
+    if (wf := poller_behavior(config.wf_pollers)) is not None:
+        options["workflow_task_poller_behavior"] = wf
+    if (act := poller_behavior(config.act_pollers)) is not None:
+        options["activity_task_poller_behavior"] = act
+    if config.max_workflow_tasks is not None:
+        options["max_concurrent_workflow_tasks"] = config.max_workflow_tasks
+    if config.max_activities is not None:
+        options["max_concurrent_activities"] = config.max_activities
+    return options
+
+
+def _print(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def serve(config: WorkerConfig) -> None:
+    from infra.client import connect
+    from infra.embedded import free_port
+    from infra.logging import configure_logging
+    from infra.metrics import metrics_runtime
+
+    configure_logging("json", config.log_level)
+    profiler = None
+    if config.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    runtime = metrics_runtime(f"127.0.0.1:{free_port()}") if config.metrics else None
+    client = await connect(config.address, config.namespace, runtime=runtime)
+    if config.unsandboxed:
+        from temporalio.worker import UnsandboxedWorkflowRunner
+
+        import workers.worker
+
+        workers.worker.workflow_runner = UnsandboxedWorkflowRunner  # type: ignore[assignment]
+    counter = SqlCounter()
+    pool = None
+    worker: Worker
+    if config.side == "product":
+        from infra.settings import Settings
+        from payments.provider import SimulatedProvider
+        from workers.worker import build_worker
+
+        assert config.database_url is not None
+        if config.lean_ledger:
+            from bench.experiments import use_lean_ledger
+
+            use_lean_ledger()
+        pool = await counting_pool(
+            config.database_url,
+            counter,
+            min_size=config.pool_min,
+            max_size=config.pool_max,
+            no_reset=config.no_pool_reset,
+        )
+        settings = Settings(
+            provider="simulator",
+            sim_latency=timedelta(0),
+            sim_confirm_after_polls=0,
+            task_queue=config.task_queue,
+        )
+        worker = build_worker(
+            client,
+            pool,
+            settings,
+            provider=SimulatedProvider(pool, confirm_after_polls=0),
+            task_queue=config.task_queue,
+            **worker_options(config),
+        )
+    else:
+        from bench.limit_workflow import BenchLimitShape, bench_noop
+        from workers.worker import GRACEFUL_SHUTDOWN, workflow_runner
+
+        worker = Worker(
+            client,
+            task_queue=config.task_queue,
+            workflows=[BenchLimitShape],
+            activities=[bench_noop],
+            workflow_runner=workflow_runner(),
+            graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            **worker_options(config),
+        )
+    try:
+        async with worker:
+            _print({"ready": True, "pid": os.getpid()})
+            while True:
+                line = (await asyncio.to_thread(sys.stdin.readline)).strip()
+                if line in ("", "stop"):
+                    break
+                if line == "stats":
+                    _print({"sql": counter.snapshot()})
+                elif line == "reset":
+                    counter.reset()
+                    _print({"ok": True})
+                else:
+                    _print({"error": f"unknown command {line!r}"})
+    finally:
+        if pool is not None:
+            await pool.close()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(config.profile or "worker.prof")
+
+
+def main() -> None:
+    config = WorkerConfig.model_validate_json(sys.argv[1])
+    asyncio.run(serve(config))
+    _print({"stopped": True})
+
+
+if __name__ == "__main__":
+    main()

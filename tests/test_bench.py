@@ -1,0 +1,141 @@
+"""Smoke test of `ordercancel bench` and `ordercancel bench parked`: the commands run end to end
+on their own servers with tiny counts and report every figure, with sane values. Not a timed
+test: no figure is compared with a target here (docs/performance.md has the real runs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_stack import run_command
+
+from bench.mix import DEFAULT_MIX, PATHS, allocate
+
+pytestmark = pytest.mark.e2e
+
+ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
+COUNT = 10
+
+
+def ordered(stats: dict[str, float]) -> bool:
+    return 0 < stats["p50"] <= stats["p95"] <= stats["p99"]
+
+
+def test_allocation_follows_the_mix() -> None:
+    assert allocate(100, DEFAULT_MIX) == {
+        "instant": 30,
+        "accept": 45,
+        "reject": 10,
+        "silent": 5,
+        "coupon": 10,
+    }
+    for count in (6, 7, 10, 33, 500):
+        got = allocate(count, DEFAULT_MIX)
+        assert sum(got.values()) == count
+        assert got["coupon"] % 2 == 0
+        assert all(got[p] >= 1 for p in PATHS)
+
+
+@pytest.fixture(scope="module")
+async def report() -> dict[str, Any]:
+    ran = await run_command(
+        ORDERCANCEL,
+        "bench",
+        "--count",
+        str(COUNT),
+        "--concurrency",
+        "8",
+        "--stats-settle",
+        "0",
+        "--json",
+        timeout=240,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    parsed: dict[str, Any] = json.loads(ran.stdout)
+    return parsed
+
+
+def test_limit_reproduces_the_product_shape(report: dict[str, Any]) -> None:
+    checks = report["shape_check"]
+    assert set(checks) == {"instant", "accept", "reject", "silent", "coupon:S-1", "coupon:S-2"}
+    assert all(check["match"] for check in checks.values()), checks
+
+
+@pytest.mark.parametrize("name", ["limit", "product"])
+def test_every_figure_is_there_and_sane(report: dict[str, Any], name: str) -> None:
+    side = report["sides"][name]
+    planned = allocate(COUNT, DEFAULT_MIX)
+    assert side["errors"] == 0, side["error_samples"]
+    assert side["cancellations"] == COUNT
+    assert side["by_path"] == planned
+    assert side["throughput_per_s"] > 0
+    latency = side["latency_ms"]
+    assert ordered(latency["request_to_terminal"])
+    assert ordered(latency["request_to_terminal_excl_window"])
+    assert ordered(latency["decision_to_confirmed"])
+    # The silent seller's window is part of request->terminal: the p99 is past it.
+    assert latency["request_to_terminal"]["p99"] >= 1000
+    cpu = side["cpu_s_per_cancellation"]
+    # The server's and PostgreSQL's figures are missing (None) on servers the user configured.
+    assert cpu["worker"] > 0
+    assert cpu["server"] is None or cpu["server"] > 0
+    assert cpu["postgres"] is None or cpu["postgres"] >= 0
+    threads = side["worker_cpu_s_per_cancellation_by_thread"]
+    assert threads["main"] > 0 and threads["rust_core"] > 0
+    history = side["history"]
+    assert history["sample"] == COUNT
+    assert history["events_per_cancellation"] > 20
+    # At least: started, 2 activities, 2 upserts per cancellation.
+    assert history["actions_per_cancellation"] >= 5
+    assert side["rss_mib"]["worker_peak"] > 10
+    assert side["rss_mib"]["server_peak"] is None or side["rss_mib"]["server_peak"] > 10
+    assert side["updates_rejected"] == 0
+
+
+def test_product_counts_its_ledger_and_matches_the_limit_shape(report: dict[str, Any]) -> None:
+    product, limit = report["sides"]["product"], report["sides"]["limit"]
+    ledger = product["ledger"]
+    assert ledger["transactions_per_cancellation"] >= 2
+    assert ledger["round_trips_per_cancellation"] > ledger["transactions_per_cancellation"]
+    assert ledger["starter_round_trips_per_cancellation"] > 0
+    assert limit["ledger"]["round_trips_per_cancellation"] == 0
+    assert product["statuses"] == {
+        "completed": COUNT - allocate(COUNT, DEFAULT_MIX)["reject"],
+        "rejected": allocate(COUNT, DEFAULT_MIX)["reject"],
+    }
+    assert (
+        product["history"]["events_per_cancellation"] == limit["history"]["events_per_cancellation"]
+    )
+    assert (
+        product["history"]["actions_per_cancellation"]
+        == limit["history"]["actions_per_cancellation"]
+    )
+    assert report["ratios"]["throughput_per_s"] > 0
+
+
+async def test_parked_reports_checkpoints_and_drain() -> None:
+    ran = await run_command(
+        ORDERCANCEL,
+        "bench",
+        "parked",
+        "--count",
+        "12",
+        "--checkpoints",
+        "6,12",
+        "--json",
+        timeout=240,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    report = json.loads(ran.stdout)
+    assert [c["target"] for c in report["checkpoints"]] == [6, 12]
+    assert all(c["parked"] == c["target"] for c in report["checkpoints"])
+    assert all(
+        c["start_rate_per_s"] > 0 and c["worker_rss_mib"] > 10 for c in report["checkpoints"]
+    )
+    drain = report["drain"]
+    assert drain["completed"] == 12 and drain["rate_per_s"] > 0
+    assert ordered(drain["decision_to_confirmed_ms"])
+    assert report["errors"] == 0
