@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.cli import api_app
 from bench.cli import bench_app
+from chaos.cli import chaos_command
 from domain.errors import CancellationNotFound, LedgerError
 from domain.models import (
     CancellationReason,
@@ -50,6 +51,7 @@ app.add_typer(orders_app, name="orders")
 app.add_typer(api_app, name="api")
 app.add_typer(refunds_app, name="refunds")
 app.add_typer(bench_app, name="bench")
+app.command("chaos")(chaos_command)
 app.command("reconcile")(reconcile_command)
 
 # Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.

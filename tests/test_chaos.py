@@ -1,0 +1,216 @@
+"""The reliability run (`ordercancel chaos`, docs/reliability.md) in a CI-sized version, and what it
+taught us.
+
+- A bounded chaos run: ~50 cancellations of every path on a real Temporal dev server and a real
+  PostgreSQL, `ordercancel worker` subprocesses SIGKILLed (also during provider calls) and
+  SIGTERMed, PostgreSQL and Temporal restarted, the provider failing in every way it can; then
+  0 violations, and every kind of fault really happened.
+- The plan is reproducible from its seed and covers every path.
+- Regressions found by the chaos run: reconcile took a refund the provider declined outright for
+  a missing one; a reopened cancellation reused audit keys of its first run, losing audit rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import asyncpg
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from chaos.faults import FaultKind
+from chaos.plan import FaultMix, Scenario, make_plan
+from chaos.run import ChaosConfig, run_chaos
+from domain.models import (
+    CancellationReason,
+    CancellationStatus,
+    Money,
+    PaymentEvent,
+    PaymentEventType,
+    RefundKind,
+    RefundStage,
+    RequestCancellationInput,
+)
+from infra.settings import Settings
+from ledger.orders import load_orders, parse_orders_file
+from ledger.repository import Ledger
+from payments.provider import SimulatedProvider, SimulatorFaults
+from starter.payment_events import forward_payment_event
+from starter.reconcile import FindingKind, LedgerRefund, compare
+from starter.requests import start_cancellation
+from workers.worker import build_worker
+from workflows.order_cancellation import OrderCancellation
+
+# --- the bounded chaos run -------------------------------------------------------------------
+
+CI_SEED = 20260601
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(330)
+async def test_a_bounded_chaos_run_keeps_every_invariant() -> None:
+    lines: list[str] = []
+    report = await run_chaos(
+        ChaosConfig(
+            count=50,
+            seed=CI_SEED,
+            start_rate=2.0,  # the 30 s minimum start window
+            fault_tail=5.0,
+            fault_gap=(1.0, 3.0),
+            settle_timeout=150.0,
+            probes=12,
+            # More faults per payment than the full run, so that 50 cancellations see each.
+            fault_mix=FaultMix(
+                transient=0.4, lose_response=0.3, slow_confirm=0.4, final_failure=0.12
+            ),
+        ),
+        say=lines.append,
+    )
+    assert report.ok, "\n".join([*lines[-30:], "VIOLATIONS:", *report.violations[:30]])
+    counts = report.fault_counts()
+    missing = [kind.value for kind in FaultKind if counts.get(kind.value, 0) == 0]
+    assert not missing, f"fault kinds never injected: {missing}\n" + "\n".join(lines)
+    paths = {row.path: row for row in report.paths}
+    assert {s.value for s in Scenario} <= set(paths), sorted(paths)
+    assert all(row.other == 0 for row in report.paths)
+    checked = {row.name: row.checked for row in report.invariants}
+    assert checked["none lost"] >= 50 and checked["refunded exactly once"] >= 50
+    assert report.seconds < 240, report.phases
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+def test_the_plan_is_reproducible_and_covers_every_path() -> None:
+    first = make_plan(300, seed=7, tag="t", start_window=100)
+    again = make_plan(300, seed=7, tag="t", start_window=100)
+    assert [o.document for o in first.orders] == [o.document for o in again.orders]
+    assert [c.workflow_id for c in first.cancellations()] == [
+        c.workflow_id for c in again.cancellations()
+    ]
+    assert len(first.cancellations()) == 300
+    assert {c.scenario for c in first.cancellations()} == set(Scenario) - {Scenario.PROBE}
+    assert {c.scenario for o in first.probes for c in o.cancellations} == {Scenario.PROBE}
+    starts = [o.start_at for o in first.orders]
+    assert starts == sorted(starts) and 0 <= starts[0] and starts[-1] < 100
+    # Siblings of an order decide together; an order's coupons are expected back only when
+    # every sub-order of their footprint ends refunded.
+    for order in first.orders:
+        assert len({c.delay for c in order.cancellations}) == 1
+        refunded = {c.seller_id for c in order.cancellations if c.approved}
+        for coupon in order.coupons:
+            assert coupon.expect_restored == (
+                not coupon.expired and set(coupon.footprint) <= refunded
+            )
+        if order.faults is not None and order.faults.final_failure:
+            assert not any(c.reverse for c in order.cancellations)
+    assert make_plan(300, seed=8, tag="t", start_window=100).orders[0].document != (
+        first.orders[0].document
+    )
+
+
+# --- regressions the chaos run found ----------------------------------------------------------
+
+
+def test_reconcile_does_not_count_a_refund_declined_at_submission_as_missing() -> None:
+    """The provider refused it for good and recorded nothing: nothing is missing there (the
+    chaos run reported every declined refund as `missing_at_provider`)."""
+
+    def row(stage: RefundStage) -> LedgerRefund:
+        return LedgerRefund(
+            idempotency_key=f"cancel-O-1-S-1:refund-submit-{stage.value}",
+            cancellation_id="cancel-O-1-S-1",
+            generation=1,
+            payment_id="P-1",
+            kind=RefundKind.REFUND,
+            amount=Money(amount_minor=100, currency="EUR"),
+            stage=stage,
+        )
+
+    findings = compare([row(RefundStage.DECLINED), row(RefundStage.FAILED)], [])
+    assert findings == []
+    missing = compare([row(RefundStage.CONFIRMED), row(RefundStage.REVERSED)], [])
+    assert [f.kind for f in missing] == [FindingKind.MISSING_AT_PROVIDER] * 2
+
+
+async def test_a_reopened_cancellation_keeps_its_whole_audit_trail(
+    time_skipping_env: WorkflowEnvironment, pool: asyncpg.Pool
+) -> None:
+    from test_reversal import until_status
+
+    order_id = f"AK-{uuid.uuid4().hex[:6]}"
+    order = {
+        "order_id": order_id,
+        "buyer_id": "B-1",
+        "currency": "EUR",
+        "placed_at": "2026-03-10T10:00:00Z",
+        "payment": {
+            "payment_id": f"P-{order_id}",
+            "method": "card",
+            "validation": "validated",
+            "capture": "captured",
+        },
+        "sub_orders": [
+            {"seller_id": "S-1", "lines": [{"sku": "A", "quantity": 1, "unit_price_minor": 1000}]}
+        ],
+    }
+    await load_orders(pool, parse_orders_file(json.dumps({"orders": [order]})))
+    provider = SimulatedProvider(pool, confirm_after_polls=0)
+    # Two "pending" answers before success: the first run's keys reach 007-009, exactly where
+    # the reopened run's land after its reversal and retry.
+    await provider.set_faults(
+        f"P-{order_id}", SimulatorFaults(fail_after_success=True, confirm_after_polls=2)
+    )
+    task_queue = f"audit-keys-{uuid.uuid4()}"
+    settings = Settings(
+        refund_poll_interval=timedelta(seconds=1),
+        refund_submit_initial_interval=timedelta(milliseconds=100),
+    )
+    client = time_skipping_env.client
+    async with build_worker(client, pool, settings, provider=provider, task_queue=task_queue):
+        handle = await start_cancellation(
+            client,
+            RequestCancellationInput(
+                order_id=order_id,
+                seller_id="S-1",
+                buyer_id="B-1",
+                reason=CancellationReason.CANNOT_SHIP,
+            ),
+            task_queue=task_queue,
+        )
+        await until_status(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.execute_update(
+            OrderCancellation.decide, {"seller_id": "S-1", "decision": "accept"}
+        )
+        assert (await handle.result()).status is CancellationStatus.COMPLETED
+        provider_ref = await pool.fetchval(
+            "SELECT provider_ref FROM refunds WHERE cancellation_id = $1", handle.id
+        )
+        await forward_payment_event(
+            client,
+            Ledger(pool),
+            PaymentEvent(
+                event_id=f"evt-{order_id}",
+                type=PaymentEventType.REFUND_REVERSED,
+                provider_ref=provider_ref,
+            ),
+            task_queue=task_queue,
+        )
+        reopened = client.get_workflow_handle_for(OrderCancellation.run, handle.id)
+        await until_status(reopened, CancellationStatus.REFUND_FAILED)
+        await provider.set_faults(f"P-{order_id}", SimulatorFaults())
+        await reopened.execute_update(OrderCancellation.retry_refund, {"operator_id": "sre-1"})
+        assert (await reopened.result()).status is CancellationStatus.COMPLETED
+
+    trail = await pool.fetch(
+        "SELECT event_key, kind FROM cancellation_events WHERE cancellation_id = $1"
+        " ORDER BY event_id",
+        handle.id,
+    )
+    kinds = [r["kind"] for r in trail]
+    # Two refunds, each submitted and confirmed, two coupon decisions, two completions.
+    for kind in ("refund_requested", "refund_submitted", "refund_confirmed", "completed"):
+        assert kinds.count(kind) == 2, (kind, [tuple(r) for r in trail])
+    assert sum(k.startswith("coupon_") for k in kinds) == 2, [tuple(r) for r in trail]
