@@ -71,6 +71,7 @@ PATHS = (
     "refused_signal",
     "pending_then_webhook",
     "reversed_reopened",
+    "withdrawn_then_decided",
 )
 
 SELLER = "S-1"
@@ -112,8 +113,11 @@ class Recorder:
         queue: str,
         escalate_queue: str,
         slow_poll_queue: str,
+        settings: Settings | None = None,
     ):
         self.client = client
+        self.pool = pool
+        self.settings = settings or Settings()
         self.provider = SimulatedProvider(pool)
         self.ledger = Ledger(pool)
         self.queue = queue
@@ -268,6 +272,25 @@ class Recorder:
         )
         return reopened
 
+    async def withdrawn_then_decided(self) -> Handle:
+        """The buyer's withdrawal and the seller's acceptance in one workflow task (the
+        `withdrawal-before-decision-v1` patch): withdrawn, the acceptance refused. Both signals
+        are sent while no worker polls its queue, so the next task sees them together."""
+        queue = f"{self.queue}-paused"
+        handle = await self.start("withdrawn_then_decided", queue=queue)
+        async with build_worker(self.client, self.pool, self.settings, task_queue=queue):
+            await self.until(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.signal(
+            OrderCancellation.withdraw, WithdrawRequest(buyer_id=BUYER, reason="found it")
+        )
+        await handle.signal(
+            OrderCancellation.seller_decision,
+            SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="too late"),
+        )
+        async with build_worker(self.client, self.pool, self.settings, task_queue=queue):
+            await asyncio.wait_for(handle.result(), 60)
+        return handle
+
     async def refused_signal(self) -> Handle:
         handle = await self.start("refused_signal")
         await self.until(handle, CancellationStatus.AWAITING_SELLER)
@@ -327,7 +350,7 @@ async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[P
         queue, escalate_queue, slow_poll_queue = (
             f"record-{uuid.uuid4().hex[:8]}" for _ in range(3)
         )
-        recorder = Recorder(client, pool, queue, escalate_queue, slow_poll_queue)
+        recorder = Recorder(client, pool, queue, escalate_queue, slow_poll_queue, settings)
         async with (
             build_worker(client, pool, settings, task_queue=queue),
             build_worker(

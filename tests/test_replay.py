@@ -87,6 +87,12 @@ REQUIRED_PATHS: dict[str, tuple[CancellationStatus, Counter[str]]] = {
     ),
     # A new run of an ended cancellation, started with the reversal event; parked, retried.
     "reversed_reopened": (CancellationStatus.COMPLETED, Counter({SIGNALED: 1, UPDATED: 1})),
+    # The buyer's withdrawal and the seller's acceptance in one task: the withdrawal wins.
+    # Two patch markers: the memo's and `withdrawal-before-decision-v1`.
+    "withdrawn_then_decided": (
+        CancellationStatus.WITHDRAWN,
+        Counter({SIGNALED: 2, "EVENT_TYPE_MARKER_RECORDED": 2}),
+    ),
 }
 
 

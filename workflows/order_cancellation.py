@@ -63,6 +63,9 @@ MEMO_PATCH = "memo-with-amounts-v1"
 # A refund the provider refused for good is declined and retried as a new generation with a
 # new idempotency key (before: retried under the same key, which a provider answers the same).
 DECLINED_PATCH = "declined-refund-new-generation-v1"
+# A seller's (or operator's) decision that arrives in the same workflow task as the buyer's
+# accepted withdrawal is refused: the withdrawal came first (before: the decision also won).
+WITHDRAWAL_FIRST_PATCH = "withdrawal-before-decision-v1"
 
 LEDGER_TIMEOUT = timedelta(seconds=30)
 # A ledger write that fails for a business reason says so with a non-retryable type; anything
@@ -131,10 +134,22 @@ _STAGE_TEXT: dict[CancellationStatus, tuple[str, str]] = {
 }
 
 
-def _refuse_unless(check: Callable[[Any], object], payload: Any) -> None:
+def _one(args: tuple[Any, ...]) -> Any:
+    """Handlers take `*args` so that a message with no argument or several (any client, the
+    `temporal` CLI with two --input flags) is refused like any malformed payload instead of
+    raising TypeError, which would fail every workflow task from then on."""
+    if len(args) != 1:
+        raise DecisionRefused(
+            RefusalCode.INVALID_PAYLOAD,
+            f"invalid payload: expected exactly one JSON object, got {len(args)} arguments",
+        )
+    return args[0]
+
+
+def _refuse_unless(check: Callable[[Any], object], args: tuple[Any, ...]) -> None:
     """An update validator: the caller gets the refusal's code as the failure type."""
     try:
-        check(payload)
+        check(_one(args))
     except DecisionRefused as err:
         raise ApplicationError(err.message, type=err.code.value, non_retryable=True) from None
 
@@ -164,9 +179,12 @@ class OrderCancellation:
         self._since = workflow.now()
         self._audit: list[AuditEntry] = []
         # Audit rows written by the ledger get keys from this counter, in workflow order, so a
-        # retried activity writes its row once and a replay produces the same keys.
-        # 000 and 001 are written by `open_cancellation`.
+        # retried activity writes its row once and a replay produces the same keys. The run id
+        # in each key keeps a later run of the same cancellation (reopened by a reversed refund)
+        # from reusing the first run's keys, whose rows ON CONFLICT DO NOTHING would drop.
+        # 000-requested and 001-path are written once, by the first `open_cancellation`.
         self._seq = 1
+        self._run_id = workflow.info().run_id
 
     # --- main flow --------------------------------------------------------------------------
 
@@ -514,7 +532,7 @@ class OrderCancellation:
 
     def _key(self, kind: str) -> str:
         self._seq += 1
-        return f"{self._seq:03d}-{kind}"
+        return f"{self._seq:03d}-{kind}@{self._run_id}"
 
     def _note(self, actor: str, kind: str, detail: str = "") -> None:
         self._audit.append(AuditEntry(at=workflow.now(), actor=actor, kind=kind, detail=detail))
@@ -626,13 +644,23 @@ class OrderCancellation:
 
     # --- seller decision: update `decide` and signal `seller_decision` (same payload) -------
 
-    def _check_seller(self, payload: Any) -> SellerDecision:
+    def _withdrawn(self, *, in_validator: bool) -> bool:
+        """Whether a withdrawal was accepted before this decision (in the same workflow task:
+        an earlier one has already ended the wait). Validators never run on replay, so they
+        judge plainly; handlers ask through WITHDRAWAL_FIRST_PATCH, and only when it matters,
+        so histories recorded before the fix replay as they ran."""
+        if self._withdrawal is None:
+            return False
+        return in_validator or workflow.patched(WITHDRAWAL_FIRST_PATCH)
+
+    def _check_seller(self, payload: Any, *, in_validator: bool = False) -> SellerDecision:
         decision = _parse(SellerDecision, payload)
         rules.check_seller_decision(
             status=self._status,
             expected_seller=self._request.seller_id,
             seller_id=decision.seller_id,
-            already_decided=self._decision is not None,
+            already_decided=self._decision is not None
+            or self._withdrawn(in_validator=in_validator),
         )
         return decision
 
@@ -653,22 +681,24 @@ class OrderCancellation:
         )
 
     # Payloads are typed `Any` on purpose: they are validated here, so a malformed message from
-    # any client becomes a specific refusal instead of being dropped by the SDK's decoder.
+    # any client becomes a specific refusal instead of being dropped by the SDK's decoder; and
+    # taken as `*args`, so that a message with a missing or extra argument is refused too.
     @workflow.update
-    def decide(self, payload: Any) -> DecisionReceipt:
-        decision = self._check_seller(payload)
+    def decide(self, *args: Any) -> DecisionReceipt:
+        decision = self._check_seller(_one(args))
         return self._take_decision(
             decision.decision, f"seller:{decision.seller_id}", decision.reason
         )
 
     @decide.validator
-    def _validate_decide(self, payload: Any) -> None:
-        _refuse_unless(self._check_seller, payload)
+    def _validate_decide(self, *args: Any) -> None:
+        _refuse_unless(lambda payload: self._check_seller(payload, in_validator=True), args)
 
     @workflow.signal
-    async def seller_decision(self, payload: Any) -> None:
+    async def seller_decision(self, *args: Any) -> None:
+        payload = args[0] if len(args) == 1 else None
         try:
-            decision = self._check_seller(payload)
+            decision = self._check_seller(_one(args))
         except DecisionRefused as err:
             seller = payload.get("seller_id") if isinstance(payload, dict) else None
             await self._refuse(f"seller:{seller or '?'}", "seller_decision_refused", err)
@@ -678,9 +708,10 @@ class OrderCancellation:
     # --- buyer withdrawal -------------------------------------------------------------------
 
     @workflow.signal
-    async def withdraw(self, payload: Any) -> None:
+    async def withdraw(self, *args: Any) -> None:
+        payload = args[0] if len(args) == 1 else None
         try:
-            request = _parse(WithdrawRequest, payload)
+            request = _parse(WithdrawRequest, _one(args))
             rules.check_withdrawal(
                 status=self._status,
                 expected_buyer=self._request.buyer_id,
@@ -700,11 +731,11 @@ class OrderCancellation:
     # --- the payment provider's webhook ------------------------------------------------------
 
     @workflow.signal
-    async def payment_event(self, payload: Any) -> None:
+    async def payment_event(self, *args: Any) -> None:
         # A reopening run gets its event with its start: judge it once the refund is known.
         await workflow.wait_condition(lambda: self._opened is not None)
         try:
-            event = _parse(PaymentEvent, payload)
+            event = _parse(PaymentEvent, _one(args))
             refund = self._refund
             ours = refund is not None and (
                 (event.provider_ref is not None and event.provider_ref == refund.provider_ref)
@@ -731,9 +762,13 @@ class OrderCancellation:
 
     # --- operators --------------------------------------------------------------------------
 
-    def _check_operator(self, payload: Any) -> OperatorDecision:
+    def _check_operator(self, payload: Any, *, in_validator: bool = False) -> OperatorDecision:
         decision = _parse(OperatorDecision, payload)
-        if self._status is not CancellationStatus.ESCALATED or self._decision is not None:
+        if (
+            self._status is not CancellationStatus.ESCALATED
+            or self._decision is not None
+            or self._withdrawn(in_validator=in_validator)
+        ):
             raise DecisionRefused(
                 RefusalCode.NOT_ESCALATED,
                 f"only an escalated request takes an operator decision (status: "
@@ -742,15 +777,15 @@ class OrderCancellation:
         return decision
 
     @workflow.update
-    def resolve_escalation(self, payload: Any) -> DecisionReceipt:
-        decision = self._check_operator(payload)
+    def resolve_escalation(self, *args: Any) -> DecisionReceipt:
+        decision = self._check_operator(_one(args))
         return self._take_decision(
             decision.decision, f"operator:{decision.operator_id}", decision.reason
         )
 
     @resolve_escalation.validator
-    def _validate_resolve(self, payload: Any) -> None:
-        _refuse_unless(self._check_operator, payload)
+    def _validate_resolve(self, *args: Any) -> None:
+        _refuse_unless(lambda payload: self._check_operator(payload, in_validator=True), args)
 
     def _check_retry(self, payload: Any) -> RetryRefundRequest:
         request = _parse(RetryRefundRequest, payload)
@@ -763,8 +798,8 @@ class OrderCancellation:
         return request
 
     @workflow.update
-    def retry_refund(self, payload: Any) -> DecisionReceipt:
-        self._retry = self._check_retry(payload)
+    def retry_refund(self, *args: Any) -> DecisionReceipt:
+        self._retry = self._check_retry(_one(args))
         return DecisionReceipt(
             cancellation_id=self._id,
             accepted=True,
@@ -773,8 +808,8 @@ class OrderCancellation:
         )
 
     @retry_refund.validator
-    def _validate_retry(self, payload: Any) -> None:
-        _refuse_unless(self._check_retry, payload)
+    def _validate_retry(self, *args: Any) -> None:
+        _refuse_unless(self._check_retry, args)
 
     # --- status -----------------------------------------------------------------------------
 
