@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 import structlog
+from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
+    e2e_database_url_fixture,
+    eventually,
+    temporal_address_fixture,
+)
 from jsonschema import Draft202012Validator
 from temporalio.client import Client
 
@@ -30,17 +34,13 @@ from api.app import borrowed, create_app
 from api.keys import KeyStore, generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
 from infra.client import connect
-from infra.embedded import TemporalDevServer, free_port
 from infra.settings import Settings
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
 from workers.worker import build_worker
-from workflows.search_attributes import CLI_TYPES
 
 pytestmark = pytest.mark.e2e
-
-T = TypeVar("T")
 
 SECRET = "whsec_test_" + "k" * 32
 OWN, OTHER = "S-41", "S-42"
@@ -131,52 +131,12 @@ class Api:
         return body
 
 
-def _with_database(url: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
-
-
 @pytest.fixture(scope="module")
-async def api_database_url(postgres_url: str, _template_db: str) -> AsyncIterator[str]:
-    name = "api_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {_template_db}")
-    finally:
-        await admin.close()
-    yield _with_database(postgres_url, name)
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture(scope="module")
-async def api_temporal(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    if os.environ.get("TEMPORAL_ADDRESS"):
-        yield os.environ["TEMPORAL_ADDRESS"]
-        return
-    server = TemporalDevServer(
-        port=free_port(),
-        ui_port=None,
-        db_file=tmp_path_factory.mktemp("temporal") / "temporal.db",
-        search_attributes=CLI_TYPES,
-    )
-    await server.start()
-    try:
-        yield server.address
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-@pytest.fixture(scope="module")
-async def api(api_temporal: str, api_database_url: str) -> AsyncIterator[Api]:
+async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
     """The worker on a task queue of its own, and the app with its lifespan, over the same
     pool and client; keys of every principal, made for this module."""
-    client = await connect(api_temporal)
-    pool = await create_pool(api_database_url, min_size=1, max_size=10)
+    client = await connect(temporal_address)
+    pool = await create_pool(e2e_database_url, min_size=1, max_size=10)
     settings = Settings(
         task_queue=f"api-{uuid.uuid4().hex[:8]}",
         refund_poll_interval=POLL_INTERVAL,
@@ -215,20 +175,6 @@ async def api(api_temporal: str, api_database_url: str) -> AsyncIterator[Api]:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 15, interval: float = 0.2
-) -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            return await check()
-        except AssertionError:
-            if loop.time() >= deadline:
-                raise
-        await asyncio.sleep(interval)
 
 
 async def new_order(
