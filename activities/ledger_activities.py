@@ -79,25 +79,21 @@ class LedgerActivities:
     @activity.defn
     async def record_transition(self, params: TransitionInput) -> None:
         try:
-            await self._ledger.record_transition(params)
+            created_at = await self._ledger.record_transition(params)
         except LedgerError as err:
             raise business_error(err) from err
         log.info("transition_recorded", status=params.status.value, actor=params.actor)
-        await self._observe_transition(params)
+        self._observe_transition(params, created_at)
 
-    async def _observe_transition(self, params: TransitionInput) -> None:
+    def _observe_transition(self, params: TransitionInput, created_at: datetime) -> None:
+        """Metrics from what the write returned (no read of their own)."""
         if params.status.is_terminal:
             self._metrics.cancellation_ended(status=params.status.value)
         decided = params.status in (CancellationStatus.APPROVED, CancellationStatus.REJECTED)
         if not (decided and self._metrics.enabled):
             return
-        try:
-            timings = await self._ledger.timings(cancellation_id=params.cancellation_id)
-        except Exception as err:  # telemetry must never fail or retry a committed step
-            log.warning("metric_not_recorded", metric="seller_decision", error=str(err))
-            return
         # The workflow schedules this write as soon as the decision (or the timer) lands.
-        seconds = seconds_between(timings.created_at, _scheduled_time())
+        seconds = seconds_between(created_at, _scheduled_time())
         if seconds is not None:
             self._metrics.seller_decided(
                 decision=params.status.value, decided_by=decided_by(params.actor), seconds=seconds

@@ -19,7 +19,7 @@ from domain.errors import LedgerError, ProviderFinalError, ProviderTransientErro
 from domain.models import RefundStage, RefundStepInput, RefundView
 from domain.rules import DEFAULT_ETA_TABLE, refund_eta
 from infra.metrics import NO_METRICS, BusinessMetrics, seconds_between
-from ledger.repository import Ledger
+from ledger.repository import Ledger, RefundRecord
 from payments.provider import PaymentProvider, ProviderRefundStatus
 
 # Failure types the workflow's retry policies and operators see.
@@ -74,7 +74,7 @@ class RefundActivities:
             event_key=params.event_key,
         )
         log.info("refund_submitted", kind=record.view.kind.value, provider_ref=made.provider_ref)
-        await self._observe_stage(params.cancellation_id, record.view)
+        self._observe_stage(record)
         return record.view
 
     @activity.defn
@@ -115,22 +115,19 @@ class RefundActivities:
             cancellation_id=params.cancellation_id, event_key=params.event_key
         )
         log.info("refund_confirmed", kind=record.view.kind.value)
-        await self._observe_stage(params.cancellation_id, record.view)
+        self._observe_stage(record)
         return record.view
 
-    async def _observe_stage(self, cancellation_id: str, refund: RefundView) -> None:
-        """How long the refund took to reach its stage from the previous one (ledger clock)."""
+    def _observe_stage(self, record: RefundRecord) -> None:
+        """How long the refund took to reach its stage from the previous one (ledger clock),
+        from the timestamps the recording write returned (no read of their own)."""
         if not self._metrics.enabled:
             return
-        try:
-            t = await self._ledger.timings(cancellation_id=cancellation_id)
-        except Exception as err:  # telemetry must never fail or retry a committed step
-            log.warning("metric_not_recorded", metric="refund_stage", error=str(err))
-            return
+        refund = record.view
         if refund.stage is RefundStage.SUBMITTED:
-            seconds = seconds_between(t.refund_requested_at, t.refund_submitted_at)
+            seconds = seconds_between(record.requested_at, record.submitted_at)
         elif refund.stage is RefundStage.CONFIRMED:
-            seconds = seconds_between(t.refund_submitted_at, t.refund_confirmed_at)
+            seconds = seconds_between(record.submitted_at, record.confirmed_at)
         else:
             return
         if seconds is not None:

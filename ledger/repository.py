@@ -59,20 +59,15 @@ class SubOrderSnapshot(Record):
 
 
 class RefundRecord(Record):
-    """A refund row with what the provider call needs."""
+    """A refund row with what the provider call needs, and when it reached each stage (ledger
+    clock; for the duration metrics, so that they need no read of their own)."""
 
     view: RefundView
     payment_id: str
     method: PaymentMethod
-
-
-class CancellationTimings(Record):
-    """When a cancellation and its refund reached each stage (for the duration metrics)."""
-
-    created_at: datetime
-    refund_requested_at: datetime | None = None
-    refund_submitted_at: datetime | None = None
-    refund_confirmed_at: datetime | None = None
+    requested_at: datetime | None = None
+    submitted_at: datetime | None = None
+    confirmed_at: datetime | None = None
 
 
 _APPEND_EVENT = """
@@ -86,12 +81,143 @@ _SET_STATUS = """
     WHERE cancellation_id = $1
 """
 
-# The cancellation's status follows its refund only when the refund really is in that stage: a
-# late or repeated call (e.g. "failed" after "confirmed") must not contradict the refund row.
-_SET_STATUS_FROM_REFUND = """
+# Stage transitions are single statements of data-modifying CTEs: one round trip, and still one
+# transaction with its audit row (PostgreSQL runs one statement atomically, as a transaction of
+# its own; all its parts commit or none). An `UPDATE` takes the same row lock a `SELECT ... FOR
+# UPDATE` took, and under read committed it re-checks its condition on the newest version of a
+# row it had to wait for. The parts of one statement share one snapshot and do not see each
+# other's changes: each reads what an earlier part changed from that part's `RETURNING`, never
+# from the table. A part that must not run when there is nothing to transition is guarded by
+# `EXISTS` on the part it depends on, so a refused call writes nothing.
+
+# $1 cancellation, $2 status, $3 cancel the sub-order too, $4 event key, $5 actor, $6 kind,
+# $7 detail. Returns the cancellation's creation time (no row: unknown cancellation).
+_TRANSITION = """
+WITH c AS (
+    UPDATE cancellations SET status = $2, updated_at = clock_timestamp()
+    WHERE cancellation_id = $1
+    RETURNING order_id, seller_id, created_at
+), s AS (
+    UPDATE sub_orders so SET status = 'cancelled', status_changed_at = clock_timestamp()
+    FROM c
+    WHERE $3 AND so.order_id = c.order_id AND so.seller_id = c.seller_id
+      AND so.status <> 'cancelled'
+), e AS (
+    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
+    SELECT $1, $4, $5, $6, $7 FROM c
+    ON CONFLICT (cancellation_id, event_key) DO NOTHING
+)
+SELECT created_at FROM c
+"""
+
+# The refund as it stands after `upd` (a refund update spliced in, `RETURNING *`): the updated
+# row, or, when the update matched nothing (a repeated or late call), the rows as they are now.
+# `FOR SHARE` makes that read wait for, and then see, a concurrent transition of the same refund
+# that made `upd` skip its row (a plain read would return the statement's older snapshot), as
+# the re-read after the lock did when this was several statements. The newest generation is
+# the one that counts (the live one, if any).
+_REFUND_AFTER = """
+), unchanged AS (
+    SELECT r.* FROM refunds r
+    WHERE r.cancellation_id = $1 AND NOT EXISTS (SELECT 1 FROM upd)
+    FOR SHARE
+), cur AS (
+    SELECT * FROM upd
+    UNION ALL
+    SELECT * FROM unchanged
+"""
+_REFUND_RESULT = """
+SELECT cur.*, p.method FROM cur JOIN payments p ON p.payment_id = cur.payment_id
+ORDER BY cur.generation DESC
+LIMIT 1
+"""
+
+# Submitted / confirmed. $1 cancellation, $2 cancellation status, $3 the refund stage it needs,
+# $4 event key, $5 actor, $6 kind, $7 detail, then the update's own parameters. The
+# cancellation's status follows its refund only when the refund really is in that stage: a late
+# or repeated call (e.g. "submitted" after "confirmed") must not contradict the refund row. The
+# audit row is written when the cancellation has a refund (no refund: nothing is written).
+_REFUND_STAGE = (
+    "WITH upd AS ({update} RETURNING *"
+    + _REFUND_AFTER
+    + """
+), st AS (
     UPDATE cancellations c SET status = $2, updated_at = clock_timestamp()
-    FROM refunds r
-    WHERE c.cancellation_id = $1 AND r.cancellation_id = c.cancellation_id AND r.stage = $3
+    WHERE c.cancellation_id = $1 AND EXISTS (SELECT 1 FROM cur WHERE cur.stage = $3)
+), ev AS (
+    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
+    SELECT $1, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM cur)
+    ON CONFLICT (cancellation_id, event_key) DO NOTHING
+)"""
+    + _REFUND_RESULT
+)
+
+_REFUND_SUBMITTED = _REFUND_STAGE.format(
+    update="""
+    UPDATE refunds SET stage = 'submitted', provider_ref = $8,
+        submitted_at = clock_timestamp(), eta_earliest = $9, eta_latest = $10,
+        attempts = attempts + 1, last_error = NULL
+    WHERE cancellation_id = $1 AND stage IN ('requested', 'failed')
+    """
+)
+
+_REFUND_CONFIRMED = _REFUND_STAGE.format(
+    update="""
+    UPDATE refunds SET stage = 'confirmed', confirmed_at = clock_timestamp(),
+        last_error = NULL
+    WHERE cancellation_id = $1 AND stage = 'submitted'
+    """
+)
+
+# Parking (R10). $1 cancellation, $2 the refund's new stage (failed / declined), $3 the error,
+# $4 release the reservation (declined), $5 the cancellation's status, $6 event key, $7 kind.
+# Only a live refund that has not been confirmed is parked; the audit row is written whenever
+# the cancellation has a refund (a late report is still part of the story).
+_REFUND_FAILED = (
+    """
+WITH upd AS (
+    UPDATE refunds SET stage = $2, failed_at = clock_timestamp(), last_error = $3
+    WHERE cancellation_id = $1 AND stage NOT IN ('confirmed', 'declined', 'reversed')
+    RETURNING *
+), pay AS (
+    UPDATE payments p SET refunded_minor = p.refunded_minor - upd.amount_minor
+    FROM upd
+    WHERE $4 AND p.payment_id = upd.payment_id
+), st AS (
+    UPDATE cancellations SET status = $5, updated_at = clock_timestamp()
+    WHERE cancellation_id = $1 AND EXISTS (SELECT 1 FROM upd)"""
+    + _REFUND_AFTER
+    + """
+), ev AS (
+    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
+    SELECT $1, $6, 'system', $7, $3 WHERE EXISTS (SELECT 1 FROM cur)
+    ON CONFLICT (cancellation_id, event_key) DO NOTHING
+)"""
+    + _REFUND_RESULT
+)
+
+# The refund intent, once the payment row is locked and no live refund exists: the reservation
+# (the payments CHECK refuses more than was paid), the refund row, the status and the audit row.
+# $1 key, $2 cancellation, $3 payment, $4 amount, $5 kind, $6 currency, $7/$8 ETA, $9 generation,
+# $10 status, $11 event key, $12 detail.
+_RESERVE_REFUND = """
+WITH pay AS (
+    UPDATE payments SET refunded_minor = refunded_minor + $4 WHERE payment_id = $3
+    RETURNING method
+), ins AS (
+    INSERT INTO refunds (idempotency_key, cancellation_id, payment_id, kind,
+        amount_minor, currency, stage, eta_earliest, eta_latest, generation)
+    SELECT $1, $2, $3, $5, $4, $6, 'requested', $7, $8, $9 FROM pay
+    RETURNING *
+), st AS (
+    UPDATE cancellations SET status = $10, updated_at = clock_timestamp()
+    WHERE cancellation_id = $2
+), ev AS (
+    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
+    VALUES ($2, $11, 'system', 'refund_requested', $12)
+    ON CONFLICT (cancellation_id, event_key) DO NOTHING
+)
+SELECT ins.*, pay.method FROM ins, pay
 """
 
 
@@ -251,34 +377,23 @@ class Ledger:
 
     # --- transitions ------------------------------------------------------------------------
 
-    async def record_transition(self, transition: TransitionInput) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT order_id, seller_id FROM cancellations WHERE cancellation_id = $1"
-                " FOR UPDATE",
-                transition.cancellation_id,
-            )
-            if row is None:
-                raise CancellationNotFound(transition.cancellation_id)
-            await conn.execute(_SET_STATUS, transition.cancellation_id, transition.status.value)
-            if transition.cancel_sub_order:
-                await conn.execute(
-                    """
-                    UPDATE sub_orders SET status = 'cancelled',
-                        status_changed_at = clock_timestamp()
-                    WHERE order_id = $1 AND seller_id = $2 AND status <> 'cancelled'
-                    """,
-                    row["order_id"],
-                    row["seller_id"],
-                )
-            await conn.execute(
-                _APPEND_EVENT,
-                transition.cancellation_id,
-                transition.event_key,
-                transition.actor,
-                transition.kind,
-                transition.detail,
-            )
+    async def record_transition(self, transition: TransitionInput) -> datetime:
+        """One stage of the cancellation, with its audit row, in one statement: the status, the
+        sub-order cancelled when the transition says so, the audit row once per event key.
+        Returns when the cancellation was created (for the seller-decision metric)."""
+        created_at: datetime | None = await self._pool.fetchval(
+            _TRANSITION,
+            transition.cancellation_id,
+            transition.status.value,
+            transition.cancel_sub_order,
+            transition.event_key,
+            transition.actor,
+            transition.kind,
+            transition.detail,
+        )
+        if created_at is None:
+            raise CancellationNotFound(transition.cancellation_id)
+        return created_at
 
     async def record_event(self, event: EventInput) -> None:
         await self._pool.execute(
@@ -328,50 +443,30 @@ class Ledger:
             if existing is not None and not existing.view.stage.is_dead:
                 return existing
             generation = existing.view.generation + 1 if existing is not None else 1
-            key = refund_idempotency_key(cancellation_id, generation)
             kind = refund_kind(CaptureState(sub["capture"]))
             eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
             try:
-                await conn.execute(
-                    "UPDATE payments SET refunded_minor = refunded_minor + $2"
-                    " WHERE payment_id = $1",
+                row = await conn.fetchrow(
+                    _RESERVE_REFUND,
+                    refund_idempotency_key(cancellation_id, generation),
+                    cancellation_id,
                     sub["payment_id"],
                     sub["cash_minor"],
+                    kind.value,
+                    sub["currency"],
+                    eta.earliest,
+                    eta.latest,
+                    generation,
+                    CancellationStatus.REFUND_REQUESTED.value,
+                    event_key,
+                    f"{kind.value} of {sub['cash_minor']} {sub['currency'].strip()} requested",
                 )
             except asyncpg.CheckViolationError as err:
                 raise RefundLimitExceeded(
                     f"refunding {sub['cash_minor']} would exceed payment {sub['payment_id']}"
                 ) from err
-            await conn.execute(
-                """
-                INSERT INTO refunds (idempotency_key, cancellation_id, payment_id, kind,
-                    amount_minor, currency, stage, eta_earliest, eta_latest, generation)
-                VALUES ($1, $2, $3, $4, $5, $6, 'requested', $7, $8, $9)
-                """,
-                key,
-                cancellation_id,
-                sub["payment_id"],
-                kind.value,
-                sub["cash_minor"],
-                sub["currency"],
-                eta.earliest,
-                eta.latest,
-                generation,
-            )
-            await conn.execute(
-                _SET_STATUS, cancellation_id, CancellationStatus.REFUND_REQUESTED.value
-            )
-            await conn.execute(
-                _APPEND_EVENT,
-                cancellation_id,
-                event_key,
-                "system",
-                "refund_requested",
-                f"{kind.value} of {sub['cash_minor']} {sub['currency'].strip()} requested",
-            )
-            record = await self._refund_row(conn, cancellation_id=cancellation_id)
-            assert record is not None
-            return record
+            assert row is not None  # the payment row is locked: it exists
+            return _refund_record(row)
 
     async def get_refund(self, *, cancellation_id: str) -> RefundRecord:
         async with self._pool.acquire() as conn:
@@ -388,66 +483,39 @@ class Ledger:
         eta: EtaRange,
         event_key: str,
     ) -> RefundRecord:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """
-                UPDATE refunds SET stage = 'submitted', provider_ref = $2,
-                    submitted_at = clock_timestamp(), eta_earliest = $3, eta_latest = $4,
-                    attempts = attempts + 1, last_error = NULL
-                WHERE cancellation_id = $1 AND stage IN ('requested', 'failed')
-                """,
-                cancellation_id,
-                provider_ref,
-                eta.earliest,
-                eta.latest,
-            )
-            await conn.execute(
-                _SET_STATUS_FROM_REFUND,
-                cancellation_id,
-                CancellationStatus.REFUND_SUBMITTED.value,
-                "submitted",
-            )
-            await conn.execute(
-                _APPEND_EVENT,
-                cancellation_id,
-                event_key,
-                "provider",
-                "refund_submitted",
-                f"accepted by the provider as {provider_ref}",
-            )
-            record = await self._refund_row(conn, cancellation_id=cancellation_id)
-            assert record is not None
-            return record
+        row = await self._pool.fetchrow(
+            _REFUND_SUBMITTED,
+            cancellation_id,
+            CancellationStatus.REFUND_SUBMITTED.value,
+            RefundStage.SUBMITTED.value,
+            event_key,
+            "provider",
+            "refund_submitted",
+            f"accepted by the provider as {provider_ref}",
+            provider_ref,
+            eta.earliest,
+            eta.latest,
+        )
+        if row is None:
+            raise CancellationNotFound(f"no refund for {cancellation_id}")
+        return _refund_record(row)
 
     async def record_refund_confirmed(
         self, *, cancellation_id: str, event_key: str
     ) -> RefundRecord:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """
-                UPDATE refunds SET stage = 'confirmed', confirmed_at = clock_timestamp(),
-                    last_error = NULL
-                WHERE cancellation_id = $1 AND stage = 'submitted'
-                """,
-                cancellation_id,
-            )
-            await conn.execute(
-                _SET_STATUS_FROM_REFUND,
-                cancellation_id,
-                CancellationStatus.REFUND_CONFIRMED.value,
-                "confirmed",
-            )
-            await conn.execute(
-                _APPEND_EVENT,
-                cancellation_id,
-                event_key,
-                "provider",
-                "refund_confirmed",
-                "the provider confirmed the refund",
-            )
-            record = await self._refund_row(conn, cancellation_id=cancellation_id)
-            assert record is not None
-            return record
+        row = await self._pool.fetchrow(
+            _REFUND_CONFIRMED,
+            cancellation_id,
+            CancellationStatus.REFUND_CONFIRMED.value,
+            RefundStage.CONFIRMED.value,
+            event_key,
+            "provider",
+            "refund_confirmed",
+            "the provider confirmed the refund",
+        )
+        if row is None:
+            raise CancellationNotFound(f"no refund for {cancellation_id}")
+        return _refund_record(row)
 
     async def record_refund_failed(
         self, *, cancellation_id: str, error: str, event_key: str, final: bool = False
@@ -456,50 +524,19 @@ class Ledger:
         still owed and an operator's retry resumes with the same idempotency key. A final one
         (`final`: the provider refused for good) makes the refund `declined`, dead under its
         key: its reservation is released and the retry makes the next generation."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                """
-                SELECT idempotency_key, payment_id, amount_minor FROM refunds
-                WHERE cancellation_id = $1 AND stage NOT IN ('confirmed', 'declined', 'reversed')
-                FOR UPDATE
-                """,
-                cancellation_id,
-            )
-            if row is not None:
-                if final:
-                    await conn.execute(
-                        "SELECT 1 FROM payments WHERE payment_id = $1 FOR UPDATE",
-                        row["payment_id"],
-                    )
-                    await conn.execute(
-                        "UPDATE payments SET refunded_minor = refunded_minor - $2"
-                        " WHERE payment_id = $1",
-                        row["payment_id"],
-                        row["amount_minor"],
-                    )
-                await conn.execute(
-                    """
-                    UPDATE refunds SET stage = $2, failed_at = clock_timestamp(), last_error = $3
-                    WHERE idempotency_key = $1
-                    """,
-                    row["idempotency_key"],
-                    RefundStage.DECLINED.value if final else RefundStage.FAILED.value,
-                    error[:2000],
-                )
-                await conn.execute(
-                    _SET_STATUS, cancellation_id, CancellationStatus.REFUND_FAILED.value
-                )
-            await conn.execute(
-                _APPEND_EVENT,
-                cancellation_id,
-                event_key,
-                "system",
-                "refund_declined" if final else "refund_failed",
-                error[:2000],
-            )
-            record = await self._refund_row(conn, cancellation_id=cancellation_id)
-            assert record is not None
-            return record
+        row = await self._pool.fetchrow(
+            _REFUND_FAILED,
+            cancellation_id,
+            RefundStage.DECLINED.value if final else RefundStage.FAILED.value,
+            error[:2000],
+            final,
+            CancellationStatus.REFUND_FAILED.value,
+            event_key,
+            "refund_declined" if final else "refund_failed",
+        )
+        if row is None:
+            raise CancellationNotFound(f"no refund for {cancellation_id}")
+        return _refund_record(row)
 
     async def _refund_row(
         self, conn: asyncpg.Connection, *, cancellation_id: str
@@ -513,28 +550,7 @@ class Ledger:
             """,
             cancellation_id,
         )
-        if row is None:
-            return None
-        eta = (
-            EtaRange(earliest=row["eta_earliest"], latest=row["eta_latest"])
-            if row["eta_earliest"] is not None
-            else None
-        )
-        return RefundRecord(
-            payment_id=row["payment_id"],
-            method=PaymentMethod(row["method"]),
-            view=RefundView(
-                idempotency_key=row["idempotency_key"],
-                generation=row["generation"],
-                kind=RefundKind(row["kind"]),
-                amount=Money(amount_minor=row["amount_minor"], currency=row["currency"].strip()),
-                stage=RefundStage(row["stage"]),
-                provider_ref=row["provider_ref"],
-                eta=eta,
-                attempts=row["attempts"],
-                last_error=row["last_error"],
-            ),
-        )
+        return _refund_record(row) if row is not None else None
 
     async def reverse_refund(
         self, *, cancellation_id: str, failure: str, event_key: str
@@ -876,20 +892,6 @@ class Ledger:
         )
         return _coupon_outcome(row) if row is not None else None
 
-    async def timings(self, *, cancellation_id: str) -> CancellationTimings:
-        row = await self._pool.fetchrow(
-            """
-            SELECT c.created_at, r.requested_at AS refund_requested_at,
-                r.submitted_at AS refund_submitted_at, r.confirmed_at AS refund_confirmed_at
-            FROM cancellations c LEFT JOIN refunds r USING (cancellation_id)
-            WHERE c.cancellation_id = $1
-            """,
-            cancellation_id,
-        )
-        if row is None:
-            raise CancellationNotFound(f"no cancellation {cancellation_id}")
-        return CancellationTimings(**dict(row))
-
     async def view(self, *, cancellation_id: str) -> CancellationView:
         """The full story of one cancellation, from the ledger alone."""
         row = await self._pool.fetchrow(
@@ -939,4 +941,31 @@ def _coupon_outcome(row: asyncpg.Record) -> CouponOutcome:
         reason=row["reason"],
         redemption_id=row["redemption_id"],
         active_sub_orders=list(row["active_sub_orders"]),
+    )
+
+
+def _refund_record(row: asyncpg.Record) -> RefundRecord:
+    """A refund row (`refunds.*` and the payment's `method`) as the activities use it."""
+    eta = (
+        EtaRange(earliest=row["eta_earliest"], latest=row["eta_latest"])
+        if row["eta_earliest"] is not None
+        else None
+    )
+    return RefundRecord(
+        payment_id=row["payment_id"],
+        method=PaymentMethod(row["method"]),
+        view=RefundView(
+            idempotency_key=row["idempotency_key"],
+            generation=row["generation"],
+            kind=RefundKind(row["kind"]),
+            amount=Money(amount_minor=row["amount_minor"], currency=row["currency"].strip()),
+            stage=RefundStage(row["stage"]),
+            provider_ref=row["provider_ref"],
+            eta=eta,
+            attempts=row["attempts"],
+            last_error=row["last_error"],
+        ),
+        requested_at=row["requested_at"],
+        submitted_at=row["submitted_at"],
+        confirmed_at=row["confirmed_at"],
     )
