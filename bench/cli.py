@@ -88,13 +88,11 @@ def bench(
     pool_max: Annotated[int | None, typer.Option(help="asyncpg pool max size (worker)")] = None,
     cache: Annotated[int, typer.Option(help="max_cached_workflows")] = 1000,
     metrics: Annotated[bool, typer.Option(help="Export the worker's metrics")] = True,
-    no_pool_reset: Annotated[
+    pool_reset: Annotated[
         bool,
-        typer.Option("--no-pool-reset", help="Proposal P1: pooled connections without reset"),
-    ] = False,
-    lean_ledger: Annotated[
-        bool,
-        typer.Option("--lean-ledger", help="Proposal P2: ledger transitions in one statement"),
+        typer.Option(
+            "--pool-reset", help="Compare: asyncpg's session reset on every release (before P1)"
+        ),
     ] = False,
     unsandboxed: Annotated[
         bool,
@@ -143,8 +141,7 @@ def bench(
         pool_max=pool_max,
         cache=cache,
         metrics=metrics,
-        no_pool_reset=no_pool_reset,
-        lean_ledger=lean_ledger,
+        pool_reset=pool_reset,
         limit_variant=limit_variant,
         unsandboxed=unsandboxed,
         sides=tuple(side.strip() for side in sides.split(",")),

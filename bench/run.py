@@ -71,8 +71,8 @@ class BenchOptions:
     pool_max: int | None = None
     cache: int = 1000
     metrics: bool = True
-    no_pool_reset: bool = False
-    lean_ledger: bool = False
+    # The product before P1: asyncpg's reset query on every release (to compare).
+    pool_reset: bool = False
     unsandboxed: bool = False
     # "merged-upserts": the limit runs proposal A1-A3's shape (bench.shape.merge_upserts).
     limit_variant: str | None = None
@@ -102,8 +102,7 @@ class BenchOptions:
             "pool": [self.pool_min, self.pool_max],
             "max_cached_workflows": self.cache,
             "metrics": self.metrics,
-            "no_pool_reset": self.no_pool_reset,
-            "lean_ledger": self.lean_ledger,
+            "pool_reset": self.pool_reset,
             "unsandboxed": self.unsandboxed,
             "limit_variant": self.limit_variant,
             "sides": list(self.sides),
@@ -411,8 +410,7 @@ async def run_bench(
             pool_min=pool_min,
             pool_max=pool_max,
             metrics=options.metrics,
-            no_pool_reset=options.no_pool_reset,
-            lean_ledger=options.lean_ledger,
+            pool_reset=options.pool_reset,
             unsandboxed=options.unsandboxed,
             log_level=options.log_level,
             profile=(

@@ -1,9 +1,10 @@
 """Every statement a process sends to PostgreSQL, counted through asyncpg's query loggers.
 
-`counting_pool` makes an asyncpg pool (the same settings as `ledger.db.create_pool`) whose every
+`counting_pool` makes the product's asyncpg pool (`ledger.db.create_pool`) whose every
 connection reports each statement it executes (`Connection.add_query_logger`, asyncpg >= 0.29).
 That covers all of asyncpg's entry points (`execute`, `fetch*`, `executemany`), the `BEGIN` /
-`COMMIT` / `ROLLBACK` of `conn.transaction()` and the reset query the pool runs on every release.
+`COMMIT` / `ROLLBACK` of `conn.transaction()` and, with `pool_reset` (asyncpg's default, which
+the product no longer uses: docs/performance.md, P1), the reset query on every release.
 Each statement is at least one network round trip (a prepared-statement cache miss adds a Parse
 round trip, not counted).
 
@@ -20,6 +21,8 @@ from typing import Any
 
 import asyncpg
 from temporalio import activity
+
+from ledger.db import create_pool
 
 LEDGER = "ledger"
 PROVIDER = "provider_sim"
@@ -104,30 +107,25 @@ async def counting_pool(
     *,
     min_size: int = 2,
     max_size: int = 10,
-    no_reset: bool = False,
+    pool_reset: bool = False,
 ) -> asyncpg.Pool:
-    """An asyncpg pool like `ledger.db.create_pool`'s, every statement counted in `counter`;
-    with `no_reset`, connections go back to the pool without the reset query."""
+    """`ledger.db.create_pool`'s pool, every statement counted in `counter`; with
+    `pool_reset`, connections go back to the pool through asyncpg's default reset query (the
+    product before P1, to compare)."""
 
     async def init(conn: asyncpg.Connection) -> None:
         conn.add_query_logger(counter.logger_for(conn))
 
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        command_timeout=30,
-        init=init,
-        connection_class=NoResetConnection if no_reset else asyncpg.Connection,
-    )
-    assert pool is not None
-    return pool
+    if pool_reset:
+        return await create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=init, reset=session_reset
+        )
+    return await create_pool(dsn, min_size=min_size, max_size=max_size, init=init)
 
 
-class NoResetConnection(asyncpg.Connection):
-    """A connection the pool returns without its reset round trip (proposal P1 in
-    docs/performance.md). Safe for the ledger: it uses no LISTEN, cursors, session settings or
-    advisory locks on pooled connections, and asyncpg still rolls back an open transaction."""
-
-    def get_reset_query(self) -> str:
-        return ""
+async def session_reset(conn: asyncpg.Connection) -> None:
+    """asyncpg's default reset on release (`SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`), which the product's pool skips (`ledger.db.keep_session`)."""
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)

@@ -48,10 +48,8 @@ class WorkerConfig(BaseModel):
     pool_min: int = 2
     pool_max: int = 10
     metrics: bool = True
-    # Proposal P1 (docs/performance.md): pooled connections without the reset round trip.
-    no_pool_reset: bool = False
-    # Proposal P2: ledger transitions in one statement each (bench.experiments.LeanLedger).
-    lean_ledger: bool = False
+    # The product before P1 (docs/performance.md): asyncpg's reset query on every release.
+    pool_reset: bool = False
     # Experiment: workflows without the sandbox (temporalio's UnsandboxedWorkflowRunner).
     unsandboxed: bool = False
     log_level: str = "info"
@@ -116,16 +114,12 @@ async def serve(config: WorkerConfig) -> None:
         from workers.worker import build_worker
 
         assert config.database_url is not None
-        if config.lean_ledger:
-            from bench.experiments import use_lean_ledger
-
-            use_lean_ledger()
         pool = await counting_pool(
             config.database_url,
             counter,
             min_size=config.pool_min,
             max_size=config.pool_max,
-            no_reset=config.no_pool_reset,
+            pool_reset=config.pool_reset,
         )
         settings = Settings(
             provider="simulator",
