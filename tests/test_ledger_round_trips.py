@@ -1,0 +1,338 @@
+"""What the ledger costs per stage, and that the cheaper form keeps its guarantees (issue 7).
+
+Real PostgreSQL, every statement counted with the bench's counter (`bench.sql_counter`, the
+product's pool with a query logger). Pinned here: each stage transition is one statement (one
+round trip, one transaction with its audit row), the pool sends no reset on release and no
+session state survives a release, the business metrics make no reads of their own, and a
+repeated or refused transition writes its audit row once or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from activities.ledger_activities import LedgerActivities
+from activities.refund_activities import RefundActivities
+from bench.sql_counter import SqlCounter, counting_pool
+from domain.errors import CancellationNotFound
+from domain.models import (
+    CancellationPath,
+    CancellationReason,
+    CancellationStatus,
+    EtaRange,
+    RefundPolicy,
+    RefundRequestInput,
+    RefundStage,
+    RefundStepInput,
+    RequestCancellationInput,
+    TimeoutPolicy,
+    TransitionInput,
+)
+from domain.rules import DEFAULT_ETA_TABLE, cancellation_id, refund_idempotency_key
+from infra.metrics import BusinessMetrics
+from ledger.db import create_pool, migrate, migration_files
+from ledger.orders import load_orders, parse_orders_file
+from ledger.repository import Ledger
+from payments.provider import SimulatedProvider
+
+DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
+CID = cancellation_id("O-1002", "S-7")  # payment validated: the request path
+
+
+class RecordedMetrics(BusinessMetrics):
+    """Enabled metrics that remember what they were given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def seller_decided(self, **labels: Any) -> None:
+        self.seen.append(("seller_decided", labels))
+
+    def refund_stage_reached(self, **labels: Any) -> None:
+        self.seen.append(("refund_stage_reached", labels))
+
+
+class Counted:
+    def __init__(self, pool: asyncpg.Pool, counter: SqlCounter, queries: list[str]) -> None:
+        self.pool = pool
+        self.counter = counter
+        self.queries = queries
+        self.ledger = Ledger(pool)
+
+    def reset(self) -> None:
+        self.counter.reset()
+        self.queries.clear()
+
+    async def ledger_totals(self) -> tuple[int, int]:
+        """(statements, transactions) on the ledger since the last reset, once the pool has
+        released every connection (releases are where a reset query would run)."""
+        await asyncio.sleep(0.05)
+        totals = self.counter.snapshot()
+        return totals.get("ledger.statements", 0), totals.get("ledger.transactions", 0)
+
+
+@pytest.fixture
+async def counted(database_url: str) -> AsyncIterator[Counted]:
+    counter = SqlCounter()
+    queries: list[str] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(counter.logger_for(conn))
+        conn.add_query_logger(lambda record: queries.append(record.query))
+
+    pool = await create_pool(database_url, min_size=1, max_size=4, init=init)
+    try:
+        await load_orders(pool, parse_orders_file(DEMO_FILE.read_text()))
+        yield Counted(pool, counter, queries)
+    finally:
+        await pool.close()
+
+
+def transition(status: CancellationStatus, key: str, *, cancel: bool = False) -> TransitionInput:
+    return TransitionInput(
+        cancellation_id=CID,
+        status=status,
+        actor="seller:S-7",
+        kind=status.value,
+        event_key=key,
+        cancel_sub_order=cancel,
+    )
+
+
+async def open_request(ledger: Ledger) -> None:
+    opened = await ledger.open_cancellation(
+        cancellation_id=CID,
+        request=RequestCancellationInput(
+            order_id="O-1002",
+            seller_id="S-7",
+            buyer_id="B-502",
+            reason=CancellationReason.OUT_OF_STOCK,
+        ),
+    )
+    assert opened.path is CancellationPath.REQUEST
+
+
+async def audit(pool: asyncpg.Pool) -> list[tuple[str, str]]:
+    rows = await pool.fetch(
+        "SELECT event_key, kind FROM cancellation_events WHERE cancellation_id = $1"
+        " ORDER BY event_id",
+        CID,
+    )
+    return [(r["event_key"], r["kind"]) for r in rows]
+
+
+async def test_each_stage_is_one_round_trip_and_metrics_read_nothing(counted: Counted) -> None:
+    metrics = RecordedMetrics()
+    ledger_acts = LedgerActivities(
+        counted.ledger,
+        response_window=timedelta(hours=48),
+        timeout_policy=TimeoutPolicy.AUTO_APPROVE,
+        refund_policy=RefundPolicy(),
+        metrics=metrics,
+    )
+    refund_acts = RefundActivities(
+        counted.ledger, SimulatedProvider(counted.pool, confirm_after_polls=0), metrics=metrics
+    )
+    await open_request(counted.ledger)
+    step = RefundStepInput(
+        cancellation_id=CID, idempotency_key=refund_idempotency_key(CID), event_key="submitted"
+    )
+
+    # (activity, ledger statements, ledger transactions): before issue 7 these were 7 + 2
+    # (metric read), 10, 2 + 7 + 2, 2 + 7 + 2 and 6 statements, pool resets included.
+    counted.reset()
+    await ledger_acts.record_transition(transition(CancellationStatus.APPROVED, "a", cancel=True))
+    assert await counted.ledger_totals() == (1, 1)
+
+    counted.reset()
+    await ledger_acts.request_refund(RefundRequestInput(cancellation_id=CID, event_key="r"))
+    # BEGIN, payment locked, live refund looked up under that lock, the intent, COMMIT.
+    assert await counted.ledger_totals() == (5, 1)
+
+    counted.reset()
+    await refund_acts.submit_refund(step)
+    assert await counted.ledger_totals() == (2, 2)  # the refund read, the record
+
+    counted.reset()
+    confirmed = await refund_acts.confirm_refund(step.model_copy(update={"event_key": "c"}))
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert await counted.ledger_totals() == (2, 2)
+
+    counted.reset()
+    await ledger_acts.record_transition(transition(CancellationStatus.COMPLETED, "done"))
+    assert await counted.ledger_totals() == (1, 1)
+
+    assert counted.counter.snapshot().get("ledger.resets", 0) == 0
+    assert not any("pg_advisory_unlock_all" in q.lower() for q in counted.queries)
+    # The metrics got their durations from the writes' own timestamps.
+    kinds = [name for name, _ in metrics.seen]
+    assert kinds == ["seller_decided", "refund_stage_reached", "refund_stage_reached"]
+    assert all(labels["seconds"] >= 0 for _, labels in metrics.seen)
+    assert [labels.get("stage") for _, labels in metrics.seen[1:]] == ["submitted", "confirmed"]
+
+
+async def test_a_repeated_transition_writes_one_audit_row(counted: Counted) -> None:
+    await open_request(counted.ledger)
+    approved = transition(CancellationStatus.APPROVED, "approved", cancel=True)
+    first = await counted.ledger.record_transition(approved)
+    again = await counted.ledger.record_transition(approved)
+    assert first == again  # the cancellation's creation time, for the decision metric
+    assert [kind for key, kind in await audit(counted.pool) if key == "approved"] == ["approved"]
+    row = await counted.pool.fetchrow(
+        "SELECT c.status, s.status AS sub FROM cancellations c"
+        " JOIN sub_orders s USING (order_id, seller_id) WHERE cancellation_id = $1",
+        CID,
+    )
+    assert (row["status"], row["sub"]) == ("approved", "cancelled")
+
+
+async def test_transitions_of_an_unknown_cancellation_or_refund_write_nothing(
+    counted: Counted,
+) -> None:
+    before = await counted.pool.fetchval("SELECT count(*) FROM cancellation_events")
+    with pytest.raises(CancellationNotFound, match="cancel-nope"):
+        await counted.ledger.record_transition(
+            transition(CancellationStatus.APPROVED, "x").model_copy(
+                update={"cancellation_id": "cancel-nope"}
+            )
+        )
+    # A cancellation without a refund yet: no refund stage, no status, no audit row.
+    await open_request(counted.ledger)
+    opened = await audit(counted.pool)
+    for call in (
+        counted.ledger.record_refund_confirmed(cancellation_id=CID, event_key="c"),
+        counted.ledger.record_refund_failed(cancellation_id=CID, error="e", event_key="f"),
+        counted.ledger.record_refund_failed(
+            cancellation_id=CID, error="e", event_key="f", final=True
+        ),
+    ):
+        with pytest.raises(CancellationNotFound, match=f"no refund for {CID}"):
+            await call
+    assert await audit(counted.pool) == opened
+    assert len(opened) == before + 2  # requested + awaiting_seller
+    status = await counted.pool.fetchval(
+        "SELECT status FROM cancellations WHERE cancellation_id = $1", CID
+    )
+    assert status == "awaiting_seller"
+
+
+async def test_no_session_state_survives_a_release(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)  # takes the migration lock (transaction-scoped)
+            await conn.execute("BEGIN")  # left open, as a cancelled task would
+            await conn.execute(
+                "INSERT INTO checkout_orders VALUES ('O-x', 'B-x', 'EUR', 'h', now(), now())"
+            )
+        async with pool.acquire() as conn:  # the same connection (pool of one)
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM checkout_orders") == 0
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid()"
+            )
+            assert held == 0
+    finally:
+        await pool.close()
+
+
+async def test_concurrent_migrations_apply_each_version_once(postgres_url: str) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = "m_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = urlunsplit(urlsplit(postgres_url)._replace(path="/" + name))
+    conns = [await asyncpg.connect(url) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(migrate(c) for c in conns))
+        versions = [v for v, _, _ in migration_files()]
+        assert sorted(v for run in applied for v in run) == versions
+        for conn in conns:
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid()"
+            )
+            assert held == 0
+    finally:
+        for conn in conns:
+            await conn.close()
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_the_bench_can_still_count_the_old_pool_reset(database_url: str) -> None:
+    counter = SqlCounter()
+    pool = await counting_pool(database_url, counter, min_size=1, max_size=1, pool_reset=True)
+    try:
+        await pool.fetchval("SELECT 1")
+        await asyncio.sleep(0.05)
+        assert counter.snapshot().get("ledger.resets") == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_transition_that_waited_for_a_concurrent_one_reports_the_refund_as_it_is_now(
+    counted: Counted, database_url: str
+) -> None:
+    """A late failure report that had to wait for the confirmation of the same refund (an
+    overlapping attempt) leaves it confirmed and returns it confirmed, not as it was when the
+    statement started."""
+    ledger = counted.ledger
+    await open_request(ledger)
+    await ledger.record_transition(transition(CancellationStatus.APPROVED, "a", cancel=True))
+    await ledger.request_refund(
+        cancellation_id=CID, event_key="r", now=datetime.now(UTC), eta_table=DEFAULT_ETA_TABLE
+    )
+    now = datetime.now(UTC)
+    await ledger.record_refund_submitted(
+        cancellation_id=CID,
+        provider_ref="re_1",
+        eta=EtaRange(earliest=now, latest=now + timedelta(days=3)),
+        event_key="s",
+    )
+    other = await asyncpg.connect(database_url)
+    try:
+        confirming = other.transaction()
+        await confirming.start()
+        await other.execute(
+            "UPDATE refunds SET stage = 'confirmed', confirmed_at = clock_timestamp()"
+            " WHERE cancellation_id = $1",
+            CID,
+        )
+        late = asyncio.create_task(
+            ledger.record_refund_failed(cancellation_id=CID, error="late", event_key="late")
+        )
+        for _ in range(100):  # until the late report waits for the refund's row lock
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE refunds%'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting, "the late report did not wait for the confirmation's lock"
+        await confirming.commit()
+        record = await late
+    finally:
+        await other.close()
+    assert record.view.stage is RefundStage.CONFIRMED
+    row = await counted.pool.fetchrow(
+        "SELECT c.status, r.stage FROM cancellations c JOIN refunds r USING (cancellation_id)"
+        " WHERE cancellation_id = $1",
+        CID,
+    )
+    # The other transaction changed only the refund: the late report did not park the
+    # cancellation (it was not refund_failed-able any more).
+    assert (row["status"], row["stage"]) == ("refund_submitted", "confirmed")
