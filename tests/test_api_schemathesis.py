@@ -25,6 +25,10 @@ import asyncpg
 import httpx
 import pytest
 import schemathesis
+from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
+    e2e_database_url_fixture,
+    temporal_address_fixture,
+)
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -36,7 +40,6 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from schemathesis.core.result import Ok
-from test_api import api_database_url, api_temporal  # noqa: F401 (module-scoped fixtures)
 
 from api.app import borrowed, create_app
 from api.keys import KeyStore, generate_key
@@ -74,9 +77,9 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-async def stack(api_temporal: str, api_database_url: str) -> AsyncIterator[Stack]:  # noqa: F811
-    client = await connect(api_temporal)
-    pool = await create_pool(api_database_url, min_size=1, max_size=10)
+async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Stack]:
+    client = await connect(temporal_address)
+    pool = await create_pool(e2e_database_url, min_size=1, max_size=10)
     settings = Settings(
         task_queue=f"schemathesis-{uuid.uuid4().hex[:8]}",
         refund_poll_interval=timedelta(seconds=1),
