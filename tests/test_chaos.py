@@ -1,7 +1,7 @@
 """The reliability run (`ordercancel chaos`, docs/reliability.md) in a CI-sized version, and what it
 taught us.
 
-- A bounded chaos run: ~50 cancellations of every path on a real Temporal dev server and a real
+- The CI-sized chaos run: 300 cancellations of every path on a real Temporal dev server and a real
   PostgreSQL, `ordercancel worker` subprocesses SIGKILLed (also during provider calls) and
   SIGTERMed, PostgreSQL and Temporal restarted, the provider failing in every way it can; then
   0 violations, and every kind of fault really happened.
@@ -21,7 +21,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from chaos.faults import FaultKind
-from chaos.plan import FaultMix, Scenario, make_plan
+from chaos.plan import Scenario, make_plan
 from chaos.run import ChaosConfig, run_chaos
 from domain.models import (
     CancellationReason,
@@ -49,25 +49,11 @@ CI_SEED = 20260601
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(330)
-async def test_a_bounded_chaos_run_keeps_every_invariant() -> None:
+@pytest.mark.timeout(600)
+async def test_the_ci_sized_chaos_run_keeps_every_invariant() -> None:
+    """`ordercancel chaos` as the CLI runs it by default (300 cancellations), on a fixed seed."""
     lines: list[str] = []
-    report = await run_chaos(
-        ChaosConfig(
-            count=50,
-            seed=CI_SEED,
-            start_rate=2.0,  # the 30 s minimum start window
-            fault_tail=5.0,
-            fault_gap=(1.0, 3.0),
-            settle_timeout=150.0,
-            probes=12,
-            # More faults per payment than the full run, so that 50 cancellations see each.
-            fault_mix=FaultMix(
-                transient=0.4, lose_response=0.3, slow_confirm=0.4, final_failure=0.12
-            ),
-        ),
-        say=lines.append,
-    )
+    report = await run_chaos(ChaosConfig(seed=CI_SEED), say=lines.append)
     assert report.ok, "\n".join([*lines[-30:], "VIOLATIONS:", *report.violations[:30]])
     counts = report.fault_counts()
     missing = [kind.value for kind in FaultKind if counts.get(kind.value, 0) == 0]
@@ -76,8 +62,7 @@ async def test_a_bounded_chaos_run_keeps_every_invariant() -> None:
     assert {s.value for s in Scenario} <= set(paths), sorted(paths)
     assert all(row.other == 0 for row in report.paths)
     checked = {row.name: row.checked for row in report.invariants}
-    assert checked["none lost"] >= 50 and checked["refunded exactly once"] >= 50
-    assert report.seconds < 240, report.phases
+    assert checked["none lost"] >= 300 and checked["refunded exactly once"] >= 300
 
 
 # --- the plan -----------------------------------------------------------------------------------
