@@ -17,6 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from domain.models import PaymentEvent, PaymentEventType, Record
 from infra.settings import TASK_QUEUE
 from ledger.repository import Ledger
+from starter.requests import start_attributes
 from workflows.order_cancellation import OrderCancellation
 
 
@@ -66,6 +67,7 @@ async def forward_payment_event(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             start_signal="payment_event",
             start_signal_args=[event],
+            search_attributes=start_attributes(request),
         )
         outcome = ForwardOutcome.REOPENED
     else:

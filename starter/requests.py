@@ -39,6 +39,20 @@ def summary(
     )
 
 
+def start_attributes(request: RequestCancellationInput) -> TypedSearchAttributes:
+    """Every attribute a cancellation has from its first moment, set with the start (free):
+    the workflow then upserts none of them again (workflows.order_cancellation, A1)."""
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(sa.ORDER_ID, request.order_id),
+            SearchAttributePair(sa.SELLER_ID, request.seller_id),
+            SearchAttributePair(sa.BUYER_ID, request.buyer_id),
+            SearchAttributePair(sa.CANCELLATION_STATUS, CancellationStatus.OPENING.value),
+            SearchAttributePair(sa.REFUND_STAGE, 0),
+        ]
+    )
+
+
 async def start_cancellation(
     client: Client,
     request: RequestCancellationInput,
@@ -68,14 +82,7 @@ async def start_cancellation(
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(sa.ORDER_ID, request.order_id),
-                    SearchAttributePair(sa.SELLER_ID, request.seller_id),
-                    SearchAttributePair(sa.BUYER_ID, request.buyer_id),
-                    SearchAttributePair(sa.CANCELLATION_STATUS, CancellationStatus.OPENING.value),
-                ]
-            ),
+            search_attributes=start_attributes(request),
             static_summary=summary(request, amount),
             static_details=(
                 f"**Order** {request.order_id}  \n**Seller** {request.seller_id}  \n"
