@@ -239,8 +239,10 @@ class Ledger:
         async with self._pool.acquire() as conn, conn.transaction():
             sub = await conn.fetchrow(
                 """
-                SELECT s.status, s.cash_minor, p.currency, p.method, p.capture
-                FROM sub_orders s JOIN payments p ON p.order_id = s.order_id
+                SELECT s.status, s.cash_minor, p.currency, p.method, p.capture, o.buyer_id
+                FROM sub_orders s
+                JOIN payments p ON p.order_id = s.order_id
+                JOIN checkout_orders o ON o.order_id = s.order_id
                 WHERE s.order_id = $1 AND s.seller_id = $2
                 FOR UPDATE OF s
                 """,
@@ -251,8 +253,10 @@ class Ledger:
                 raise SubOrderNotFound(
                     f"no sub-order of seller {request.seller_id} in order {request.order_id}"
                 )
+            # Read after the sub-order's lock, in a statement of its own: it sees a cancellation
+            # committed by whoever held the lock before us.
             other = await conn.fetchrow(
-                "SELECT cancellation_id, path FROM cancellations"
+                "SELECT cancellation_id, path, status FROM cancellations"
                 " WHERE order_id = $1 AND seller_id = $2",
                 request.order_id,
                 request.seller_id,
@@ -268,10 +272,7 @@ class Ledger:
                     raise SubOrderAlreadyCancelled(
                         f"sub-order {request.order_id}/{request.seller_id} is already cancelled"
                     )
-                buyer = await conn.fetchval(
-                    "SELECT buyer_id FROM checkout_orders WHERE order_id = $1", request.order_id
-                )
-                if buyer != request.buyer_id:
+                if sub["buyer_id"] != request.buyer_id:
                     # Only the buyer of the order may cancel it; a wrong buyer id is a caller
                     # bug, not a reason to reveal whose order it is.
                     raise SubOrderNotFound(
@@ -280,6 +281,9 @@ class Ledger:
                     )
                 instant = sub["status"] == SubOrderStatus.UNVALIDATED
                 path = CancellationPath.INSTANT if instant else CancellationPath.REQUEST
+                status = (
+                    CancellationStatus.APPROVED if instant else CancellationStatus.AWAITING_SELLER
+                )
                 if instant:
                     await conn.execute(
                         """
@@ -304,44 +308,41 @@ class Ledger:
                     request.reason.fault.value,
                     request.reason_text,
                     path.value,
-                    (
-                        CancellationStatus.APPROVED
-                        if instant
-                        else CancellationStatus.AWAITING_SELLER
-                    ).value,
+                    status.value,
                 )
+                # Both opening rows in one statement, in this order (000 first).
                 await conn.execute(
-                    _APPEND_EVENT,
+                    """
+                    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind,
+                        detail)
+                    VALUES ($1, '000-requested', $2, 'requested', $3),
+                           ($1, '001-path', 'system', $4, $5)
+                    ON CONFLICT (cancellation_id, event_key) DO NOTHING
+                    """,
                     cancellation_id,
-                    "000-requested",
                     f"buyer:{request.buyer_id}",
-                    "requested",
                     f"reason {request.reason.value} ({request.reason.fault.value} fault)"
                     + (f": {request.reason_text}" if request.reason_text else ""),
-                )
-                await conn.execute(
-                    _APPEND_EVENT,
-                    cancellation_id,
-                    "001-path",
-                    "system",
                     "cancelled_instantly" if instant else "awaiting_seller",
                     "payment not validated yet: cancelled without the seller"
                     if instant
                     else "payment validated: the seller must decide",
                 )
+                # Just created under the sub-order's lock: its status is the one written and no
+                # refund can reference it yet.
+                view = None
             else:
                 path = CancellationPath(existing)
-            status = await conn.fetchval(
-                "SELECT status FROM cancellations WHERE cancellation_id = $1", cancellation_id
-            )
-            refund = await self._refund_row(conn, cancellation_id=cancellation_id)
+                status = CancellationStatus(other["status"])
+                refund = await self._refund_row(conn, cancellation_id=cancellation_id)
+                view = refund.view if refund is not None else None
             return SubOrderSnapshot(
                 path=path,
                 amount=Money(amount_minor=sub["cash_minor"], currency=sub["currency"].strip()),
                 payment_method=PaymentMethod(sub["method"]),
                 capture=CaptureState(sub["capture"]),
-                status=CancellationStatus(status),
-                refund=refund.view if refund is not None else None,
+                status=status,
+                refund=view,
             )
 
     async def sub_order_amount(
@@ -674,29 +675,31 @@ class Ledger:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             # A retried attempt that overlaps the first one waits here and reads its decision.
-            await conn.execute(
-                "SELECT 1 FROM cancellations WHERE cancellation_id = $1 FOR UPDATE",
-                cancellation_id,
-            )
-            # One decision per refund generation: after a reversal, the retried refund's
-            # coupon is decided again.
-            round_ = await conn.fetchval(
-                "SELECT coalesce(max(generation), 1) FROM refunds WHERE cancellation_id = $1",
-                cancellation_id,
-            )
-            previous = await conn.fetchrow(
-                "SELECT * FROM coupon_decisions WHERE cancellation_id = $1 AND round = $2",
-                cancellation_id,
-                round_,
-            )
-            if previous is not None:
-                return _coupon_outcome(previous)
             cancellation = await conn.fetchrow(
-                "SELECT order_id, seller_id FROM cancellations WHERE cancellation_id = $1",
+                "SELECT order_id, seller_id FROM cancellations WHERE cancellation_id = $1"
+                " FOR UPDATE",
                 cancellation_id,
             )
             if cancellation is None:
                 raise CancellationNotFound(cancellation_id)
+            # One decision per refund generation: after a reversal, the retried refund's
+            # coupon is decided again. The round and its decision, if made, in one statement
+            # run after the lock above was granted.
+            state = await conn.fetchrow(
+                """
+                WITH r AS (
+                    SELECT coalesce(max(generation), 1) AS decision_round
+                    FROM refunds WHERE cancellation_id = $1
+                )
+                SELECT r.decision_round, clock_timestamp() AS read_at, d.*
+                FROM r LEFT JOIN coupon_decisions d
+                    ON d.cancellation_id = $1 AND d.round = r.decision_round
+                """,
+                cancellation_id,
+            )
+            round_ = state["decision_round"]
+            if state["cancellation_id"] is not None:
+                return _coupon_outcome(state)
             redemption = await conn.fetchrow(
                 """
                 SELECT r.redemption_id, r.coupon_code, r.expires_at, r.restored_at, r.restored_by
@@ -707,7 +710,9 @@ class Ledger:
                 cancellation["order_id"],
                 cancellation["seller_id"],
             )
-            now = await conn.fetchval("SELECT clock_timestamp()")
+            # Without a coupon nothing depends on the moment; with one, it is read after the
+            # redemption's lock was granted (below), so siblings decide in the order they lock.
+            now = state["read_at"]
             if redemption is None:
                 outcome = decide_coupon(
                     redemption_id=None, footprint_fully_refunded={}, expires_at=None, now=now
@@ -718,7 +723,8 @@ class Ledger:
                     """
                     SELECT f.seller_id,
                            (s.status = 'cancelled' AND rf.stage = 'confirmed'
-                            AND rf.amount_minor = s.cash_minor) AS fully_refunded
+                            AND rf.amount_minor = s.cash_minor) AS fully_refunded,
+                           clock_timestamp() AS read_at
                     FROM coupon_footprints f
                     JOIN sub_orders s ON s.order_id = f.order_id AND s.seller_id = f.seller_id
                     LEFT JOIN cancellations c
@@ -730,6 +736,8 @@ class Ledger:
                     """,
                     redemption["redemption_id"],
                 )
+                if footprint:
+                    now = footprint[0]["read_at"]
                 outcome = decide_coupon(
                     redemption_id=redemption["redemption_id"],
                     footprint_fully_refunded={
@@ -775,11 +783,17 @@ class Ledger:
                                 + f" (given back when {redemption['restored_by']} finished)"
                             }
                         )
+            # The decision and its audit row in one statement (one round trip).
             await conn.execute(
                 """
-                INSERT INTO coupon_decisions (cancellation_id, redemption_id, outcome, reason,
-                    active_sub_orders, performed_restore, decided_at, round)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                WITH decision AS (
+                    INSERT INTO coupon_decisions (cancellation_id, redemption_id, outcome,
+                        reason, active_sub_orders, performed_restore, decided_at, round)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                )
+                INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
+                VALUES ($1, $9, 'system', $10, $4)
+                ON CONFLICT (cancellation_id, event_key) DO NOTHING
                 """,
                 cancellation_id,
                 outcome.redemption_id,
@@ -789,14 +803,8 @@ class Ledger:
                 performed,
                 now,
                 round_,
-            )
-            await conn.execute(
-                _APPEND_EVENT,
-                cancellation_id,
                 event_key,
-                "system",
                 f"coupon_{outcome.outcome.value}",
-                outcome.reason,
             )
             return outcome
 

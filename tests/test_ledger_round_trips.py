@@ -27,6 +27,7 @@ from domain.models import (
     CancellationPath,
     CancellationReason,
     CancellationStatus,
+    CouponOutcomeKind,
     EtaRange,
     RefundPolicy,
     RefundRequestInput,
@@ -179,6 +180,62 @@ async def test_each_stage_is_one_round_trip_and_metrics_read_nothing(counted: Co
     assert kinds == ["seller_decided", "refund_stage_reached", "refund_stage_reached"]
     assert all(labels["seconds"] >= 0 for _, labels in metrics.seen)
     assert [labels.get("stage") for _, labels in metrics.seen[1:]] == ["submitted", "confirmed"]
+
+
+async def test_opening_is_six_round_trips_and_reopening_five(counted: Counted) -> None:
+    """BEGIN, the sub-order locked (with its payment and buyer), the cancellation looked up
+    under that lock, the cancellation, both opening audit rows, COMMIT (11 before issue 7). A
+    retried or later run reads the stored status and refund instead of writing."""
+    counted.reset()
+    await open_request(counted.ledger)
+    assert await counted.ledger_totals() == (6, 1)
+    assert await audit(counted.pool) == [
+        ("000-requested", "requested"),
+        ("001-path", "awaiting_seller"),
+    ]
+
+    await counted.ledger.record_transition(
+        transition(CancellationStatus.APPROVED, "a", cancel=True)
+    )
+    counted.reset()
+    again = await counted.ledger.open_cancellation(
+        cancellation_id=CID,
+        request=RequestCancellationInput(
+            order_id="O-1002",
+            seller_id="S-7",
+            buyer_id="B-502",
+            reason=CancellationReason.OUT_OF_STOCK,
+        ),
+    )
+    assert await counted.ledger_totals() == (5, 1)
+    assert (again.path, again.status, again.refund) == (
+        CancellationPath.REQUEST,
+        CancellationStatus.APPROVED,
+        None,
+    )
+    assert len(await audit(counted.pool)) == 3  # nothing written again
+
+
+async def test_the_coupon_decision_is_six_round_trips_and_decided_once(counted: Counted) -> None:
+    """BEGIN, the cancellation locked, the round and any decision already made, the coupon's
+    redemption (none here), the decision with its audit row, COMMIT (10 before issue 7). A
+    retried attempt reads the decision made instead of deciding again."""
+    await open_request(counted.ledger)
+    counted.reset()
+    first = await counted.ledger.decide_coupon(cancellation_id=CID, event_key="coupon")
+    assert await counted.ledger_totals() == (6, 1)
+    assert first.outcome is CouponOutcomeKind.NO_COUPON
+    counted.reset()
+    again = await counted.ledger.decide_coupon(cancellation_id=CID, event_key="coupon")
+    assert again == first
+    assert await counted.ledger_totals() == (4, 1)  # BEGIN, lock, the decision read, COMMIT
+    assert [kind for key, kind in await audit(counted.pool) if key == "coupon"] == [
+        "coupon_no_coupon"
+    ]
+    decisions = await counted.pool.fetchval(
+        "SELECT count(*) FROM coupon_decisions WHERE cancellation_id = $1", CID
+    )
+    assert decisions == 1
 
 
 async def test_a_repeated_transition_writes_one_audit_row(counted: Counted) -> None:
