@@ -66,7 +66,7 @@ class HarnessError(Exception):
 def transient(err: BaseException) -> bool:
     if isinstance(err, RPCError):
         return err.status not in _NOT_TRANSIENT
-    return isinstance(err, RPCTimeoutOrCancelledError | TimeoutError | TRANSIENT_DB)
+    return isinstance(err, (RPCTimeoutOrCancelledError, TimeoutError, *TRANSIENT_DB))
 
 
 async def persist(

@@ -65,6 +65,22 @@ async def test_the_ci_sized_chaos_run_keeps_every_invariant() -> None:
     assert checked["none lost"] >= 300 and checked["refunded exactly once"] >= 300
 
 
+def test_the_drivers_retry_outages_and_take_answers_as_answers() -> None:
+    """Callers keep trying through outages (a server restarting, a database down, a timeout) and
+    take any other error as the answer. Found by the 5,000-cancellation run: a database or
+    timeout error made the check itself raise TypeError."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from chaos.driver import transient
+
+    assert transient(RPCError("down", RPCStatusCode.UNAVAILABLE, b""))
+    assert not transient(RPCError("no", RPCStatusCode.NOT_FOUND, b""))
+    assert transient(TimeoutError())
+    assert transient(ConnectionRefusedError())
+    assert transient(asyncpg.CannotConnectNowError("starting up"))
+    assert not transient(ValueError("an answer"))
+
+
 # --- the plan -----------------------------------------------------------------------------------
 
 
