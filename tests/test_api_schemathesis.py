@@ -27,6 +27,8 @@ import pytest
 import schemathesis
 from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
     e2e_database_url_fixture,
+    one_seller_order,
+    orders_file,
     temporal_address_fixture,
 )
 from hypothesis import HealthCheck, Phase, given, reject, settings
@@ -120,25 +122,8 @@ async def pending_cancellations(stack: Stack, n: int) -> list[str]:
     ids = []
     for _ in range(n):
         order_id = f"SCH-{uuid.uuid4().hex[:8]}"
-        order = {
-            "order_id": order_id,
-            "buyer_id": BUYER,
-            "currency": "EUR",
-            "placed_at": "2026-03-10T10:00:00Z",
-            "payment": {
-                "payment_id": f"P-{order_id}",
-                "method": "card",
-                "validation": "validated",
-                "capture": "captured",
-            },
-            "sub_orders": [
-                {
-                    "seller_id": SELLER,
-                    "lines": [{"sku": "SKU-1", "quantity": 1, "unit_price_minor": 2500}],
-                }
-            ],
-        }
-        await load_orders(stack.pool, parse_orders_file(json.dumps({"orders": [order]})))
+        order = one_seller_order(order_id, buyer_id=BUYER, seller_id=SELLER)
+        await load_orders(stack.pool, parse_orders_file(orders_file(order)))
         response = await stack.http.post(
             "/v1/cancellations",
             json={"order_id": order_id, "seller_id": SELLER, "buyer_id": BUYER, "reason": "other"},

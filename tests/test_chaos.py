@@ -12,12 +12,12 @@ taught us.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import timedelta
 
 import asyncpg
 import pytest
+from e2e_stack import one_seller_order, orders_file
 from temporalio.testing import WorkflowEnvironment
 
 from chaos.faults import FaultKind
@@ -142,22 +142,8 @@ async def test_a_reopened_cancellation_keeps_its_whole_audit_trail(
     from test_reversal import until_status
 
     order_id = f"AK-{uuid.uuid4().hex[:6]}"
-    order = {
-        "order_id": order_id,
-        "buyer_id": "B-1",
-        "currency": "EUR",
-        "placed_at": "2026-03-10T10:00:00Z",
-        "payment": {
-            "payment_id": f"P-{order_id}",
-            "method": "card",
-            "validation": "validated",
-            "capture": "captured",
-        },
-        "sub_orders": [
-            {"seller_id": "S-1", "lines": [{"sku": "A", "quantity": 1, "unit_price_minor": 1000}]}
-        ],
-    }
-    await load_orders(pool, parse_orders_file(json.dumps({"orders": [order]})))
+    order = one_seller_order(order_id, buyer_id="B-1", seller_id="S-1")
+    await load_orders(pool, parse_orders_file(orders_file(order)))
     provider = SimulatedProvider(pool, confirm_after_polls=0)
     # Two "pending" answers before success: the first run's keys reach 007-009, exactly where
     # the reopened run's land after its reversal and retry.

@@ -35,6 +35,7 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 import pytest
+from e2e_stack import dev_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
@@ -76,12 +77,11 @@ from domain.rules import (
     decide_coupon,
     parse_duration,
 )
-from infra.embedded import TemporalDevServer, free_port, temporal_binary
+from infra.embedded import temporal_binary
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from workers.worker import workflow_runner
 from workflows.order_cancellation import OrderCancellation, _parse
-from workflows.search_attributes import CLI_TYPES
 
 T = TypeVar("T")
 CODES = {code.value for code in RefusalCode}
@@ -819,17 +819,8 @@ WRONG_ARITY = [
 
 @pytest.fixture(scope="module")
 async def dev_temporal(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    server = TemporalDevServer(
-        port=free_port(),
-        ui_port=None,
-        db_file=tmp_path_factory.mktemp("hostile-temporal") / "temporal.db",
-        search_attributes=CLI_TYPES,
-    )
-    await server.start()
-    try:
+    async with dev_server(tmp_path_factory.mktemp("hostile-temporal")) as server:
         yield server.address
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def cli(address: str, *args: str) -> tuple[int, str]:
