@@ -92,7 +92,65 @@ class WorkerProcess:
 
 
 class WorkerStartError(RuntimeError):
-    pass
+    def __init__(self, message: str, worker: WorkerProcess | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+
+def worker_environment(settings: Mapping[str, str], health_port: int) -> dict[str, str]:
+    """This process's environment without its own DATABASE_URL, TEMPORAL_* and ORDERCANCEL_*,
+    plus `settings`, a health server on `health_port`, JSON logs and no metrics port. An empty
+    value in `settings` removes that variable."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TEMPORAL_", "ORDERCANCEL_")) and k != "DATABASE_URL"
+    }
+    env = {
+        **base,
+        "ORDERCANCEL_HEALTH_PORT": str(health_port),
+        "ORDERCANCEL_HEALTH_HOST": "127.0.0.1",
+        "ORDERCANCEL_METRICS_PORT": "0",
+        "ORDERCANCEL_LOG_FORMAT": "json",
+        **settings,
+    }
+    return {k: v for k, v in env.items() if v}
+
+
+async def start_worker_process(
+    name: str, *, log_dir: Path, settings: Mapping[str, str], ready_within: float = 60
+) -> WorkerProcess:
+    """`ordercancel worker` configured by `settings` (see `worker_environment`), its output in
+    `log_dir/<name>.log`, returned once its /readyz answers 200. If it exits first or is not
+    ready in time, it is killed and WorkerStartError (carrying it) says why, with its log."""
+    health_port = free_port()
+    log = log_dir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *ordercancel_command(),
+            "worker",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=worker_environment(settings, health_port),
+            cwd=str(log_dir),
+            preexec_fn=_die_with_parent(),
+        )
+    worker = WorkerProcess(name, proc, health_port, log)
+    deadline = time.monotonic() + ready_within
+    while not await worker.ready():
+        if not worker.alive:
+            raise WorkerStartError(f"{name} exited while starting:\n{worker.log_tail()}", worker)
+        if time.monotonic() > deadline:
+            worker.stopped_on_purpose = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            raise WorkerStartError(
+                f"{name} not ready after {ready_within:.0f}s:\n{worker.log_tail()}", worker
+            )
+        await asyncio.sleep(0.2)
+    return worker
 
 
 @dataclass
@@ -153,46 +211,23 @@ class ChaosStack:
     async def start_worker(self, *, ready_within: float = 60) -> WorkerProcess:
         """A worker polling the run's task queue (its /readyz says so)."""
         self._serial += 1
-        name = f"worker-{self._serial}"
-        health_port = free_port()
-        base = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("TEMPORAL_", "ORDERCANCEL_")) and k != "DATABASE_URL"
-        }
-        env = {
-            **base,
-            **self.worker_env,
-            "DATABASE_URL": self.database_url,
-            "TEMPORAL_ADDRESS": self.temporal_address,
-            "ORDERCANCEL_TASK_QUEUE": self.task_queue,
-            "ORDERCANCEL_HEALTH_PORT": str(health_port),
-            "ORDERCANCEL_HEALTH_HOST": "127.0.0.1",
-            "ORDERCANCEL_METRICS_PORT": "0",
-            "ORDERCANCEL_LOG_FORMAT": "json",
-        }
-        log = self.root / f"{name}.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *ordercancel_command(),
-                "worker",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                cwd=str(self.root),
-                preexec_fn=_die_with_parent(),
+        try:
+            worker = await start_worker_process(
+                f"worker-{self._serial}",
+                log_dir=self.root,
+                ready_within=ready_within,
+                settings={
+                    **self.worker_env,
+                    "DATABASE_URL": self.database_url,
+                    "TEMPORAL_ADDRESS": self.temporal_address,
+                    "ORDERCANCEL_TASK_QUEUE": self.task_queue,
+                },
             )
-        worker = WorkerProcess(name, proc, health_port, log)
+        except WorkerStartError as error:
+            if error.worker is not None:
+                self.workers.append(error.worker)
+            raise
         self.workers.append(worker)
-        deadline = time.monotonic() + ready_within
-        while not await worker.ready():
-            if not worker.alive:
-                raise WorkerStartError(f"{name} exited while starting:\n{worker.log_tail()}")
-            if time.monotonic() > deadline:
-                await self.kill(worker)
-                raise WorkerStartError(f"{name} not ready after {ready_within:.0f}s")
-            await asyncio.sleep(0.2)
         return worker
 
     async def kill(self, worker: WorkerProcess) -> None:

@@ -21,11 +21,18 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
+from fastapi import FastAPI
 from temporalio.client import Client
 
+from api.app import borrowed, create_app
+from api.keys import KeyStore, generate_key
+from infra.client import connect
 from infra.embedded import TemporalDevServer, free_port
 from infra.settings import Settings
+from ledger.db import create_pool
+from workers.worker import build_worker
 from workflows.search_attributes import CLI_TYPES
 
 T = TypeVar("T")
@@ -195,6 +202,51 @@ async def fresh_database(postgres_url: str, template: str) -> AsyncIterator[str]
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         finally:
             await admin.close()
+
+
+@dataclass
+class ApiStack:
+    """The API app served in-process over its own pool and client, the product's worker on the
+    same task queue, and a key for each principal."""
+
+    app: FastAPI
+    http: httpx.AsyncClient
+    keys: dict[str, str]
+    pool: asyncpg.Pool
+    client: Client
+
+
+@asynccontextmanager
+async def api_stack(
+    temporal_address: str,
+    database_url: str,
+    settings: Settings,
+    *,
+    principals: tuple[str, ...],
+    webhook_secret: str,
+) -> AsyncIterator[ApiStack]:
+    """The app with its lifespan and the worker, as `ordercancel api` and `ordercancel worker`
+    run them, over one pool and one client; requests go through ASGI, no port."""
+    client = await connect(temporal_address)
+    pool = await create_pool(database_url, min_size=1, max_size=10)
+    keys = {principal: generate_key() for principal in principals}
+    app = create_app(
+        settings,
+        resources=borrowed(pool, client),
+        keys=KeyStore.from_keys(keys),
+        webhook_secret=webhook_secret,
+    )
+    try:
+        async with (
+            build_worker(client, pool, settings),
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://api.test", timeout=30
+            ) as http,
+        ):
+            yield ApiStack(app, http, keys, pool, client)
+    finally:
+        await pool.close()
 
 
 # --- fixtures --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import structlog
 from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
+    api_stack,
     e2e_database_url_fixture,
     eventually,
     temporal_address_fixture,
@@ -30,15 +31,11 @@ from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_add
 from jsonschema import Draft202012Validator
 from temporalio.client import Client
 
-from api.app import borrowed, create_app
-from api.keys import KeyStore, generate_key
+from api.keys import generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
-from infra.client import connect
 from infra.settings import Settings
-from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
-from workers.worker import build_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -134,9 +131,8 @@ class Api:
 @pytest.fixture(scope="module")
 async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
     """The worker on a task queue of its own, and the app with its lifespan, over the same
-    pool and client; keys of every principal, made for this module."""
-    client = await connect(temporal_address)
-    pool = await create_pool(e2e_database_url, min_size=1, max_size=10)
+    pool and client; keys of every principal, made for this module. Every response is checked
+    against the app's own OpenAPI document."""
     settings = Settings(
         task_queue=f"api-{uuid.uuid4().hex[:8]}",
         refund_poll_interval=POLL_INTERVAL,
@@ -145,33 +141,21 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
         refund_submit_max_interval=timedelta(seconds=1),
         api_instant_wait=timedelta(seconds=10),
     )
-    keys = {principal: generate_key() for principal in PRINCIPALS}
-    app = create_app(
+    async with api_stack(
+        temporal_address,
+        e2e_database_url,
         settings,
-        resources=borrowed(pool, client),
-        keys=KeyStore.from_keys(keys),
+        principals=PRINCIPALS,
         webhook_secret=SECRET,
-    )
-    check = OpenApiCheck(app.openapi())
+    ) as stack:
+        check = OpenApiCheck(stack.app.openapi())
 
-    async def documented(response: httpx.Response) -> None:
-        await response.aread()
-        check(response)
+        async def documented(response: httpx.Response) -> None:
+            await response.aread()
+            check(response)
 
-    try:
-        async with (
-            build_worker(client, pool, settings),
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://api.test",
-                event_hooks={"response": [documented]},
-                timeout=30,
-            ) as http,
-        ):
-            yield Api(http, keys, pool, client, SimulatedProvider(pool))
-    finally:
-        await pool.close()
+        stack.http.event_hooks = {"response": [documented]}
+        yield Api(stack.http, stack.keys, stack.pool, stack.client, SimulatedProvider(stack.pool))
 
 
 # --- helpers -----------------------------------------------------------------------------------

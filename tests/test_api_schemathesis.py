@@ -16,16 +16,15 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
-import httpx
 import pytest
 import schemathesis
 from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
+    ApiStack,
+    api_stack,
     e2e_database_url_fixture,
     one_seller_order,
     orders_file,
@@ -43,14 +42,9 @@ from schemathesis.checks import (
 )
 from schemathesis.core.result import Ok
 
-from api.app import borrowed, create_app
-from api.keys import KeyStore, generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
-from infra.client import connect
 from infra.settings import Settings
-from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
-from workers.worker import build_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -71,41 +65,24 @@ EXAMPLES_PER_OPERATION = 75
 SENT: Counter[str] = Counter()
 
 
-@dataclass
-class Stack:
-    http: httpx.AsyncClient
-    keys: dict[str, str]
-    pool: asyncpg.Pool
-
-
 @pytest.fixture(scope="module")
-async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Stack]:
-    client = await connect(temporal_address)
-    pool = await create_pool(e2e_database_url, min_size=1, max_size=10)
+async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[ApiStack]:
     settings = Settings(
         task_queue=f"schemathesis-{uuid.uuid4().hex[:8]}",
         refund_poll_interval=timedelta(seconds=1),
         refund_submit_initial_interval=timedelta(milliseconds=100),
         api_instant_wait=timedelta(seconds=2),
     )
-    keys = {principal: generate_key() for principal in PRINCIPALS}
-    app = create_app(
-        settings,
-        resources=borrowed(pool, client),
-        keys=KeyStore.from_keys(keys),
-        webhook_secret=SECRET,
-    )
     try:
-        async with (
-            build_worker(client, pool, settings),
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://api.test", timeout=30
-            ) as http,
-        ):
-            yield Stack(http, keys, pool)
+        async with api_stack(
+            temporal_address,
+            e2e_database_url,
+            settings,
+            principals=PRINCIPALS,
+            webhook_secret=SECRET,
+        ) as stack:
+            yield stack
     finally:
-        await pool.close()
         if SENT:
             print("\nschemathesis requests: " + ", ".join(f"{k} {v}" for k, v in SENT.items()))
 
@@ -117,7 +94,7 @@ def on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]]) -
     return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=60)
 
 
-async def pending_cancellations(stack: Stack, n: int) -> list[str]:
+async def pending_cancellations(stack: ApiStack, n: int) -> list[str]:
     """Real cancellations awaiting their seller, whose ids the generated requests may use."""
     ids = []
     for _ in range(n):
@@ -135,7 +112,7 @@ async def pending_cancellations(stack: Stack, n: int) -> list[str]:
 
 
 def request_of(
-    case: Any, stack: Stack, caller: str | None, known: str | None, signed: bool
+    case: Any, stack: ApiStack, caller: str | None, known: str | None, signed: bool
 ) -> dict[str, Any]:
     if known is not None and "cancellation_id" in (case.path_parameters or {}):
         case.path_parameters = {**case.path_parameters, "cancellation_id": known}
@@ -166,7 +143,7 @@ def request_of(
     return {k: v for k, v in kwargs.items() if k in allowed}
 
 
-async def test_every_generated_request_gets_a_documented_answer_and_no_5xx(stack: Stack) -> None:
+async def test_every_generated_request_gets_a_documented_answer_and_no_5xx(stack: ApiStack) -> None:
     schema = schemathesis.openapi.from_path(str(OPENAPI))
     loop = asyncio.get_running_loop()
     known_ids = await pending_cancellations(stack, 3)

@@ -12,24 +12,22 @@ Temporal dev server and a real PostgreSQL (issue 8, "proven here").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import socket
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
+from e2e_stack import eventually, temporal_address_fixture  # noqa: F401  (fixture)
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 
+from chaos.stack import WorkerProcess, WorkerStartError, start_worker_process
 from domain.models import (
     CancellationReason,
     CancellationResult,
@@ -40,76 +38,18 @@ from domain.models import (
 )
 from domain.rules import cancellation_id
 from infra.client import connect
-from infra.embedded import TemporalDevServer, free_port
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from starter.requests import start_cancellation
 from workers.worker import GRACEFUL_SHUTDOWN
 from workflows.order_cancellation import OrderCancellation
-from workflows.search_attributes import CLI_TYPES
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
-ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
-HOST = socket.gethostname()
 BATCH = 30  # half instant path, half accepted by the seller
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 30, interval: float = 0.1
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await check()
-        except AssertionError:
-            if time.monotonic() >= deadline:
-                raise
-        await asyncio.sleep(interval)
-
-
-@dataclass
-class WorkerProcess:
-    """`ordercancel worker` as a child process, its log in a file."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    health_port: int
-    log: Path
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def identity(self) -> str:
-        """The SDK's default worker identity, `pid@host`, as histories record it."""
-        return f"{self.proc.pid}@{HOST}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    async def ready(self) -> bool:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.health_port)
-        except OSError:
-            return False
-        try:
-            writer.write(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n")
-            await writer.drain()
-            return (await reader.read()).startswith(b"HTTP/1.1 200")
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def wait_ready(self, timeout: float = 30) -> None:
-        async def check() -> None:
-            assert self.proc.returncode is None, f"{self.name} exited:\n{self.log_tail()}"
-            assert await self.ready(), f"{self.name} not ready yet"
-
-        await eventually(check, timeout=timeout, interval=0.2)
 
 
 @dataclass
@@ -124,51 +64,26 @@ class Cluster:
     ) -> WorkerProcess:
         """A ready worker on `task_queue`; `env` adds or overrides settings, an empty value
         removes one. Nothing is inherited from this process's TEMPORAL_*/ORDERCANCEL_*."""
-        health_port = free_port()
-        base = {
-            k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "ORDERCANCEL_"))
-        }
-        settings = {
-            "DATABASE_URL": database_url,
-            "TEMPORAL_ADDRESS": self.address,
-            "ORDERCANCEL_TASK_QUEUE": task_queue,
-            "ORDERCANCEL_HEALTH_PORT": str(health_port),
-            "ORDERCANCEL_HEALTH_HOST": "127.0.0.1",
-            "ORDERCANCEL_METRICS_PORT": "0",
-            "ORDERCANCEL_LOG_FORMAT": "json",
-            "ORDERCANCEL_REFUND_POLL_INTERVAL": "200ms",
-            "ORDERCANCEL_SIM_CONFIRM_AFTER_POLLS": "0",
-            **env,
-        }
-        log = self.tmp / f"{name}.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                ORDERCANCEL,
-                "worker",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env={**base, **{k: v for k, v in settings.items() if v}},
+        try:
+            worker = await start_worker_process(
+                name,
+                log_dir=self.tmp,
+                ready_within=30,
+                settings={
+                    "DATABASE_URL": database_url,
+                    "TEMPORAL_ADDRESS": self.address,
+                    "ORDERCANCEL_TASK_QUEUE": task_queue,
+                    "ORDERCANCEL_REFUND_POLL_INTERVAL": "200ms",
+                    "ORDERCANCEL_SIM_CONFIRM_AFTER_POLLS": "0",
+                    **env,
+                },
             )
-        worker = WorkerProcess(name, proc, health_port, log)
+        except WorkerStartError as error:
+            if error.worker is not None:
+                self.workers.append(error.worker)
+            raise
         self.workers.append(worker)
-        await worker.wait_ready()
         return worker
-
-
-@pytest.fixture(scope="module")
-async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    server = TemporalDevServer(
-        port=free_port(),
-        ui_port=None,
-        db_file=tmp_path_factory.mktemp("temporal") / "temporal.db",
-        search_attributes=CLI_TYPES,
-    )
-    await server.start()
-    try:
-        yield server.address
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 @pytest.fixture
