@@ -145,6 +145,27 @@ class SimulatedProvider:
         self, *, idempotency_key: str, payment_id: str, kind: RefundKind, amount: Money
     ) -> ProviderRefund:
         await self._network()
+        fast = await self._pool.fetchrow(
+            _CREATE_WITHOUT_FAULTS,
+            "re_" + uuid.uuid4().hex[:20],
+            idempotency_key,
+            payment_id,
+            kind.value,
+            amount.amount_minor,
+            amount.currency,
+            # A void releases an authorisation at once; a refund settles later.
+            "succeeded" if kind is RefundKind.VOID else "pending",
+            self._confirm_after_polls,
+        )
+        if fast is not None and fast["provider_ref"] is not None:
+            if fast["outcome"] == "mismatch":
+                raise ProviderFinalError(
+                    "idempotency_key_reused",
+                    "this idempotency key was used with different parameters",
+                )
+            return _to_refund(fast)
+        # A payment with faults, or a concurrent first call with the same key (its refund not
+        # yet visible to this statement): nothing was recorded or logged; the full path decides.
         lost_response = False
         key_reused = False
         async with self._pool.acquire() as conn, conn.transaction():
@@ -233,30 +254,9 @@ class SimulatedProvider:
 
     async def get_refund(self, *, provider_ref: str) -> ProviderRefund:
         await self._network()
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT * FROM provider_sim.refunds WHERE provider_ref = $1 FOR UPDATE",
-                provider_ref,
-            )
-            if row is None:
-                raise ProviderFinalError("no_such_refund", f"unknown refund {provider_ref}")
-            polls = row["polls"] + 1
-            status = row["status"]
-            failure = row["failure_code"]
-            if status == "pending" and polls > row["confirm_after_polls"]:
-                status = "succeeded"
-            elif status == "succeeded" and row["fail_after_success"] and row["polls"] > 0:
-                # Providers report some refunds failed after success (e.g. a closed card).
-                status, failure = "failed", "card_closed_after_refund"
-            row = await conn.fetchrow(
-                "UPDATE provider_sim.refunds SET polls = $2, status = $3, failure_code = $4"
-                " WHERE provider_ref = $1 RETURNING *",
-                provider_ref,
-                polls,
-                status,
-                failure,
-            )
-            await self._log(conn, "get_refund", row["idempotency_key"], row["payment_id"], status)
+        row = await self._pool.fetchrow(_POLL, provider_ref)
+        if row is None:
+            raise ProviderFinalError("no_such_refund", f"unknown refund {provider_ref}")
         return _to_refund(row)
 
     async def find_refund(self, *, idempotency_key: str) -> ProviderRefund | None:
@@ -272,6 +272,70 @@ class SimulatedProvider:
             since,
         )
         return [_to_refund(row) for row in rows]
+
+
+# The call of a payment without faults, in one statement: record the refund (or find the one
+# this key already made), log the call, return the refund and the call's outcome. No row, or a
+# NULL provider_ref, when the payment has faults or a concurrent call with the same key has
+# inserted a refund this statement's snapshot cannot see yet: then nothing was written.
+_CREATE_WITHOUT_FAULTS = """
+WITH faulted AS (
+    SELECT 1 FROM provider_sim.faults WHERE payment_id = $3::text
+), inserted AS (
+    INSERT INTO provider_sim.refunds (provider_ref, idempotency_key, payment_id, kind,
+        amount_minor, currency, status, confirm_after_polls, fail_after_success)
+    SELECT $1::text, $2::text, $3, $4::text, $5::bigint, $6::text, $7::text, $8::int, false
+    WHERE NOT EXISTS (SELECT 1 FROM faulted)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING *
+), found AS (
+    SELECT * FROM inserted
+    UNION ALL
+    SELECT * FROM provider_sim.refunds
+    WHERE idempotency_key = $2
+      AND NOT EXISTS (SELECT 1 FROM faulted)
+      AND NOT EXISTS (SELECT 1 FROM inserted)
+), call AS (
+    SELECT CASE
+        WHEN (amount_minor, trim(currency), payment_id, kind) <> ($5, $6::text, $3, $4)
+            THEN 'mismatch'
+        WHEN EXISTS (SELECT 1 FROM inserted) THEN 'created'
+        ELSE 'replayed'
+    END AS outcome
+    FROM found
+), logged AS (
+    INSERT INTO provider_sim.calls (operation, idempotency_key, payment_id, outcome)
+    SELECT 'create_refund', $2, $3, outcome FROM call
+)
+SELECT found.*, call.outcome FROM found, call
+"""
+
+# A status poll in one statement: the row lock, the settlement rules (a pending refund succeeds
+# after `confirm_after_polls` polls; one marked `fail_after_success` fails on the poll after its
+# success), the call log, the refund as it now is. No row: unknown refund.
+_POLL = """
+WITH polled AS (
+    UPDATE provider_sim.refunds SET
+        polls = polls + 1,
+        status = CASE
+            WHEN status = 'pending' AND polls + 1 > confirm_after_polls THEN 'succeeded'
+            WHEN status = 'succeeded' AND fail_after_success AND polls > 0 THEN 'failed'
+            ELSE status
+        END,
+        failure_code = CASE
+            WHEN status = 'pending' AND polls + 1 > confirm_after_polls THEN failure_code
+            WHEN status = 'succeeded' AND fail_after_success AND polls > 0
+                THEN 'card_closed_after_refund'
+            ELSE failure_code
+        END
+    WHERE provider_ref = $1
+    RETURNING *
+), logged AS (
+    INSERT INTO provider_sim.calls (operation, idempotency_key, payment_id, outcome)
+    SELECT 'get_refund', idempotency_key, payment_id, status FROM polled
+)
+SELECT * FROM polled
+"""
 
 
 def _to_refund(row: asyncpg.Record) -> ProviderRefund:

@@ -7,6 +7,7 @@ retryable failures marked retryable, final ones not, and the ledger's stage matc
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,7 +42,12 @@ from domain.models import (
 from domain.rules import add_business_days, cancellation_id, refund_idempotency_key
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
-from payments.provider import ProviderRefundStatus, SimulatedProvider, SimulatorFaults
+from payments.provider import (
+    ProviderRefund,
+    ProviderRefundStatus,
+    SimulatedProvider,
+    SimulatorFaults,
+)
 
 DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 BUYERS = {"O-1001": "B-501", "O-1002": "B-502", "O-1003": "B-503", "O-1005": "B-505"}
@@ -381,3 +387,58 @@ async def test_provider_refuses_a_key_reused_with_other_parameters_and_logs_it(
         ("create_refund", "replayed"),
         ("create_refund", "mismatch"),
     ]
+
+
+async def test_concurrent_calls_with_one_key_make_one_refund_and_log_every_call(
+    h: Harness,
+) -> None:
+    """Retries racing each other (a lost response retried while the first call still runs):
+    one refund at the provider, the same refund returned to every caller, every call logged."""
+    amount = Money(amount_minor=250, currency="EUR")
+
+    async def call() -> ProviderRefund:
+        return await h.provider.create_refund(
+            idempotency_key="k-race", payment_id="P-1005", kind=RefundKind.REFUND, amount=amount
+        )
+
+    answers = await asyncio.gather(*(call() for _ in range(8)))
+
+    assert len({a.provider_ref for a in answers}) == 1
+    assert len(await h.provider_refunds("k-race")) == 1
+    outcomes = sorted(outcome for _, outcome in await h.calls("k-race"))
+    assert outcomes == ["created"] + ["replayed"] * 7
+
+
+async def test_status_polls_follow_the_settlement_rules_and_are_logged(pool: asyncpg.Pool) -> None:
+    """A pending refund succeeds on the poll after `confirm_after_polls`; one marked to fail
+    after success reports failed (with its code) on the next poll; an unknown ref is final."""
+    h = await make_harness(pool)
+    await h.provider.set_faults(
+        "P-1005", SimulatorFaults(confirm_after_polls=1, fail_after_success=True)
+    )
+    made = await h.provider.create_refund(
+        idempotency_key="k-poll",
+        payment_id="P-1005",
+        kind=RefundKind.REFUND,
+        amount=Money(amount_minor=300, currency="EUR"),
+    )
+    assert made.status is ProviderRefundStatus.PENDING
+
+    seen = [await h.provider.get_refund(provider_ref=made.provider_ref) for _ in range(4)]
+
+    assert [(r.status, r.failure_code) for r in seen] == [
+        (ProviderRefundStatus.PENDING, None),
+        (ProviderRefundStatus.SUCCEEDED, None),
+        (ProviderRefundStatus.FAILED, "card_closed_after_refund"),
+        (ProviderRefundStatus.FAILED, "card_closed_after_refund"),
+    ]
+    assert await h.calls("k-poll") == [
+        ("create_refund", "created"),
+        ("get_refund", "pending"),
+        ("get_refund", "succeeded"),
+        ("get_refund", "failed"),
+        ("get_refund", "failed"),
+    ]
+    with pytest.raises(ProviderFinalError) as unknown:
+        await h.provider.get_refund(provider_ref="re_nope")
+    assert unknown.value.code == "no_such_refund"
