@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,25 @@ bench_app = typer.Typer(
 )
 
 _err = Console(stderr=True)
+
+
+def _run_until_stopped(main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run a bench; SIGTERM stops it as Ctrl-C does: the run is cancelled and the servers it
+    started (its PostgreSQL, its dev servers, its workers) are stopped before it exits 130.
+    (A shell's background job ignores SIGINT, so SIGTERM is how a long run is stopped there.)"""
+
+    async def cancellable() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main()
+
+    try:
+        return asyncio.run(cancellable())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        _err.print("[yellow]stopped[/yellow]: the bench's servers were shut down, no report")
+        raise typer.Exit(130) from None
+
 
 Pollers = Annotated[
     str | None,
@@ -159,7 +179,7 @@ def bench(
         with progress:
             return await run_bench(options, progress=factory, note=progress.console.log)
 
-    report = asyncio.run(main())
+    report = _run_until_stopped(main)
 
     def render() -> None:
         console.print(shape_table(report))
@@ -216,7 +236,7 @@ def parked(
         with progress:
             return await run_parked(options, progress=factory, note=progress.console.log)
 
-    report = asyncio.run(main())
+    report = _run_until_stopped(main)
     _write(report, as_json, out, lambda: console.print(*parked_table(report)))
 
 
@@ -250,7 +270,7 @@ def sweep(
                 note=progress.console.log,
             )
 
-    result = asyncio.run(main())
+    result = _run_until_stopped(main)
     if chart is not None and not sweep_chart(result, chart):
         _err.print("[yellow]matplotlib is not installed: no chart written[/yellow]")
     _write(result, as_json, out, lambda: console.print(sweep_table(result)))

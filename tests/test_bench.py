@@ -4,11 +4,18 @@ test: no figure is compared with a target here (docs/performance.md has the real
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from e2e_stack import run_command
 
@@ -139,3 +146,61 @@ async def test_parked_reports_checkpoints_and_drain() -> None:
     assert drain["completed"] == 12 and drain["rate_per_s"] > 0
     assert ordered(drain["decision_to_confirmed_ms"])
     assert report["errors"] == 0
+
+
+async def test_a_parked_run_stopped_by_sigterm_shuts_its_servers_down() -> None:
+    """A long parked run is stopped from outside (a background job ignores Ctrl-C): it exits
+    130 and leaves no PostgreSQL, dev server or worker of its own running."""
+    # Short: PostgreSQL's Unix socket lives under it, and socket paths are limited to 107 bytes.
+    tmp_path = Path(tempfile.mkdtemp(prefix="oc-bench-", dir="/tmp"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE")
+    }
+    env["TMPDIR"] = str(tmp_path)  # the bench's servers keep their files here
+    proc = await asyncio.create_subprocess_exec(
+        ORDERCANCEL,
+        "bench",
+        "parked",
+        "--count",
+        "400",
+        "--checkpoints",
+        "5,400",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    seen = b""
+    try:
+        async with asyncio.timeout(180):
+            while b"parked 5:" not in seen:
+                line = await proc.stdout.readline()
+                assert line, f"the bench ended early:\n{seen.decode(errors='replace')}"
+                seen += line
+        assert servers_under(tmp_path), "the bench's servers should be running mid-run"
+
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stdout.read(), 90)
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+    assert code == 130, (seen + rest).decode(errors="replace")[-3000:]
+    assert b"stopped" in rest
+    assert servers_under(tmp_path) == []
+
+
+def servers_under(root: Path) -> list[str]:
+    """Command lines of live processes that mention `root` (the bench's servers do)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if str(root) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(cmdline)
+    return found
