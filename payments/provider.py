@@ -145,24 +145,13 @@ class SimulatedProvider:
         self, *, idempotency_key: str, payment_id: str, kind: RefundKind, amount: Money
     ) -> ProviderRefund:
         await self._network()
+        new_refund = _new_refund(idempotency_key, payment_id, kind, amount)
         fast = await self._pool.fetchrow(
-            _CREATE_WITHOUT_FAULTS,
-            "re_" + uuid.uuid4().hex[:20],
-            idempotency_key,
-            payment_id,
-            kind.value,
-            amount.amount_minor,
-            amount.currency,
-            # A void releases an authorisation at once; a refund settles later.
-            "succeeded" if kind is RefundKind.VOID else "pending",
-            self._confirm_after_polls,
+            _CREATE_WITHOUT_FAULTS, *new_refund, self._confirm_after_polls
         )
         if fast is not None and fast["provider_ref"] is not None:
             if fast["outcome"] == "mismatch":
-                raise ProviderFinalError(
-                    "idempotency_key_reused",
-                    "this idempotency key was used with different parameters",
-                )
+                raise _key_reused()
             return _to_refund(fast)
         # A payment with faults, or a concurrent first call with the same key (its refund not
         # yet visible to this statement): nothing was recorded or logged; the full path decides.
@@ -195,14 +184,7 @@ class SimulatedProvider:
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING provider_ref
                     """,
-                    "re_" + uuid.uuid4().hex[:20],
-                    idempotency_key,
-                    payment_id,
-                    kind.value,
-                    amount.amount_minor,
-                    amount.currency,
-                    # A void releases an authorisation at once; a refund settles later.
-                    "succeeded" if kind is RefundKind.VOID else "pending",
+                    *new_refund,
                     confirm_after,
                     bool(fault["fail_after_success"]) if fault is not None else False,
                 )
@@ -242,10 +224,7 @@ class SimulatedProvider:
         if fault is not None and fault["transient_failures"] > 0:
             raise ProviderTransientError("simulated provider unavailable (503)")
         if key_reused:
-            raise ProviderFinalError(
-                "idempotency_key_reused",
-                "this idempotency key was used with different parameters",
-            )
+            raise _key_reused()
         if fault is not None and fault["final_failure"]:
             raise ProviderFinalError(fault["final_failure"], "refund refused by the provider")
         if lost_response:
@@ -336,6 +315,28 @@ WITH polled AS (
 )
 SELECT * FROM polled
 """
+
+
+def _new_refund(
+    idempotency_key: str, payment_id: str, kind: RefundKind, amount: Money
+) -> tuple[str, str, str, str, int, str, str]:
+    """The first seven columns of a new provider_sim.refunds row, in table order."""
+    return (
+        "re_" + uuid.uuid4().hex[:20],
+        idempotency_key,
+        payment_id,
+        kind.value,
+        amount.amount_minor,
+        amount.currency,
+        # A void releases an authorisation at once; a refund settles later.
+        "succeeded" if kind is RefundKind.VOID else "pending",
+    )
+
+
+def _key_reused() -> ProviderFinalError:
+    return ProviderFinalError(
+        "idempotency_key_reused", "this idempotency key was used with different parameters"
+    )
 
 
 def _to_refund(row: asyncpg.Record) -> ProviderRefund:
