@@ -211,6 +211,12 @@ def parked(
     act_pollers: ActPollers = None,
     cache: Annotated[int, typer.Option(help="max_cached_workflows")] = 1000,
     server_db: Annotated[str, typer.Option(help="Dev server's SQLite: file or memory")] = "file",
+    drain: Annotated[
+        bool,
+        typer.Option(
+            help="Then decide them all and measure the drain (--no-drain: stop once parked)"
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON report here")] = None,
 ) -> None:
@@ -228,6 +234,7 @@ def parked(
         act_pollers=act_pollers,
         cache=cache,
         server_db=server_db,
+        drain=drain,
     )
     console = Console(stderr=as_json)
     progress, factory = _progress_factory(console)

@@ -58,6 +58,8 @@ class ParkedOptions:
     server_db: str = "file"
     metrics: bool = True
     park_timeout: float = 1800
+    # False: stop once all are parked (the memory question) without deciding them.
+    drain: bool = True
 
 
 def default_checkpoints(count: int) -> list[int]:
@@ -108,6 +110,7 @@ async def run_parked(
             "act_pollers": options.act_pollers or "sdk default (5)",
             "seller_window": str(settings.seller_response_window),
             "server_db": options.server_db,
+            "drain": options.drain,
         },
         "checkpoints": [],
     }
@@ -228,6 +231,11 @@ async def _phases(
         )
         previous, previous_at = mark, time.time()
 
+    if not options.drain:
+        report["drain"] = None
+        _summarise(report, errors)
+        return
+
     # --- drain ---------------------------------------------------------------------------
     sent: dict[str, float] = {}
     ids = [h.id for h in handles]
@@ -307,6 +315,10 @@ async def _phases(
         },
         "timeline": timeline,
     }
+    _summarise(report, errors)
+
+
+def _summarise(report: dict[str, Any], errors: list[str]) -> None:
     report["errors"] = len(errors)
     report["error_samples"] = sorted(set(errors))[:5]
     first = report["checkpoints"][0]["worker_rss_mib"]
@@ -340,7 +352,18 @@ def parked_table(report: dict[str, Any]) -> list[Table]:
             f"{row['worker_rss_mib']:.0f}",
             f"{row['server_rss_mib']:.0f}" if row["server_rss_mib"] else "-",
         )
-    drain = report.get("drain", {})
+    ratio_row = (
+        "worker RSS at last / first checkpoint",
+        f"{report.get('worker_rss_ratio_last_to_first') or 0:.2f}",
+    )
+    drain = report.get("drain")
+    if drain is None:  # --no-drain
+        second = Table(title="no drain (--no-drain): the parked cancellations are left waiting")
+        second.add_column("figure")
+        second.add_column("value", justify="right")
+        second.add_row(*ratio_row)
+        second.add_row("errors", str(report.get("errors", 0)))
+        return [start, second]
     lat = drain.get("decision_to_confirmed_ms", {})
     second = Table(title="drain: every parked cancellation decided (update `decide`, accept)")
     second.add_column("figure")
@@ -354,10 +377,7 @@ def parked_table(report: dict[str, Any]) -> list[Table]:
         ("decision→refund confirmed p99 ms", f"{lat.get('p99', 0):.0f}"),
         ("worker RSS peak MiB (drain)", f"{drain.get('worker_rss_peak_mib', 0):.0f}"),
         ("server RSS peak MiB (drain)", f"{drain.get('server_rss_peak_mib') or 0:.0f}"),
-        (
-            "worker RSS at last / first checkpoint",
-            f"{report.get('worker_rss_ratio_last_to_first') or 0:.2f}",
-        ),
+        ratio_row,
         ("errors", str(report.get("errors", 0))),
     ]
     for label, value in rows:

@@ -148,6 +148,32 @@ async def test_parked_reports_checkpoints_and_drain() -> None:
     assert report["errors"] == 0
 
 
+async def test_parked_without_drain_reports_the_checkpoints_and_stops(tmp_path: Path) -> None:
+    """`--no-drain` answers the memory question (100,000 parked) without hours of drain."""
+    out = tmp_path / "parked.json"
+    ran = await run_command(
+        ORDERCANCEL,
+        "bench",
+        "parked",
+        "--count",
+        "8",
+        "--checkpoints",
+        "4,8",
+        "--no-drain",
+        "--out",
+        str(out),
+        timeout=240,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "no drain (--no-drain)" in ran.stdout
+    assert "drain rate" not in ran.stdout
+    report = json.loads(out.read_text())
+    assert report["drain"] is None and report["options"]["drain"] is False
+    assert [(c["target"], c["parked"]) for c in report["checkpoints"]] == [(4, 4), (8, 8)]
+    assert report["worker_rss_ratio_last_to_first"] > 0
+    assert report["errors"] == 0
+
+
 async def test_a_parked_run_stopped_by_sigterm_shuts_its_servers_down() -> None:
     """A long parked run is stopped from outside (a background job ignores Ctrl-C): it exits
     130 and leaves no PostgreSQL, dev server or worker of its own running."""
