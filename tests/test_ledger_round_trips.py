@@ -110,16 +110,14 @@ def transition(status: CancellationStatus, key: str, *, cancel: bool = False) ->
     )
 
 
+# A validated order's sub-order: the seller decides (the request path).
+REQUEST = RequestCancellationInput(
+    order_id="O-1002", seller_id="S-7", buyer_id="B-502", reason=CancellationReason.OUT_OF_STOCK
+)
+
+
 async def open_request(ledger: Ledger) -> None:
-    opened = await ledger.open_cancellation(
-        cancellation_id=CID,
-        request=RequestCancellationInput(
-            order_id="O-1002",
-            seller_id="S-7",
-            buyer_id="B-502",
-            reason=CancellationReason.OUT_OF_STOCK,
-        ),
-    )
+    opened = await ledger.open_cancellation(cancellation_id=CID, request=REQUEST)
     assert opened.path is CancellationPath.REQUEST
 
 
@@ -198,15 +196,7 @@ async def test_opening_is_six_round_trips_and_reopening_five(counted: Counted) -
         transition(CancellationStatus.APPROVED, "a", cancel=True)
     )
     counted.reset()
-    again = await counted.ledger.open_cancellation(
-        cancellation_id=CID,
-        request=RequestCancellationInput(
-            order_id="O-1002",
-            seller_id="S-7",
-            buyer_id="B-502",
-            reason=CancellationReason.OUT_OF_STOCK,
-        ),
-    )
+    again = await counted.ledger.open_cancellation(cancellation_id=CID, request=REQUEST)
     assert await counted.ledger_totals() == (5, 1)
     assert (again.path, again.status, again.refund) == (
         CancellationPath.REQUEST,
