@@ -123,6 +123,13 @@ def bench(
         typer.Option(help="merged-upserts: the limit runs proposal A1-A3's event shape"),
     ] = None,
     sides: Annotated[str, typer.Option(help="Sides to measure: product,limit")] = "product,limit",
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="Measured slices per side, the sides alternated (A B, B A, ...) so that the"
+            " machine's drift in speed weighs on both alike; 1: each side in one go"
+        ),
+    ] = 4,
     server_db: Annotated[str, typer.Option(help="Dev server's SQLite: file or memory")] = "file",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON report here")] = None,
@@ -144,14 +151,24 @@ def bench(
     event shape), side by side, on servers of its own. Method: docs/performance.md."""
     if ctx.invoked_subcommand is not None:
         return
-    from bench.mix import DEFAULT_MIX, parse_mix
+    from bench.mix import DEFAULT_MIX, allocate, parse_mix, unit_count
     from bench.report import bench_table, shape_table
     from bench.run import BenchOptions, run_bench
 
+    try:
+        parsed_mix = parse_mix(mix) if mix else dict(DEFAULT_MIX)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--mix") from err
+    units = unit_count(allocate(count, parsed_mix))
+    if not 1 <= rounds <= units:
+        raise typer.BadParameter(
+            f"{rounds} rounds: between 1 and {units} (the units of {count} cancellations)",
+            param_hint="--rounds",
+        )
     options = BenchOptions(
         count=count,
         concurrency=concurrency,
-        mix=parse_mix(mix) if mix else dict(DEFAULT_MIX),
+        mix=parsed_mix,
         silent_window=timedelta(seconds=max(silent_window, 1.0)),
         history_sample=history_sample,
         wf_pollers=wf_pollers,
@@ -165,6 +182,7 @@ def bench(
         limit_variant=limit_variant,
         unsandboxed=unsandboxed,
         sides=tuple(side.strip() for side in sides.split(",")),
+        rounds=rounds,
         server_db=server_db,
         logs_dir=logs,
         stats_settle=stats_settle,

@@ -124,6 +124,11 @@ def _order(
     )
 
 
+def unit_count(counts: dict[str, int]) -> int:
+    """How many units `counts` makes: one per cancellation, one per coupon pair."""
+    return sum(n // (2 if path == COUPON else 1) for path, n in counts.items())
+
+
 def build_units(
     run_id: str,
     side: str,

@@ -75,8 +75,14 @@ def bench_table(report: dict[str, Any]) -> Table:
     table = Table(
         title=(
             f"ordercancel bench: {opts['count']} cancellations per side, concurrency "
-            f"{opts['concurrency']} (run {report['run_id']})"
-        )
+            f"{opts['concurrency']}, {opts.get('rounds', 1)} alternated round(s)"
+            f" (run {report['run_id']})"
+        ),
+        caption=(
+            "throughput ratio by round: " + " ".join(f"{r:.2f}" for r in report["round_ratios"])
+            if report.get("round_ratios")
+            else None
+        ),
     )
     table.add_column("figure")
     table.add_column("limit", justify="right")

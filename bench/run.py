@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -34,12 +35,12 @@ import psutil
 import temporalio
 
 from bench.analysis import analyse_histories, fetch_events, percentiles
-from bench.driver import LimitSide, ProductSide, Side, SideRun, Timing, run_units
-from bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units
+from bench.driver import LimitSide, ProductSide, Side, Timing, run_units
+from bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units, unit_count
 from bench.procs import Probe, Sampler, WorkerProcess
 from bench.shape import Shape, derive_shape, event_counts, merge_upserts
 from bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
-from bench.stack import Database, Temporal, database, pg_commits, temporal
+from bench.stack import Temporal, database, pg_commits, temporal
 from bench.worker_proc import WorkerConfig
 from domain.orders import CheckoutOrderIn, OrdersFile
 from infra.client import connect
@@ -78,6 +79,8 @@ class BenchOptions:
     limit_variant: str | None = None
     server_db: str = "file"
     sides: tuple[str, ...] = ("product", "limit")
+    # Measured slices per side, the sides alternated A B, B A, ... (1: each side in one go).
+    rounds: int = 4
     logs_dir: Path | None = None
     # Seconds to wait for idle sessions' counts to reach pg_stat_database (0: skip, the
     # PostgreSQL commit cross-check is then approximate).
@@ -106,6 +109,7 @@ class BenchOptions:
             "unsandboxed": self.unsandboxed,
             "limit_variant": self.limit_variant,
             "sides": list(self.sides),
+            "rounds": self.rounds,
             "server_db": self.server_db,
             "log_level": self.log_level,
             "bytecode": self.bytecode,
@@ -139,94 +143,147 @@ def _steal() -> float:
 
 
 @dataclass
+class Tally:
+    """One side's measured slices, added up (a side measured in one go is one slice)."""
+
+    timings: list[Timing] = field(default_factory=list)
+    # Sum of the slices' wall-clock windows, first request to last result of each.
+    duration: float = 0.0
+    cpu: dict[str, float | None] = field(default_factory=dict)
+    worker_threads: dict[str, float] = field(default_factory=dict)
+    other_cpu: float = 0.0
+    # CPU of the other side's worker and dev server, idle while this side ran.
+    idle_side_cpu: float = 0.0
+    steal: float = 0.0
+    rss_end: dict[str, int | None] = field(default_factory=dict)
+    rss_peak: dict[str, int] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)
+    slices: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SideStack:
+    """One side's servers, worker and driver during a run."""
+
+    name: str
+    side: Side
+    client: Any
+    worker: WorkerProcess
+    probes: dict[str, Probe]
+    units: list[Unit]
+    starter_counter: SqlCounter | None
+    # Stops the worker and closes the starter's pool (their sessions' counts then reach
+    # pg_stat_database). Safe to call twice.
+    release: Callable[[], Awaitable[None]]
+    on_done: Callable[[Timing], None] | None
+    tally: Tally = field(default_factory=Tally)
+
+
+@dataclass
 class Measured:
-    run: SideRun
-    cpu: dict[str, float | None]
-    worker_threads: dict[str, float]
-    other_cpu: float
-    steal: float
-    rss_end: dict[str, int | None]
-    rss_peak: dict[str, int]
+    tally: Tally
     sql: dict[str, int]
     starter_sql: dict[str, int]
     pg: dict[str, int] | None
-    load: tuple[float, float]
     histories: dict[str, Any]
     decision_to_confirmed: list[float]
     counts_by_shape: dict[str, dict[str, int]]
 
 
-async def measure(
-    side: Side,
-    units: list[Unit],
-    *,
-    client: Any,
-    worker: WorkerProcess,
-    server: Temporal,
-    db: Database,
-    starter_counter: SqlCounter | None,
-    shapes: dict[str, Shape],
-    options: BenchOptions,
-    on_done: Callable[[Timing], None] | None,
-    release: Callable[[], Awaitable[None]],
-) -> Measured:
-    """Run `units` and measure. `release` stops the worker and closes the starter's pool once
-    the run is over (their PostgreSQL sessions end, so their counts reach pg_stat_database)."""
-    await worker.reset()
-    if starter_counter is not None:
-        starter_counter.reset()
-    uses_db = starter_counter is not None
-    if uses_db:
-        # Counts of the warm-up still pending in idle sessions must land before "before".
-        await asyncio.sleep(options.stats_settle)
-    pg_before = await pg_commits(db.dsn) if uses_db else None
-    probes = {
-        "worker": Probe(worker.pid),
-        "server": server.probe,
-        "postgres": db.probe,
-        "driver": Probe(os.getpid()),
-    }
+def _add(total: float | None, delta: float | None) -> float | None:
+    return None if total is None or delta is None else total + delta
+
+
+def split(units: list[Unit], rounds: int) -> list[list[Unit]]:
+    """`units` in `rounds` consecutive slices of (nearly) equal size, in order."""
+    n = len(units)
+    return [units[i * n // rounds : (i + 1) * n // rounds] for i in range(rounds)]
+
+
+def slice_order(rounds: int, sides: list[str]) -> list[tuple[str, int]]:
+    """(side, round) in the order measured: A B, B A, A B, ... A machine whose speed drifts
+    during the run then weighs on both sides alike (the first side of a round is the second
+    of the next)."""
+    order: list[tuple[str, int]] = []
+    for rnd in range(rounds):
+        names = sides if rnd % 2 == 0 else list(reversed(sides))
+        order += [(name, rnd) for name in names]
+    return order
+
+
+async def measure_slice(
+    stack: SideStack, units: list[Unit], *, idle: list[Probe], concurrency: int, rnd: int
+) -> None:
+    """Run one slice of `stack`'s units and add its figures to `stack.tally`. `idle`: the other
+    side's processes, waiting meanwhile (their CPU is kept apart from "other processes")."""
+    probes = stack.probes
     cpu_before = {k: p.cpu() for k, p in probes.items()}
+    idle_before = [p.cpu() for p in idle]
     threads_before = probes["worker"].threads()
     busy_before = _machine_busy()
     steal_before = _steal()
     load_before = os.getloadavg()[0]
     with Sampler({"worker": probes["worker"], "server": probes["server"]}) as sampler:
-        run = await run_units(side, units, concurrency=options.concurrency, on_done=on_done)
+        run = await run_units(stack.side, units, concurrency=concurrency, on_done=stack.on_done)
     cpu_after = {k: p.cpu() for k, p in probes.items()}
+    idle_after = [p.cpu() for p in idle]
     threads_after = probes["worker"].threads()
     busy = _machine_busy() - busy_before
     steal = _steal() - steal_before
-    load_after = os.getloadavg()[0]
-    rss_end = sampler.sample()
-    sql = await worker.sql()
-    starter_sql = starter_counter.snapshot() if starter_counter is not None else {}
-    await release()
-    await asyncio.sleep(1.0)
-    pg_after = await pg_commits(db.dsn) if uses_db else None
+    tally = stack.tally
     cpu: dict[str, float | None] = {}
     for k in probes:
         before, after = cpu_before[k], cpu_after[k]
         cpu[k] = after - before if before is not None and after is not None else None
+        tally.cpu[k] = _add(tally.cpu.get(k, 0.0), cpu[k])
+    for k, seconds in threads_after.items():
+        tally.worker_threads[k] = (
+            tally.worker_threads.get(k, 0.0) + seconds - threads_before.get(k, 0.0)
+        )
+    idle_cpu = sum(
+        after - before
+        for before, after in zip(idle_before, idle_after, strict=True)
+        if before is not None and after is not None
+    )
     ours = sum(v for v in cpu.values() if v is not None)
-    figures = await analyse_histories(client, run.timings, shapes, sample=options.history_sample)
-    pg = (
-        {k: pg_after[k] - pg_before[k] for k in pg_after}
-        if pg_before is not None and pg_after is not None
-        else None
+    tally.other_cpu += max(busy - ours - idle_cpu, 0.0)
+    tally.idle_side_cpu += idle_cpu
+    tally.steal += steal
+    tally.rss_end = sampler.sample()
+    for k, peak in sampler.peaks.items():
+        tally.rss_peak[k] = max(tally.rss_peak.get(k, 0), peak)
+    tally.load = [tally.load[0] if tally.load else load_before, os.getloadavg()[0]]
+    ok = [t for t in run.timings if t.error is None and t.ended is not None]
+    began = min((t.started for t in run.timings), default=run.began)
+    ended = max((t.ended for t in ok if t.ended is not None), default=run.finished)
+    duration = max(ended - began, 1e-9)
+    tally.duration += duration
+    tally.timings += run.timings
+    server = cpu.get("server")
+    tally.slices.append(
+        {
+            "round": rnd + 1,
+            "cancellations": len(ok),
+            "duration_s": duration,
+            "throughput_per_s": len(ok) / duration,
+            "server_cpu_s_per_cancellation": server / len(ok) if server and ok else None,
+        }
+    )
+
+
+async def finish(stack: SideStack, shapes: dict[str, Shape], options: BenchOptions) -> Measured:
+    """The side's statement counters and histories, once its slices are done; releases it."""
+    sql = await stack.worker.sql()
+    starter_sql = stack.starter_counter.snapshot() if stack.starter_counter is not None else {}
+    await stack.release()
+    figures = await analyse_histories(
+        stack.client, stack.tally.timings, shapes, sample=options.history_sample
     )
     return Measured(
-        run=run,
-        cpu=cpu,
-        worker_threads={k: threads_after[k] - threads_before.get(k, 0.0) for k in threads_after},
-        other_cpu=max(busy - ours, 0.0),
-        steal=steal,
-        rss_end=rss_end,
-        rss_peak=dict(sampler.peaks),
+        tally=stack.tally,
         sql=sql,
         starter_sql=starter_sql,
-        pg=pg,
-        load=(load_before, load_after),
+        pg=None,
         histories=figures.summary(),
         decision_to_confirmed=figures.decision_to_confirmed,
         counts_by_shape=figures.counts_by_shape,
@@ -245,12 +302,12 @@ def _ms(stats: dict[str, float]) -> dict[str, float]:
 
 
 def side_report(m: Measured) -> dict[str, Any]:
-    ok = [t for t in m.run.timings if t.error is None and t.ended is not None]
+    tally = m.tally
+    ok = [t for t in tally.timings if t.error is None and t.ended is not None]
     n = len(ok)
     per = max(n, 1)
-    began = min((t.started for t in m.run.timings), default=m.run.began)
-    ended = max((t.ended for t in ok if t.ended is not None), default=m.run.finished)
-    duration = max(ended - began, 1e-9)
+    began = min((t.started for t in tally.timings), default=0.0)
+    duration = max(tally.duration, 1e-9)
     terminal = [t.ended - t.started for t in ok if t.ended is not None]
     active = [t.ended - t.started - t.window for t in ok if t.ended is not None]
 
@@ -262,8 +319,8 @@ def side_report(m: Measured) -> dict[str, Any]:
     by_path = Counter(t.path for t in ok)
     return {
         "cancellations": n,
-        "errors": len(m.run.timings) - n,
-        "error_samples": sorted({t.error for t in m.run.timings if t.error})[:5],
+        "errors": len(tally.timings) - n,
+        "error_samples": sorted({t.error for t in tally.timings if t.error})[:5],
         "by_path": {p: by_path.get(p, 0) for p in PATHS},
         "statuses": dict(Counter(t.status for t in ok if t.status)),
         "duration_s": duration,
@@ -274,12 +331,13 @@ def side_report(m: Measured) -> dict[str, Any]:
             "decision_to_confirmed": _ms(percentiles(m.decision_to_confirmed)),
         },
         "cpu_s_per_cancellation": {
-            k: (v / per if v is not None else None) for k, v in m.cpu.items()
+            k: (v / per if v is not None else None) for k, v in tally.cpu.items()
         }
-        | {"other_processes": m.other_cpu / per},
-        "cpu_s_total": m.cpu | {"other_processes": m.other_cpu},
+        | {"other_processes": tally.other_cpu / per},
+        "cpu_s_total": tally.cpu
+        | {"other_processes": tally.other_cpu, "other_side_idle": tally.idle_side_cpu},
         "worker_cpu_s_per_cancellation_by_thread": {
-            k: v / per for k, v in m.worker_threads.items()
+            k: v / per for k, v in tally.worker_threads.items()
         },
         "history": m.histories,
         "ledger": {
@@ -305,18 +363,22 @@ def side_report(m: Measured) -> dict[str, Any]:
             "raw": {"worker": m.sql, "starter": m.starter_sql, "pg_stat_database": m.pg},
         },
         "rss_mib": {
-            "worker_end": (m.rss_end.get("worker") or 0) / MIB,
-            "worker_peak": m.rss_peak.get("worker", 0) / MIB,
-            "server_end": (m.rss_end.get("server") or 0) / MIB or None,
-            "server_peak": (m.rss_peak["server"] / MIB) if m.rss_peak.get("server") else None,
+            "worker_end": (tally.rss_end.get("worker") or 0) / MIB,
+            "worker_peak": tally.rss_peak.get("worker", 0) / MIB,
+            "server_end": (tally.rss_end.get("server") or 0) / MIB or None,
+            "server_peak": (
+                (tally.rss_peak["server"] / MIB) if tally.rss_peak.get("server") else None
+            ),
         },
-        "updates_rejected": sum(t.rejected_updates for t in m.run.timings),
+        "updates_rejected": sum(t.rejected_updates for t in tally.timings),
         "max_latency_ms": max(terminal, default=0.0) * 1000,
-        # Completions per second of the run, to tell a stall from a steady rate.
+        # Completions per second since the side's first request, to tell a stall from a
+        # steady rate (the other side's slices show as gaps).
         "completions_per_second": _per_second([t.ended - began for t in ok if t.ended]),
-        "starts_per_second": _per_second([t.started - began for t in m.run.timings]),
-        "load_avg_1m": list(m.load),
-        "cpu_steal_s": m.steal,
+        "starts_per_second": _per_second([t.started - began for t in tally.timings]),
+        "load_avg_1m": tally.load,
+        "cpu_steal_s": tally.steal,
+        "slices": tally.slices,
     }
 
 
@@ -378,6 +440,8 @@ async def run_bench(
     run_id = uuid.uuid4().hex[:6]
     settings = Settings()
     counts = allocate(options.count, options.mix)
+    if not 1 <= options.rounds <= unit_count(counts):
+        raise ValueError(f"rounds must be between 1 and {unit_count(counts)}")
     workdir = Path(tempfile.mkdtemp(prefix="ordercancel-bench-"))
     report: dict[str, Any] = {
         "run_id": run_id,
@@ -421,7 +485,7 @@ async def run_bench(
         )
 
     try:
-        async with database(settings, workdir) as db:
+        async with database(settings, workdir) as db, AsyncExitStack() as servers:
             report["machine"]["postgres"] = "embedded" if db.embedded else "DATABASE_URL"
             calib_units, calib_orders = build_units(
                 run_id, "calibration", _calibration_counts(), silent_window=options.silent_window
@@ -436,59 +500,68 @@ async def run_bench(
             finally:
                 await loader.close()
 
-            # --- product --------------------------------------------------------------------
+            def probes(worker: WorkerProcess, server: Temporal) -> dict[str, Probe]:
+                return {
+                    "worker": Probe(worker.pid),
+                    "server": server.probe,
+                    "postgres": db.probe,
+                    "driver": Probe(os.getpid()),
+                }
+
+            stacks: dict[str, SideStack] = {}
+
+            # --- product: calibration, the event shape of each path --------------------------
             shapes: dict[str, Shape] = {}
-            async with temporal(settings, workdir, "product", server_db=options.server_db) as srv:
-                report["machine"]["temporal"] = "embedded" if srv.embedded else srv.address
-                client = await connect(srv.address, srv.namespace)
-                worker = WorkerProcess(
-                    worker_config("product", srv, db.dsn),
-                    (options.logs_dir or workdir) / f"worker-product-{run_id}.log",
-                    pycache=workdir / "pycache" if options.bytecode else None,
+            product_servers = await servers.enter_async_context(AsyncExitStack())
+            srv = await product_servers.enter_async_context(
+                temporal(settings, workdir, "product", server_db=options.server_db)
+            )
+            report["machine"]["temporal"] = "embedded" if srv.embedded else srv.address
+            client = await connect(srv.address, srv.namespace)
+            worker = WorkerProcess(
+                worker_config("product", srv, db.dsn),
+                (options.logs_dir or workdir) / f"worker-product-{run_id}.log",
+                pycache=workdir / "pycache" if options.bytecode else None,
+            )
+            starter_counter = SqlCounter()
+            starter_pool = await counting_pool(
+                db.dsn, starter_counter, min_size=1, max_size=max(options.concurrency, 2)
+            )
+
+            async def release(worker: WorkerProcess = worker, pool: Any = starter_pool) -> None:
+                await worker.stop()
+                if not pool.is_closing():
+                    await pool.close()
+
+            product_servers.push_async_callback(release)
+            await worker.start()
+            side = ProductSide(client, worker.config.task_queue, Ledger(starter_pool))
+            note("product: calibration (one cancellation per path)")
+            cal = await run_units(side, calib_units, concurrency=16)
+            failed = [t for t in cal.timings if t.error]
+            if failed:
+                raise RuntimeError(f"calibration failed: {failed[0].error}")
+            for t in cal.timings:
+                shapes[t.shape_key] = derive_shape(
+                    t.shape_key, await fetch_events(client, t.workflow_id)
                 )
-                starter_counter = SqlCounter()
-                starter_pool = await counting_pool(
-                    db.dsn, starter_counter, min_size=1, max_size=max(options.concurrency, 2)
+            report["shapes"] = {k: s.model_dump() for k, s in sorted(shapes.items())}
+            if "product" in options.sides:
+                stacks["product"] = SideStack(
+                    name="product",
+                    side=side,
+                    client=client,
+                    worker=worker,
+                    probes=probes(worker, srv),
+                    units=product_units,
+                    starter_counter=starter_counter,
+                    release=release,
+                    on_done=progress("product", options.count) if progress else None,
                 )
-                await worker.start()
+            else:
+                await product_servers.aclose()
 
-                async def release() -> None:
-                    await worker.stop()
-                    if not starter_pool.is_closing():
-                        await starter_pool.close()
-
-                try:
-                    side = ProductSide(client, worker.config.task_queue, Ledger(starter_pool))
-                    note("product: calibration (one cancellation per path)")
-                    cal = await run_units(side, calib_units, concurrency=16)
-                    failed = [t for t in cal.timings if t.error]
-                    if failed:
-                        raise RuntimeError(f"calibration failed: {failed[0].error}")
-                    for t in cal.timings:
-                        shapes[t.shape_key] = derive_shape(
-                            t.shape_key, await fetch_events(client, t.workflow_id)
-                        )
-                    report["shapes"] = {k: s.model_dump() for k, s in sorted(shapes.items())}
-                    if "product" in options.sides:
-                        note("product: measured run")
-                        m = await measure(
-                            side,
-                            product_units,
-                            client=client,
-                            worker=worker,
-                            server=srv,
-                            db=db,
-                            starter_counter=starter_counter,
-                            shapes=shapes,
-                            options=options,
-                            on_done=progress("product", options.count) if progress else None,
-                            release=release,
-                        )
-                        report["sides"]["product"] = side_report(m)
-                finally:
-                    await release()
-
-            # --- limit ----------------------------------------------------------------------
+            # --- limit: warm-up and shape check ----------------------------------------------
             if "limit" in options.sides:
                 warm_units, _ = build_units(
                     run_id, "warmup", _calibration_counts(), silent_window=options.silent_window
@@ -496,46 +569,82 @@ async def run_bench(
                 limit_units, _ = build_units(
                     run_id, "limit", counts, silent_window=options.silent_window
                 )
-                async with temporal(settings, workdir, "limit", server_db=options.server_db) as srv:
-                    client = await connect(srv.address, srv.namespace)
-                    worker = WorkerProcess(
-                        worker_config("limit", srv, None),
-                        (options.logs_dir or workdir) / f"worker-limit-{run_id}.log",
-                        pycache=workdir / "pycache" if options.bytecode else None,
-                    )
-                    await worker.start()
-                    try:
-                        limit_shapes = shapes
-                        if options.limit_variant == "merged-upserts":
-                            limit_shapes = {k: merge_upserts(s) for k, s in shapes.items()}
-                        lside = LimitSide(client, worker.config.task_queue, limit_shapes, run_id)
-                        note("limit: warm-up (one per path) and shape check")
-                        warm = await run_units(lside, warm_units, concurrency=16)
-                        failed = [t for t in warm.timings if t.error]
-                        if failed:
-                            raise RuntimeError(f"limit warm-up failed: {failed[0].error}")
-                        counts_by_shape = {
-                            t.shape_key: event_counts(await fetch_events(client, t.workflow_id))
-                            for t in warm.timings
-                        }
-                        report["shape_check"] = shape_check(shapes, counts_by_shape)
-                        note("limit: measured run")
-                        m = await measure(
-                            lside,
-                            limit_units,
-                            client=client,
-                            worker=worker,
-                            server=srv,
-                            db=db,
-                            starter_counter=None,
-                            shapes=shapes,
-                            options=options,
-                            on_done=progress("limit", options.count) if progress else None,
-                            release=worker.stop,
-                        )
-                        report["sides"]["limit"] = side_report(m)
-                    finally:
-                        await worker.stop()
+                srv = await servers.enter_async_context(
+                    temporal(settings, workdir, "limit", server_db=options.server_db)
+                )
+                client = await connect(srv.address, srv.namespace)
+                worker = WorkerProcess(
+                    worker_config("limit", srv, None),
+                    (options.logs_dir or workdir) / f"worker-limit-{run_id}.log",
+                    pycache=workdir / "pycache" if options.bytecode else None,
+                )
+                servers.push_async_callback(worker.stop)
+                await worker.start()
+                limit_shapes = shapes
+                if options.limit_variant == "merged-upserts":
+                    limit_shapes = {k: merge_upserts(s) for k, s in shapes.items()}
+                lside = LimitSide(client, worker.config.task_queue, limit_shapes, run_id)
+                note("limit: warm-up (one per path) and shape check")
+                warm = await run_units(lside, warm_units, concurrency=16)
+                failed = [t for t in warm.timings if t.error]
+                if failed:
+                    raise RuntimeError(f"limit warm-up failed: {failed[0].error}")
+                counts_by_shape = {
+                    t.shape_key: event_counts(await fetch_events(client, t.workflow_id))
+                    for t in warm.timings
+                }
+                report["shape_check"] = shape_check(shapes, counts_by_shape)
+                stacks["limit"] = SideStack(
+                    name="limit",
+                    side=lside,
+                    client=client,
+                    worker=worker,
+                    probes=probes(worker, srv),
+                    units=limit_units,
+                    starter_counter=None,
+                    release=worker.stop,
+                    on_done=progress("limit", options.count) if progress else None,
+                )
+
+            # --- measured: the sides in alternated slices -----------------------------------
+            for stack in stacks.values():
+                await stack.worker.reset()
+                if stack.starter_counter is not None:
+                    stack.starter_counter.reset()
+            pg_before = None
+            if "product" in stacks:
+                # Counts of the calibration still pending in idle sessions must land first.
+                await asyncio.sleep(options.stats_settle)
+                pg_before = await pg_commits(db.dsn)
+            names = list(stacks)
+            slices = {name: split(stacks[name].units, options.rounds) for name in names}
+            note(
+                f"measured run: {options.rounds} round(s) of "
+                + " and ".join(f"{name} {len(slices[name][0])}+ units" for name in names)
+            )
+            for name, rnd in slice_order(options.rounds, names):
+                stack = stacks[name]
+                idle = [
+                    other.probes[k]
+                    for other in stacks.values()
+                    if other is not stack
+                    for k in ("worker", "server")
+                ]
+                await measure_slice(
+                    stack,
+                    slices[name][rnd],
+                    idle=idle,
+                    concurrency=options.concurrency,
+                    rnd=rnd,
+                )
+            for name, stack in stacks.items():
+                measured = await finish(stack, shapes, options)
+                if name == "product" and pg_before is not None:
+                    await asyncio.sleep(1.0)
+                    pg_after = await pg_commits(db.dsn)
+                    if pg_after is not None:
+                        measured.pg = {k: pg_after[k] - pg_before[k] for k in pg_after}
+                report["sides"][name] = side_report(measured)
     finally:
         report["machine"]["load_avg_at_end"] = list(os.getloadavg())
         shutil.rmtree(workdir, ignore_errors=True)
@@ -550,5 +659,10 @@ async def run_bench(
             "server_cpu_ratio": server,
             "suspect": server is not None and not DRIFT_BAND[0] <= server <= DRIFT_BAND[1],
         }
+        # Each round's throughput ratio: their spread is the noise within this run.
+        report["round_ratios"] = [
+            p["throughput_per_s"] / lim["throughput_per_s"]
+            for p, lim in zip(sides["product"]["slices"], sides["limit"]["slices"], strict=True)
+        ]
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report

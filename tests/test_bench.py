@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,15 @@ import psutil
 import pytest
 from e2e_stack import run_command
 
-from bench.mix import DEFAULT_MIX, PATHS, allocate
+from bench.mix import DEFAULT_MIX, PATHS, allocate, build_units, unit_count
+from bench.run import slice_order, split
 
 pytestmark = pytest.mark.e2e
 
 ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
 COUNT = 10
+ROUNDS = 2
+ONE_S = timedelta(seconds=1)
 
 
 def ordered(stats: dict[str, float]) -> bool:
@@ -46,6 +50,49 @@ def test_allocation_follows_the_mix() -> None:
         assert all(got[p] >= 1 for p in PATHS)
 
 
+def test_slices_cover_every_unit_once_in_order() -> None:
+    units, _ = build_units("t", "product", allocate(500, DEFAULT_MIX), silent_window=ONE_S)
+    assert unit_count(allocate(500, DEFAULT_MIX)) == len(units) == 475
+    for rounds in (1, 2, 4, 7, len(units)):
+        slices = split(units, rounds)
+        assert len(slices) == rounds
+        assert [u for part in slices for u in part] == units
+        sizes = {len(part) for part in slices}
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_sides_alternate_so_drift_weighs_on_both() -> None:
+    assert slice_order(4, ["product", "limit"]) == [
+        ("product", 0),
+        ("limit", 0),
+        ("limit", 1),
+        ("product", 1),
+        ("product", 2),
+        ("limit", 2),
+        ("limit", 3),
+        ("product", 3),
+    ]
+    assert slice_order(2, ["limit"]) == [("limit", 0), ("limit", 1)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rounds", "0"], "Invalid value for --rounds: 0 rounds: between 1 and 9"),
+        (["--rounds", "10"], "Invalid value for --rounds: 10 rounds: between 1 and 9"),
+        (["--mix", "instant=1,later=2"], "Invalid value for --mix: unknown path 'later'"),
+    ],
+)
+async def test_bad_bench_options_are_refused_before_anything_starts(
+    args: list[str], message: str
+) -> None:
+    ran = await run_command(ORDERCANCEL, "bench", "--count", str(COUNT), *args, timeout=60)
+    assert ran.returncode == 2
+    assert message in " ".join(ran.stderr.replace("│", " ").split())
+    # Refused before its servers started: no orders were loaded, nothing was measured.
+    assert "loading" not in ran.stdout + ran.stderr
+
+
 @pytest.fixture(scope="module")
 async def report() -> dict[str, Any]:
     ran = await run_command(
@@ -55,6 +102,8 @@ async def report() -> dict[str, Any]:
         str(COUNT),
         "--concurrency",
         "8",
+        "--rounds",
+        str(ROUNDS),
         "--stats-settle",
         "0",
         "--json",
@@ -100,6 +149,12 @@ def test_every_figure_is_there_and_sane(report: dict[str, Any], name: str) -> No
     assert side["rss_mib"]["worker_peak"] > 10
     assert side["rss_mib"]["server_peak"] is None or side["rss_mib"]["server_peak"] > 10
     assert side["updates_rejected"] == 0
+    # Measured in ROUNDS slices: together they are the side, and its rate is theirs.
+    slices = side["slices"]
+    assert [s["round"] for s in slices] == list(range(1, ROUNDS + 1))
+    assert sum(s["cancellations"] for s in slices) == COUNT
+    assert side["duration_s"] == pytest.approx(sum(s["duration_s"] for s in slices))
+    assert side["throughput_per_s"] == pytest.approx(COUNT / side["duration_s"])
 
 
 def test_product_counts_its_ledger_and_matches_the_limit_shape(report: dict[str, Any]) -> None:
@@ -121,6 +176,8 @@ def test_product_counts_its_ledger_and_matches_the_limit_shape(report: dict[str,
         == limit["history"]["actions_per_cancellation"]
     )
     assert report["ratios"]["throughput_per_s"] > 0
+    assert report["options"]["rounds"] == ROUNDS
+    assert len(report["round_ratios"]) == ROUNDS and all(r > 0 for r in report["round_ratios"])
 
 
 async def test_parked_reports_checkpoints_and_drain() -> None:
