@@ -118,6 +118,14 @@ def bench(
         bool,
         typer.Option("--unsandboxed", help="Experiment: workflows without the sandbox"),
     ] = False,
+    local_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--local-ledger",
+            help="Experiment: the product's ledger activities as local activities (the limit"
+            " follows the shape)",
+        ),
+    ] = False,
     limit_variant: Annotated[
         str | None,
         typer.Option(help="merged-upserts: the limit runs proposal A1-A3's event shape"),
@@ -181,6 +189,7 @@ def bench(
         pool_reset=pool_reset,
         limit_variant=limit_variant,
         unsandboxed=unsandboxed,
+        local_ledger=local_ledger,
         sides=tuple(side.strip() for side in sides.split(",")),
         rounds=rounds,
         server_db=server_db,

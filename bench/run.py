@@ -75,6 +75,8 @@ class BenchOptions:
     # The product before P1: asyncpg's reset query on every release (to compare).
     pool_reset: bool = False
     unsandboxed: bool = False
+    # The product's ledger activities as local activities (bench.local_ledger).
+    local_ledger: bool = False
     # "merged-upserts": the limit runs proposal A1-A3's shape (bench.shape.merge_upserts).
     limit_variant: str | None = None
     server_db: str = "file"
@@ -107,6 +109,7 @@ class BenchOptions:
             "metrics": self.metrics,
             "pool_reset": self.pool_reset,
             "unsandboxed": self.unsandboxed,
+            "local_ledger": self.local_ledger,
             "limit_variant": self.limit_variant,
             "sides": list(self.sides),
             "rounds": self.rounds,
@@ -476,6 +479,7 @@ async def run_bench(
             metrics=options.metrics,
             pool_reset=options.pool_reset,
             unsandboxed=options.unsandboxed,
+            local_ledger=options.local_ledger,
             log_level=options.log_level,
             profile=(
                 str(options.profile_dir / f"worker-{side}-{run_id}.prof")

@@ -45,10 +45,12 @@ class SaValue(BaseModel):
 
 
 class Step(BaseModel):
-    op: Literal["upsert", "activity", "wait", "memo", "patch"]
+    op: Literal["upsert", "activity", "local_activity", "wait", "memo", "patch"]
     attrs: list[SaValue] = Field(default_factory=list)
     # activity: payload sizes in bytes (JSON data), summary length; `label` is the product's
     # activity type (for reading histories), never sent to the server by the limit.
+    # local_activity (`--local-ledger`): the result's size and the summary; a local activity's
+    # input never leaves the worker and is not in its marker (in_size 0).
     in_size: int = 0
     out_size: int = 0
     summary: int = 0
@@ -132,6 +134,15 @@ def _patch_id(marker: Any) -> str:
     raise ValueError(f"no patch id in marker details {dict(marker.details)!r}")
 
 
+def _local_activity_type(marker: Any) -> str:
+    """The activity type of a local activity's marker (Core keeps it in the `data` detail)."""
+    for payload in marker.details["data"].payloads if "data" in marker.details else []:
+        value = _decode(payload)
+        if isinstance(value, dict) and isinstance(value.get("activity_type"), str):
+            return str(value["activity_type"])
+    raise ValueError(f"no activity type in local activity marker {dict(marker.details)!r}")
+
+
 def _metadata_len(event: HistoryEvent, field: str) -> int:
     if not event.HasField("user_metadata"):
         return 0
@@ -174,6 +185,18 @@ def derive_shape(path: str, events: Sequence[HistoryEvent]) -> Shape:
             steps.append(Step(op="memo", memo={k: _decode(v) for k, v in memo.items()}))
         elif t == EventType.EVENT_TYPE_MARKER_RECORDED:
             marker = e.marker_recorded_event_attributes
+            if marker.marker_name == LOCAL_ACTIVITY_MARKER:
+                steps.append(
+                    Step(
+                        op="local_activity",
+                        label=_local_activity_type(marker),
+                        out_size=_size(marker.details["result"])
+                        if "result" in marker.details
+                        else 0,
+                        summary=_metadata_len(e, "summary"),
+                    )
+                )
+                continue
             if marker.marker_name != PATCH_MARKER:
                 raise ValueError(f"{path}: marker {marker.marker_name!r} is not reproduced")
             steps.append(Step(op="patch", patch_id=_patch_id(marker)))

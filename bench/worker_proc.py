@@ -52,6 +52,8 @@ class WorkerConfig(BaseModel):
     pool_reset: bool = False
     # Experiment: workflows without the sandbox (temporalio's UnsandboxedWorkflowRunner).
     unsandboxed: bool = False
+    # Experiment: the ledger's activities as local activities (bench.local_ledger).
+    local_ledger: bool = False
     log_level: str = "info"
     # Write a cProfile of the worker's asyncio loop thread here when it stops (where the time
     # goes). It counts that thread's CPU time (time.thread_time), not wall-clock time: on a
@@ -96,7 +98,6 @@ async def serve(config: WorkerConfig) -> None:
     profiler = None
     if config.profile:
         import cProfile
-
         import time
 
         profiler = cProfile.Profile(time.thread_time)
@@ -131,12 +132,18 @@ async def serve(config: WorkerConfig) -> None:
             sim_confirm_after_polls=0,
             task_queue=config.task_queue,
         )
+        interceptors = []
+        if config.local_ledger:
+            from bench.local_ledger import LocalLedgerInterceptor
+
+            interceptors.append(LocalLedgerInterceptor())
         worker = build_worker(
             client,
             pool,
             settings,
             provider=SimulatedProvider(pool, confirm_after_polls=0),
             task_queue=config.task_queue,
+            interceptors=interceptors,
             **worker_options(config),
         )
     else:

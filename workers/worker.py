@@ -10,7 +10,7 @@ from datetime import timedelta
 import asyncpg
 import structlog
 from temporalio.client import Client
-from temporalio.worker import PollerBehavior, PollerBehaviorSimpleMaximum, Worker
+from temporalio.worker import Interceptor, PollerBehavior, PollerBehaviorSimpleMaximum, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ledger_activities import LedgerActivities
@@ -80,10 +80,12 @@ def build_worker(
     activity_task_poller_behavior: PollerBehavior = SDK_DEFAULT_POLLERS,
     max_concurrent_workflow_tasks: int | None = None,
     max_concurrent_activities: int | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
     """`metrics`: by default, through the client's runtime (a no-op unless that runtime
     exports metrics, see infra.metrics). Pollers and concurrency: the SDK's defaults unless
-    given (`ordercancel bench` compares settings, docs/performance.md)."""
+    given (`ordercancel bench` compares settings, docs/performance.md). `interceptors`: after
+    the log context's (the bench's experiments)."""
     ledger = Ledger(pool)
     metrics = metrics or BusinessMetrics.for_client(client)
     ledger_activities = LedgerActivities(
@@ -119,7 +121,7 @@ def build_worker(
         max_concurrent_activities=max_concurrent_activities,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         # Every log line of an activity or workflow carries the cancellation's ids.
-        interceptors=[LogContextInterceptor()],
+        interceptors=[LogContextInterceptor(), *interceptors],
     )
 
 
