@@ -40,7 +40,6 @@ from domain.models import (
     RefundStage,
     RefundView,
     RequestCancellationInput,
-    SubOrderStatus,
     TransitionInput,
 )
 from domain.rules import decide_coupon, refund_eta, refund_idempotency_key, refund_kind
@@ -230,120 +229,63 @@ class Ledger:
     async def open_cancellation(
         self, *, cancellation_id: str, request: RequestCancellationInput
     ) -> SubOrderSnapshot:
-        """Record the request and choose the path in one transaction.
+        """Record the request and choose the path in one transaction, one round trip (the
+        function of migration 005).
 
         The sub-order row is locked, so the switch from `unvalidated` to `cancelled` and the
         seller's acceptance (`accept_sub_order`) serialise: the first to commit wins and the
         other sees the new status. Calling again returns the path chosen the first time.
         """
-        async with self._pool.acquire() as conn, conn.transaction():
-            sub = await conn.fetchrow(
-                """
-                SELECT s.status, s.cash_minor, p.currency, p.method, p.capture, o.buyer_id
-                FROM sub_orders s
-                JOIN payments p ON p.order_id = s.order_id
-                JOIN checkout_orders o ON o.order_id = s.order_id
-                WHERE s.order_id = $1 AND s.seller_id = $2
-                FOR UPDATE OF s
-                """,
-                request.order_id,
-                request.seller_id,
-            )
-            if sub is None:
+        reason = request.reason
+        row = await self._pool.fetchrow(
+            "SELECT * FROM ledger_open_cancellation($1, $2, $3, $4, $5, $6, $7, $8)",
+            cancellation_id,
+            request.order_id,
+            request.seller_id,
+            request.buyer_id,
+            reason.value,
+            reason.fault.value,
+            request.reason_text,
+            f"reason {reason.value} ({reason.fault.value} fault)"
+            + (f": {request.reason_text}" if request.reason_text else ""),
+        )
+        assert row is not None  # the function always returns one row
+        sub_order = f"{request.order_id}/{request.seller_id}"
+        match row["outcome"]:
+            case "not_found":
                 raise SubOrderNotFound(
                     f"no sub-order of seller {request.seller_id} in order {request.order_id}"
                 )
-            # Read after the sub-order's lock, in a statement of its own: it sees a cancellation
-            # committed by whoever held the lock before us.
-            other = await conn.fetchrow(
-                "SELECT cancellation_id, path, status FROM cancellations"
-                " WHERE order_id = $1 AND seller_id = $2",
-                request.order_id,
-                request.seller_id,
-            )
-            if other is not None and other["cancellation_id"] != cancellation_id:
+            case "conflict":
                 raise CancellationConflict(
-                    f"sub-order {request.order_id}/{request.seller_id} already has cancellation "
-                    f"{other['cancellation_id']}"
+                    f"sub-order {sub_order} already has cancellation {row['other_cancellation_id']}"
                 )
-            existing = other["path"] if other is not None else None
-            if existing is None:
-                if sub["status"] == SubOrderStatus.CANCELLED:
-                    raise SubOrderAlreadyCancelled(
-                        f"sub-order {request.order_id}/{request.seller_id} is already cancelled"
-                    )
-                if sub["buyer_id"] != request.buyer_id:
-                    # Only the buyer of the order may cancel it; a wrong buyer id is a caller
-                    # bug, not a reason to reveal whose order it is.
-                    raise SubOrderNotFound(
-                        f"order {request.order_id} has no sub-order of seller "
-                        f"{request.seller_id} for buyer {request.buyer_id}"
-                    )
-                instant = sub["status"] == SubOrderStatus.UNVALIDATED
-                path = CancellationPath.INSTANT if instant else CancellationPath.REQUEST
-                status = (
-                    CancellationStatus.APPROVED if instant else CancellationStatus.AWAITING_SELLER
+            case "already_cancelled":
+                raise SubOrderAlreadyCancelled(f"sub-order {sub_order} is already cancelled")
+            case "wrong_buyer":
+                # Only the buyer of the order may cancel it; a wrong buyer id is a caller bug,
+                # not a reason to reveal whose order it is.
+                raise SubOrderNotFound(
+                    f"order {request.order_id} has no sub-order of seller "
+                    f"{request.seller_id} for buyer {request.buyer_id}"
                 )
-                if instant:
-                    await conn.execute(
-                        """
-                        UPDATE sub_orders SET status = 'cancelled',
-                            status_changed_at = clock_timestamp()
-                        WHERE order_id = $1 AND seller_id = $2 AND status = 'unvalidated'
-                        """,
-                        request.order_id,
-                        request.seller_id,
-                    )
-                await conn.execute(
-                    """
-                    INSERT INTO cancellations (cancellation_id, order_id, seller_id, buyer_id,
-                        reason, fault, reason_text, path, status)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                    """,
-                    cancellation_id,
-                    request.order_id,
-                    request.seller_id,
-                    request.buyer_id,
-                    request.reason.value,
-                    request.reason.fault.value,
-                    request.reason_text,
-                    path.value,
-                    status.value,
-                )
-                # Both opening rows in one statement, in this order (000 first).
-                await conn.execute(
-                    """
-                    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind,
-                        detail)
-                    VALUES ($1, '000-requested', $2, 'requested', $3),
-                           ($1, '001-path', 'system', $4, $5)
-                    ON CONFLICT (cancellation_id, event_key) DO NOTHING
-                    """,
-                    cancellation_id,
-                    f"buyer:{request.buyer_id}",
-                    f"reason {request.reason.value} ({request.reason.fault.value} fault)"
-                    + (f": {request.reason_text}" if request.reason_text else ""),
-                    "cancelled_instantly" if instant else "awaiting_seller",
-                    "payment not validated yet: cancelled without the seller"
-                    if instant
-                    else "payment validated: the seller must decide",
-                )
-                # Just created under the sub-order's lock: its status is the one written and no
-                # refund can reference it yet.
+            case "opened":
+                # Just created under the sub-order's lock: no refund can reference it yet.
                 view = None
-            else:
-                path = CancellationPath(existing)
-                status = CancellationStatus(other["status"])
-                refund = await self._refund_row(conn, cancellation_id=cancellation_id)
+            case "existing":
+                async with self._pool.acquire() as conn:
+                    refund = await self._refund_row(conn, cancellation_id=cancellation_id)
                 view = refund.view if refund is not None else None
-            return SubOrderSnapshot(
-                path=path,
-                amount=Money(amount_minor=sub["cash_minor"], currency=sub["currency"].strip()),
-                payment_method=PaymentMethod(sub["method"]),
-                capture=CaptureState(sub["capture"]),
-                status=status,
-                refund=view,
-            )
+            case other:
+                raise AssertionError(f"unknown outcome {other!r} of ledger_open_cancellation")
+        return SubOrderSnapshot(
+            path=CancellationPath(row["path"]),
+            amount=Money(amount_minor=row["cash_minor"], currency=row["currency"].strip()),
+            payment_method=PaymentMethod(row["method"]),
+            capture=CaptureState(row["capture"]),
+            status=CancellationStatus(row["status"]),
+            refund=view,
+        )
 
     async def sub_order_amount(
         self, *, order_id: str, seller_id: str

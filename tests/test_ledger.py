@@ -340,6 +340,49 @@ async def test_cancel_and_seller_acceptance_racing_exactly_one_wins(pool: asyncp
     )
 
 
+async def test_concurrent_openings_of_one_sub_order_make_one_cancellation(
+    pool: asyncpg.Pool,
+) -> None:
+    """Attempts of one cancellation and of another one racing for the same sub-order: the lock
+    serialises them and each looks up after it, so exactly one cancellation is written with
+    its two audit rows; calls with its id get it back, the others a CancellationConflict (a
+    stale look-up would end in a unique violation instead)."""
+    rounds = 20
+    await load_orders(
+        pool,
+        OrdersFile(
+            orders=[fresh_order(f"OPEN-{n}", unvalidated=n % 2 == 0) for n in range(rounds)]
+        ),
+    )
+    ledger = Ledger(pool)
+    for n in range(rounds):
+        order_id = f"OPEN-{n}"
+        ids = [cancellation_id(order_id, "S-7")] * 3 + [f"other-{n}-a", f"other-{n}-b"]
+
+        async def attempt(cid: str, order_id: str = order_id) -> str:
+            try:
+                await ledger.open_cancellation(
+                    cancellation_id=cid, request=request(order_id, "S-7", "B-1")
+                )
+            except CancellationConflict:
+                return "conflict"
+            return cid
+
+        results = await asyncio.gather(*(attempt(cid) for cid in ids[n % 5 :] + ids[: n % 5]))
+        rows = await pool.fetch(
+            "SELECT cancellation_id FROM cancellations WHERE order_id = $1", order_id
+        )
+        assert len(rows) == 1, f"round {n}: {rows}"
+        winner = rows[0]["cancellation_id"]
+        assert sorted(results) == sorted(cid if cid == winner else "conflict" for cid in ids), (
+            f"round {n}"
+        )
+        events = await pool.fetchval(
+            "SELECT count(*) FROM cancellation_events WHERE cancellation_id = $1", winner
+        )
+        assert events == 2
+
+
 async def test_unknown_sub_order_and_wrong_buyer_are_not_found_and_write_nothing(
     pool: asyncpg.Pool,
 ) -> None:

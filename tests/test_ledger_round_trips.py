@@ -180,13 +180,14 @@ async def test_each_stage_is_one_round_trip_and_metrics_read_nothing(counted: Co
     assert [labels.get("stage") for _, labels in metrics.seen[1:]] == ["submitted", "confirmed"]
 
 
-async def test_opening_is_six_round_trips_and_reopening_five(counted: Counted) -> None:
-    """BEGIN, the sub-order locked (with its payment and buyer), the cancellation looked up
-    under that lock, the cancellation, both opening audit rows, COMMIT (11 before issue 7). A
-    retried or later run reads the stored status and refund instead of writing."""
+async def test_opening_is_one_round_trip_and_reopening_two(counted: Counted) -> None:
+    """One call of `ledger_open_cancellation` (migration 005): the sub-order locked, the
+    cancellation looked up under that lock, the cancellation and both opening audit rows, in one
+    transaction (11 round trips before issue 7, then 6). A retried or later run gets the stored
+    status from it and reads the refund instead of writing."""
     counted.reset()
     await open_request(counted.ledger)
-    assert await counted.ledger_totals() == (6, 1)
+    assert await counted.ledger_totals() == (1, 1)
     assert await audit(counted.pool) == [
         ("000-requested", "requested"),
         ("001-path", "awaiting_seller"),
@@ -197,7 +198,7 @@ async def test_opening_is_six_round_trips_and_reopening_five(counted: Counted) -
     )
     counted.reset()
     again = await counted.ledger.open_cancellation(cancellation_id=CID, request=REQUEST)
-    assert await counted.ledger_totals() == (5, 1)
+    assert await counted.ledger_totals() == (2, 2)
     assert (again.path, again.status, again.refund) == (
         CancellationPath.REQUEST,
         CancellationStatus.APPROVED,
