@@ -12,6 +12,7 @@ local activities of the same sizes. Docs: docs/performance.md ("Tuning tried").
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from temporalio import workflow
@@ -51,21 +52,14 @@ class _Outbound(WorkflowOutboundInterceptor):
     def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
         if input.activity not in LEDGER_ACTIVITIES:
             return super().start_activity(input)
+        # Every field the two inputs share, as given (a local activity has no task queue,
+        # heartbeat, eager dispatch, versioning or priority), and the SDK's default threshold
+        # for retrying inside the workflow task.
+        shared = {
+            f.name: getattr(input, f.name)
+            for f in fields(StartLocalActivityInput)
+            if f.name != "local_retry_threshold"
+        }
         return super().start_local_activity(
-            StartLocalActivityInput(
-                activity=input.activity,
-                args=input.args,
-                activity_id=input.activity_id,
-                schedule_to_close_timeout=input.schedule_to_close_timeout,
-                schedule_to_start_timeout=input.schedule_to_start_timeout,
-                start_to_close_timeout=input.start_to_close_timeout,
-                retry_policy=input.retry_policy,
-                local_retry_threshold=None,
-                cancellation_type=input.cancellation_type,
-                headers=input.headers,
-                summary=input.summary,
-                event_groups=input.event_groups,
-                arg_types=input.arg_types,
-                ret_type=input.ret_type,
-            )
+            StartLocalActivityInput(**shared, local_retry_threshold=None)
         )

@@ -31,6 +31,14 @@ ROUNDS = 2
 ONE_S = timedelta(seconds=1)
 
 
+async def bench_json(*args: str) -> dict[str, Any]:
+    """`ordercancel bench ARGS --json`, which must succeed: its report."""
+    ran = await run_command(ORDERCANCEL, "bench", *args, "--json", timeout=240)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    parsed: dict[str, Any] = json.loads(ran.stdout)
+    return parsed
+
+
 def ordered(stats: dict[str, float]) -> bool:
     return 0 < stats["p50"] <= stats["p95"] <= stats["p99"]
 
@@ -95,23 +103,9 @@ async def test_bad_bench_options_are_refused_before_anything_starts(
 
 @pytest.fixture(scope="module")
 async def report() -> dict[str, Any]:
-    ran = await run_command(
-        ORDERCANCEL,
-        "bench",
-        "--count",
-        str(COUNT),
-        "--concurrency",
-        "8",
-        "--rounds",
-        str(ROUNDS),
-        "--stats-settle",
-        "0",
-        "--json",
-        timeout=240,
+    return await bench_json(
+        "--count", str(COUNT), "--concurrency", "8", "--rounds", str(ROUNDS), "--stats-settle", "0"
     )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    parsed: dict[str, Any] = json.loads(ran.stdout)
-    return parsed
 
 
 def test_limit_reproduces_the_product_shape(report: dict[str, Any]) -> None:
@@ -181,19 +175,7 @@ def test_product_counts_its_ledger_and_matches_the_limit_shape(report: dict[str,
 
 
 async def test_parked_reports_checkpoints_and_drain() -> None:
-    ran = await run_command(
-        ORDERCANCEL,
-        "bench",
-        "parked",
-        "--count",
-        "12",
-        "--checkpoints",
-        "6,12",
-        "--json",
-        timeout=240,
-    )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    report = json.loads(ran.stdout)
+    report = await bench_json("parked", "--count", "12", "--checkpoints", "6,12")
     assert [c["target"] for c in report["checkpoints"]] == [6, 12]
     assert all(c["parked"] == c["target"] for c in report["checkpoints"])
     assert all(
@@ -290,21 +272,9 @@ def servers_under(root: Path) -> list[str]:
 
 
 async def test_the_local_ledger_experiment_runs_and_the_limit_follows_its_shape() -> None:
-    ran = await run_command(
-        ORDERCANCEL,
-        "bench",
-        "--count",
-        str(COUNT),
-        "--rounds",
-        "1",
-        "--local-ledger",
-        "--stats-settle",
-        "0",
-        "--json",
-        timeout=240,
+    report = await bench_json(
+        "--count", str(COUNT), "--rounds", "1", "--local-ledger", "--stats-settle", "0"
     )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    report = json.loads(ran.stdout)
     assert report["options"]["local_ledger"] is True
     checks = report["shape_check"]
     assert all(check["match"] for check in checks.values()), checks
