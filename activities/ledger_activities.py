@@ -20,6 +20,7 @@ from domain.models import (
     RefundFailureInput,
     RefundPolicy,
     RefundRequestInput,
+    RefundStage,
     RefundView,
     TimeoutPolicy,
     TransitionInput,
@@ -82,7 +83,9 @@ class LedgerActivities:
             created_at = await self._ledger.record_transition(params)
         except LedgerError as err:
             raise business_error(err) from err
-        log.info("transition_recorded", status=params.status.value, actor=params.actor)
+        log.info(
+            "transition_recorded", status=params.status.value, actor=params.actor, kind=params.kind
+        )
         self._observe_transition(params, created_at)
 
     def _observe_transition(self, params: TransitionInput, created_at: datetime) -> None:
@@ -114,6 +117,16 @@ class LedgerActivities:
             )
         except LedgerError as err:
             raise business_error(err) from err
+        if record.view.stage is RefundStage.REQUESTED:
+            # The status change the workflow makes of it (its one log line, see
+            # `OrderCancellation._set_status`).
+            log.info(
+                "refund_requested",
+                status=CancellationStatus.REFUND_REQUESTED.value,
+                kind=record.view.kind.value,
+                amount_minor=record.view.amount.amount_minor,
+                currency=record.view.amount.currency,
+            )
         return record.view
 
     @activity.defn

@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.ledger_activities import business_error
 from domain.errors import LedgerError, ProviderFinalError, ProviderTransientError
-from domain.models import RefundStage, RefundStepInput, RefundView
+from domain.models import CancellationStatus, RefundStage, RefundStepInput, RefundView
 from domain.rules import DEFAULT_ETA_TABLE, refund_eta
 from infra.metrics import NO_METRICS, BusinessMetrics, seconds_between
 from ledger.repository import Ledger, RefundRecord
@@ -28,6 +28,22 @@ REFUND_REJECTED = "RefundRejected"
 REFUND_FAILED_AT_PROVIDER = "RefundFailedAtProvider"
 
 log = structlog.get_logger(__name__)
+
+# The status change each recorded stage is to the workflow: its one log line is written here
+# (`OrderCancellation._set_status`).
+_STAGE_STATUS = {
+    RefundStage.SUBMITTED: CancellationStatus.REFUND_SUBMITTED,
+    RefundStage.CONFIRMED: CancellationStatus.REFUND_CONFIRMED,
+}
+
+
+def _log_stage(stage: RefundStage, view: RefundView) -> None:
+    log.info(
+        f"refund_{stage.value}",
+        status=_STAGE_STATUS[stage].value,
+        kind=view.kind.value,
+        provider_ref=view.provider_ref,
+    )
 
 
 class RefundActivities:
@@ -52,6 +68,8 @@ class RefundActivities:
         except LedgerError as err:
             raise business_error(err) from err
         if record.view.stage in (RefundStage.SUBMITTED, RefundStage.CONFIRMED):
+            # Recorded by an earlier attempt, whose line may have been lost with it.
+            _log_stage(RefundStage.SUBMITTED, record.view)
             return record.view
         try:
             made = await self._provider.create_refund(
@@ -73,7 +91,7 @@ class RefundActivities:
             eta=eta,
             event_key=params.event_key,
         )
-        log.info("refund_submitted", kind=record.view.kind.value, provider_ref=made.provider_ref)
+        _log_stage(RefundStage.SUBMITTED, record.view)
         self._observe_stage(record)
         return record.view
 
@@ -86,6 +104,7 @@ class RefundActivities:
         except LedgerError as err:
             raise business_error(err) from err
         if record.view.stage is RefundStage.CONFIRMED:
+            _log_stage(RefundStage.CONFIRMED, record.view)
             return record.view
         if record.view.provider_ref is None:
             raise ApplicationError(
@@ -114,7 +133,7 @@ class RefundActivities:
         record = await self._ledger.record_refund_confirmed(
             cancellation_id=params.cancellation_id, event_key=params.event_key
         )
-        log.info("refund_confirmed", kind=record.view.kind.value)
+        _log_stage(RefundStage.CONFIRMED, record.view)
         self._observe_stage(record)
         return record.view
 

@@ -422,6 +422,28 @@ async def test_worker_log_lines_carry_the_cancellation_ids(world: World) -> None
         assert "{" not in line["event"], line
 
 
+async def test_each_status_change_is_one_log_line(world: World) -> None:
+    """The accepted cancellation's status changes, each logged once: by the activity that
+    records it, or by the workflow where no activity does (awaiting the seller)."""
+    accepted = world.id("accepted")
+    changes = [
+        (ln["status"], ln["logger"])
+        for ln in world.logs.lines()
+        if ln.get("workflow_id") == accepted and "status" in ln
+    ]
+    S = CancellationStatus
+    assert sorted(changes) == sorted(
+        [
+            (S.AWAITING_SELLER.value, "temporalio.workflow"),
+            (S.APPROVED.value, "activities.ledger_activities"),
+            (S.REFUND_REQUESTED.value, "activities.ledger_activities"),
+            (S.REFUND_SUBMITTED.value, "activities.refund_activities"),
+            (S.REFUND_CONFIRMED.value, "activities.refund_activities"),
+            (S.COMPLETED.value, "activities.ledger_activities"),
+        ]
+    ), changes
+
+
 async def test_no_secret_in_any_log_line(world: World) -> None:
     text = world.logs.text
     assert text

@@ -327,6 +327,55 @@ async def test_steps_after_success_change_nothing_and_do_not_call_the_provider(
     assert len(await h.provider_refunds(KEY_1002)) == 1
 
 
+class LogRecorder:
+    """Stands in for an activity module's structlog logger: (event, fields) per info line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, object]]] = []
+
+    def info(self, event: str, **fields: object) -> None:
+        self.lines.append((event, fields))
+
+
+async def test_each_stage_is_logged_with_its_status_even_when_a_retry_finds_it_recorded(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import activities.ledger_activities as ledger_module
+    import activities.refund_activities as refund_module
+
+    ledger_log, refund_log = LogRecorder(), LogRecorder()
+    monkeypatch.setattr(ledger_module, "log", ledger_log)
+    monkeypatch.setattr(refund_module, "log", refund_log)
+
+    requested = await h.approved_refund("O-1002", "S-7")
+    submitted = await h.submit(CID_1002)
+    confirmed = await h.confirm(CID_1002)
+    # Retries of attempts whose response (and line) was lost: the stage is found recorded.
+    await h.submit(CID_1002)
+    await h.confirm(CID_1002)
+
+    assert (
+        "refund_requested",
+        {
+            "status": "refund_requested",
+            "kind": requested.kind.value,
+            "amount_minor": CASH_1002,
+            "currency": requested.amount.currency,
+        },
+    ) in ledger_log.lines
+    assert [(event, fields["status"]) for event, fields in refund_log.lines] == [
+        ("refund_submitted", "refund_submitted"),
+        ("refund_confirmed", "refund_confirmed"),
+        ("refund_submitted", "refund_submitted"),
+        ("refund_confirmed", "refund_confirmed"),
+    ]
+    assert (
+        {fields["provider_ref"] for _, fields in refund_log.lines}
+        == {submitted.provider_ref}
+        == {confirmed.provider_ref}
+    )
+
+
 async def test_submitting_twice_before_confirmation_calls_the_provider_once(h: Harness) -> None:
     await h.approved_refund("O-1002", "S-7")
     first = await h.submit(CID_1002)
