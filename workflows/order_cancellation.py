@@ -596,7 +596,7 @@ class OrderCancellation:
 
         One log line per status change: the activity that records the change writes it
         (`logged_by_activity`); this writes the line only for changes no activity logs. A line
-        from workflow code costs about four times one from an activity (docs/performance.md)."""
+        from workflow code costs several times one from an activity (docs/performance.md)."""
         self._status = status
         self._since = workflow.now()
         self._note(actor, kind, detail)
