@@ -5,6 +5,7 @@ only spare a round trip or give a precise answer where a signal could not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -14,6 +15,7 @@ from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowFailureError,
+    WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
@@ -178,21 +180,16 @@ class CancellationService:
                 await self._raise_if_failed(handle.id)
             if located is not None:
                 view = located.view
-                settled = (
-                    view.status.is_terminal
-                    or not located.running
-                    or view.path is CancellationPath.REQUEST
-                )
-                if settled:
+                if not located.running:
                     break
-                if view.path is CancellationPath.INSTANT:
-                    remaining = deadline - loop.time()
-                    if remaining > 0:
-                        try:
-                            await asyncio.wait_for(handle.result(), remaining)
-                        except (TimeoutError, WorkflowFailureError):
-                            pass
-                        located = await self.locate(handle.id)
+                if view.status.is_terminal or view.path is CancellationPath.INSTANT:
+                    # Decided (or deciding at once): let the workflow close within the wait,
+                    # so that `final: true` is followed by reads from the ledger, not by a
+                    # workflow that still runs its last task.
+                    await self._until_closed(handle, deadline)
+                    located = await self.locate(handle.id)
+                    break
+                if view.path is CancellationPath.REQUEST:
                     break
             if loop.time() >= deadline:
                 break
@@ -224,6 +221,15 @@ class CancellationService:
             ),
             status_url=f"/v1/cancellations/{handle.id}",
         )
+
+    @staticmethod
+    async def _until_closed(handle: WorkflowHandle[Any, Any], deadline: float) -> None:
+        """Wait until the workflow closes (however it ends) or the loop time `deadline`
+        passes."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError, WorkflowFailureError):
+                await asyncio.wait_for(handle.result(), remaining)
 
     async def _raise_if_failed(self, cancellation_id: str) -> None:
         """A workflow that failed while opening (e.g. the sub-order changed under us) left no

@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +25,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from temporalio.client import Client
+from temporalio.worker import Interceptor
 
 from api.app import borrowed, create_app
 from api.keys import KeyStore, generate_key
@@ -224,9 +225,11 @@ async def api_stack(
     *,
     principals: tuple[str, ...],
     webhook_secret: str,
+    interceptors: Sequence[Interceptor] = (),
 ) -> AsyncIterator[ApiStack]:
     """The app with its lifespan and the worker, as `ordercancel api` and `ordercancel worker`
-    run them, over one pool and one client; requests go through ASGI, no port."""
+    run them, over one pool and one client; requests go through ASGI, no port. `interceptors`
+    go to the worker."""
     client = await connect(temporal_address)
     pool = await create_pool(database_url, min_size=1, max_size=10)
     keys = {principal: generate_key() for principal in principals}
@@ -238,7 +241,7 @@ async def api_stack(
     )
     try:
         async with (
-            build_worker(client, pool, settings),
+            build_worker(client, pool, settings, interceptors=interceptors),
             app.router.lifespan_context(app),
             httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://api.test", timeout=30

@@ -13,7 +13,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,7 +30,14 @@ from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_add
     temporal_address_fixture,
 )
 from jsonschema import Draft202012Validator
+from temporalio import workflow
 from temporalio.client import Client
+from temporalio.worker import (
+    ExecuteWorkflowInput,
+    Interceptor,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+)
 
 from api.keys import generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
@@ -128,8 +136,10 @@ class Api:
         return body
 
 
-@pytest.fixture(scope="module")
-async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
+@asynccontextmanager
+async def api_for_tests(
+    temporal_address: str, database_url: str, interceptors: Sequence[Interceptor] = ()
+) -> AsyncIterator[Api]:
     """The worker on a task queue of its own, and the app with its lifespan, over the same
     pool and client; keys of every principal, made for this module. Every response is checked
     against the app's own OpenAPI document."""
@@ -143,10 +153,11 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
     )
     async with api_stack(
         temporal_address,
-        e2e_database_url,
+        database_url,
         settings,
         principals=PRINCIPALS,
         webhook_secret=SECRET,
+        interceptors=interceptors,
     ) as stack:
         check = OpenApiCheck(stack.app.openapi())
 
@@ -156,6 +167,38 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
 
         stack.http.event_hooks = {"response": [documented]}
         yield Api(stack.http, stack.keys, stack.pool, stack.client, SimulatedProvider(stack.pool))
+
+
+@pytest.fixture(scope="module")
+async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
+    async with api_for_tests(temporal_address, e2e_database_url) as stack:
+        yield stack
+
+
+class CloseLate(Interceptor):
+    """Keeps every workflow open for `CLOSE_DELAY` after its run has returned: the status
+    query then tells a final status while the workflow still runs."""
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor] | None:
+        return _CloseLateInbound
+
+
+class _CloseLateInbound(WorkflowInboundInterceptor):
+    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+        result = await super().execute_workflow(input)
+        await workflow.sleep(CLOSE_DELAY)
+        return result
+
+
+CLOSE_DELAY = timedelta(seconds=2)
+
+
+@pytest.fixture
+async def late_closing_api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
+    async with api_for_tests(temporal_address, e2e_database_url, [CloseLate()]) as stack:
+        yield stack
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -328,6 +371,24 @@ async def test_instant_path_answers_with_the_final_outcome(api: Api) -> None:
     }
     kinds = [entry["kind"] for entry in view["audit"]]
     assert kinds[:2] == ["requested", "cancelled_instantly"] and kinds[-1] == "completed"
+
+
+async def test_a_final_answer_is_followed_by_the_ledger_even_while_the_workflow_closes(
+    late_closing_api: Api,
+) -> None:
+    """The outcome is known before the workflow has closed (here two seconds later): the API
+    answers once it has, so that what the caller reads next is the ledger's finished record."""
+    api = late_closing_api
+    order_id = await new_order(api, validated=False)
+    response = await api.call(
+        "POST", "/v1/cancellations", "buyer-service", json=request_body(order_id)
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["final"]) == ("completed", True)
+    view = await api.get(body["cancellation_id"])
+    assert (view["running"], view["source"], view["status"]) == (False, "ledger", "completed")
+    assert view["audit"][-1]["kind"] == "completed"
 
 
 async def test_request_path_is_read_from_the_running_workflow(api: Api) -> None:
