@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench chaos clean
 
 install: $(STAMP)
 
@@ -21,9 +21,14 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Developer tools from the checkout (tools/ is not installed, not in the image).
 # The limit and the product side by side (docs/performance.md); BENCH_ARGS="--count 500".
 bench: install
-	$(BIN)/ordercancel bench $(BENCH_ARGS)
+	$(BIN)/python -m tools.bench $(BENCH_ARGS)
+
+# The reliability run (docs/reliability.md); CHAOS_ARGS="--count 5000".
+chaos: install
+	$(BIN)/python -m tools.chaos $(CHAOS_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

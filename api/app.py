@@ -52,9 +52,9 @@ def connected(settings: Settings) -> Resources:
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[tuple[asyncpg.Pool, Client]]:
-        from starter.stack import open_stack
+        from infra.stack import open_stack
 
-        async with open_stack(settings, embedded=False) as stack:
+        async with open_stack(settings) as stack:
             yield stack.pool, stack.client
 
     return resources

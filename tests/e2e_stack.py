@@ -29,8 +29,8 @@ from temporalio.worker import Interceptor
 
 from api.app import borrowed, create_app
 from api.keys import KeyStore, generate_key
+from devstack.embedded import TemporalDevServer, free_port
 from infra.client import connect
-from infra.embedded import TemporalDevServer, free_port
 from infra.settings import Settings
 from ledger.db import create_pool
 from workers.worker import build_worker

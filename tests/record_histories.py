@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 from temporalio.client import Client, WorkflowHandle
 
+from devstack.embedded import EmbeddedPostgres, TemporalDevServer, free_port
 from domain.models import (
     CancellationReason,
     CancellationResult,
@@ -44,7 +45,6 @@ from domain.models import (
 )
 from domain.orders import CheckoutOrderIn, OrderLine, OrdersFile, PaymentIn, SubOrderIn
 from infra.client import connect
-from infra.embedded import EmbeddedPostgres, TemporalDevServer, free_port
 from infra.settings import Settings
 from ledger.db import create_pool, migrate
 from ledger.orders import load_orders

@@ -19,8 +19,7 @@ from starlette.routing import Route
 from typer.testing import CliRunner
 
 from api.app import create_app
-from api.cli import openapi_json
-from api.dev import DEV_PRINCIPALS, dev_credentials
+from api.commands import openapi_json
 from api.keys import (
     KeyConfigError,
     KeyStore,
@@ -32,8 +31,9 @@ from api.keys import (
 )
 from api.middleware import BodySizeLimit
 from api.signing import SignatureRefused, signature_header, verify_signature
+from cli.main import app as cli
+from devstack.dev_api import DEV_PRINCIPALS, dev_credentials
 from infra.settings import Settings
-from starter.cli import app as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = timedelta(minutes=5)

@@ -1,4 +1,4 @@
-"""Smoke test of `ordercancel bench` and `ordercancel bench parked`: the commands run end to end
+"""Smoke test of `python -m tools.bench` and `python -m tools.bench parked`: the commands run end to end
 on their own servers with tiny counts and report every figure, with sane values. Not a timed
 test: no figure is compared with a target here (docs/performance.md has the real runs)."""
 
@@ -20,12 +20,13 @@ import psutil
 import pytest
 from e2e_stack import run_command
 
-from bench.mix import DEFAULT_MIX, PATHS, allocate, build_units, unit_count
-from bench.run import slice_order, split
+from tools.bench.mix import DEFAULT_MIX, PATHS, allocate, build_units, unit_count
+from tools.bench.run import slice_order, split
 
 pytestmark = pytest.mark.e2e
 
-ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
+# The bench is a developer tool run from the checkout (tools/ is not installed).
+BENCH = (sys.executable, "-m", "tools.bench")
 COUNT = 10
 ROUNDS = 2
 ONE_S = timedelta(seconds=1)
@@ -33,7 +34,7 @@ ONE_S = timedelta(seconds=1)
 
 async def bench_json(*args: str) -> dict[str, Any]:
     """`ordercancel bench ARGS --json`, which must succeed: its report."""
-    ran = await run_command(ORDERCANCEL, "bench", *args, "--json", timeout=240)
+    ran = await run_command(*BENCH, *args, "--json", timeout=240)
     assert ran.returncode == 0, ran.stderr[-3000:]
     parsed: dict[str, Any] = json.loads(ran.stdout)
     return parsed
@@ -94,7 +95,7 @@ def test_sides_alternate_so_drift_weighs_on_both() -> None:
 async def test_bad_bench_options_are_refused_before_anything_starts(
     args: list[str], message: str
 ) -> None:
-    ran = await run_command(ORDERCANCEL, "bench", "--count", str(COUNT), *args, timeout=60)
+    ran = await run_command(*BENCH, "--count", str(COUNT), *args, timeout=60)
     assert ran.returncode == 2
     assert message in " ".join(ran.stderr.replace("│", " ").split())
     # Refused before its servers started: no orders were loaded, nothing was measured.
@@ -191,8 +192,7 @@ async def test_parked_without_drain_reports_the_checkpoints_and_stops(tmp_path: 
     """`--no-drain` answers the memory question (100,000 parked) without hours of drain."""
     out = tmp_path / "parked.json"
     ran = await run_command(
-        ORDERCANCEL,
-        "bench",
+        *BENCH,
         "parked",
         "--count",
         "8",
@@ -225,8 +225,7 @@ async def test_a_parked_run_stopped_by_sigterm_shuts_its_servers_down() -> None:
     }
     env["TMPDIR"] = str(tmp_path)  # the bench's servers keep their files here
     proc = await asyncio.create_subprocess_exec(
-        ORDERCANCEL,
-        "bench",
+        *BENCH,
         "parked",
         "--count",
         "400",

@@ -1,4 +1,4 @@
-"""The reliability run (`ordercancel chaos`, docs/reliability.md) in a CI-sized version, and what it
+"""The reliability run (`python -m tools.chaos`, docs/reliability.md) in a CI-sized version, and what it
 taught us.
 
 - The CI-sized chaos run: 300 cancellations of every path on a real Temporal dev server and a real
@@ -20,9 +20,6 @@ import pytest
 from e2e_stack import one_seller_order, orders_file
 from temporalio.testing import WorkflowEnvironment
 
-from chaos.faults import FaultKind
-from chaos.plan import Scenario, make_plan
-from chaos.run import ChaosConfig, run_chaos
 from domain.models import (
     CancellationReason,
     CancellationStatus,
@@ -40,6 +37,9 @@ from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.payment_events import forward_payment_event
 from starter.reconcile import FindingKind, LedgerRefund, compare
 from starter.requests import start_cancellation
+from tools.chaos.faults import FaultKind
+from tools.chaos.plan import Scenario, make_plan
+from tools.chaos.run import ChaosConfig, run_chaos
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
 
@@ -51,7 +51,7 @@ CI_SEED = 20260601
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 async def test_the_ci_sized_chaos_run_keeps_every_invariant() -> None:
-    """`ordercancel chaos` as the CLI runs it by default (300 cancellations), on a fixed seed."""
+    """`python -m tools.chaos` as the CLI runs it by default (300 cancellations), on a fixed seed."""
     lines: list[str] = []
     report = await run_chaos(ChaosConfig(seed=CI_SEED), say=lines.append)
     assert report.ok, "\n".join([*lines[-30:], "VIOLATIONS:", *report.violations[:30]])
@@ -71,7 +71,7 @@ def test_the_drivers_retry_outages_and_take_answers_as_answers() -> None:
     timeout error made the check itself raise TypeError."""
     from temporalio.service import RPCError, RPCStatusCode
 
-    from chaos.driver import transient
+    from tools.chaos.driver import transient
 
     assert transient(RPCError("down", RPCStatusCode.UNAVAILABLE, b""))
     assert not transient(RPCError("no", RPCStatusCode.NOT_FOUND, b""))

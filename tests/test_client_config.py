@@ -139,7 +139,7 @@ async def test_connect_uses_the_profile(tmp_path: Path) -> None:
 
     from temporalio.testing import WorkflowEnvironment
 
-    from infra.embedded import temporal_binary
+    from devstack.embedded import temporal_binary
 
     assert shutil.which(temporal_binary())
     env_server = await WorkflowEnvironment.start_local(

@@ -485,12 +485,14 @@ def test_dockerfile_is_a_pinned_non_root_multi_stage_build() -> None:
         assert tool not in final, f"the final stage must not carry {tool}"
     assert f"USER {UID}:{UID}" in runtime
     assert runtime[-2:] == ['ENTRYPOINT ["ordercancel"]', 'CMD ["worker"]']
-    # The image ships every package pyproject.toml declares.
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+    # The image ships the product's packages, and neither the dev stack nor the tools.
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"
-    ]
+    ]["find"]["include"]
+    product = {pattern.rstrip("*") for pattern in include} - {"devstack"}
     copied = {m.group(1) for m in re.finditer(r"^COPY (\w+) \./\1$", "\n".join(build), re.M)}
-    assert copied == set(packages)
+    assert copied == product
+    assert not copied & {"devstack", "tools", "tests"}
     for line in (*build, *runtime):
         if line.startswith("ENV "):
             names = re.findall(r"\b(ORDERCANCEL_\w+|TEMPORAL_\w+)=", line)

@@ -35,6 +35,8 @@ from e2e_stack import (  # noqa: F401
 from rich.console import Console
 from temporalio.client import Client, WorkflowHandle
 
+from devstack.demo import Outcome, run_demo
+from devstack.embedded import temporal_binary
 from domain.models import (
     CancellationPath,
     CancellationReason,
@@ -50,12 +52,10 @@ from domain.models import (
 )
 from domain.rules import cancellation_id
 from infra.client import connect
-from infra.embedded import temporal_binary
 from infra.settings import Settings
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
-from starter.demo import Outcome, run_demo
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation

@@ -19,7 +19,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from infra.embedded import EmbeddedPostgres, TemporalDevServer, free_port
+from devstack.embedded import EmbeddedPostgres, TemporalDevServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATUS = SearchAttributeKey.for_keyword("CancellationStatus")
@@ -101,7 +101,7 @@ async def test_postgres_keeps_data_across_restarts_and_leaves_no_process(tmp_pat
 async def test_postgres_adopts_a_server_left_by_a_crashed_process(tmp_path: Path) -> None:
     data_dir = (tmp_path / "pg").resolve()
     crash = (
-        "import os, sys; from pathlib import Path; from infra.embedded import EmbeddedPostgres;"
+        "import os, sys; from pathlib import Path; from devstack.embedded import EmbeddedPostgres;"
         "EmbeddedPostgres(Path(sys.argv[1])).start(); os._exit(0)"
     )
     crashed = await asyncio.create_subprocess_exec(
@@ -254,7 +254,7 @@ async def test_temporal_start_failure_quotes_the_server_log(tmp_path: Path) -> N
 async def test_temporal_server_dies_with_a_killed_parent() -> None:
     script = (
         "import asyncio\n"
-        "from infra.embedded import TemporalDevServer, free_port\n"
+        "from devstack.embedded import TemporalDevServer, free_port\n"
         "async def main() -> None:\n"
         "    server = TemporalDevServer(port=free_port(), ui_port=None, db_file=None)\n"
         "    await server.start()\n"

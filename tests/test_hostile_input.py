@@ -52,7 +52,7 @@ from temporalio.worker import Worker
 from test_workflow import FakeActivities, wait_for_status
 from time_skipping import time_skipping_server
 
-from chaos.checks import workflow_task_failures
+from devstack.embedded import temporal_binary
 from domain.errors import DecisionRefused, RefusalCode
 from domain.models import (
     CancellationReason,
@@ -77,9 +77,9 @@ from domain.rules import (
     decide_coupon,
     parse_duration,
 )
-from infra.embedded import temporal_binary
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
+from tools.chaos.checks import workflow_task_failures
 from workers.worker import workflow_runner
 from workflows.order_cancellation import OrderCancellation, _parse
 

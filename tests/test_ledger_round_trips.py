@@ -21,7 +21,6 @@ import pytest
 
 from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import RefundActivities
-from bench.sql_counter import SqlCounter, counting_pool
 from domain.errors import CancellationNotFound
 from domain.models import (
     CancellationPath,
@@ -43,6 +42,7 @@ from ledger.db import create_pool, migrate, migration_files
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider
+from tools.bench.sql_counter import SqlCounter, counting_pool
 
 DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 CID = cancellation_id("O-1002", "S-7")  # payment validated: the request path

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from infra.embedded import free_port
+from devstack.embedded import free_port
 from infra.metrics import (
     DEFAULT_METRICS_PORT,
     NO_METRICS,

@@ -35,6 +35,7 @@ from log_capture import CapturedLogs, captured_logs
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
+from devstack.embedded import free_port, temporal_binary
 from domain.models import (
     CancellationReason,
     CancellationStatus,
@@ -45,7 +46,6 @@ from domain.models import (
 )
 from domain.rules import cancellation_id
 from infra.client import connect
-from infra.embedded import free_port, temporal_binary
 from infra.log_processors import redact_text
 from infra.metrics import metrics_runtime
 from ledger.db import create_pool

@@ -27,7 +27,6 @@ from e2e_stack import eventually, temporal_address_fixture  # noqa: F401  (fixtu
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 
-from chaos.stack import WorkerProcess, WorkerStartError, start_worker_process
 from domain.models import (
     CancellationReason,
     CancellationResult,
@@ -41,6 +40,7 @@ from infra.client import connect
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from starter.requests import start_cancellation
+from tools.chaos.stack import WorkerProcess, WorkerStartError, start_worker_process
 from workers.worker import GRACEFUL_SHUTDOWN
 from workflows.order_cancellation import OrderCancellation
 

@@ -21,9 +21,9 @@ import pytest
 import stripe
 from aiohttp import web
 
+from devstack.embedded import free_port
 from domain.errors import ProviderFinalError, ProviderTransientError
 from domain.models import Money, RefundKind
-from infra.embedded import free_port
 from infra.settings import Settings
 from payments.provider import ProviderRefundStatus
 from payments.stripe_provider import METADATA_KEY, StripeProvider

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.embedded import EmbeddedPostgres, TemporalDevServer, die_with_parent, free_port
+from devstack.embedded import EmbeddedPostgres, TemporalDevServer, die_with_parent, free_port
 from workflows.search_attributes import CLI_TYPES
 
 HOST = socket.gethostname()
@@ -30,7 +30,7 @@ def ordercancel_command() -> list[str]:
     script = Path(sys.executable).parent / "ordercancel"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-c", "from starter.cli import main; main()"]
+    return [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def _die_with_parent() -> Callable[[], None] | None:

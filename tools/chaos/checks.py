@@ -22,11 +22,11 @@ from temporalio.client import (
     WorkflowHistory,
 )
 
-from chaos.driver import persist
-from chaos.plan import CancellationPlan, OrderPlan, Plan
 from domain.models import CancellationStatus
 from payments.provider import SimulatedProvider
 from starter.reconcile import reconcile
+from tools.chaos.driver import persist
+from tools.chaos.plan import CancellationPlan, OrderPlan, Plan
 from workflows import search_attributes as sa
 
 # A workflow task the server failed for reasons that are not the workflow's: a signal or an

@@ -27,7 +27,6 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from chaos.plan import Action, CancellationPlan, OrderPlan
 from domain.models import (
     CancellationStatus,
     PaymentEvent,
@@ -37,6 +36,7 @@ from domain.models import (
 from ledger.repository import Ledger
 from starter.payment_events import forward_payment_event
 from starter.requests import start_cancellation
+from tools.chaos.plan import Action, CancellationPlan, OrderPlan
 from workflows import search_attributes as sa
 
 T = TypeVar("T")

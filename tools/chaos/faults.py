@@ -19,11 +19,11 @@ from enum import StrEnum
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from chaos.driver import Driver, HarnessError, persist
-from chaos.plan import OrderPlan
-from chaos.stack import ChaosStack, WorkerProcess, WorkerStartError
 from domain.models import CancellationStatus, RetryRefundRequest
 from starter.refunds import failed_query, find_failed_ids, retry_refunds
+from tools.chaos.driver import Driver, HarnessError, persist
+from tools.chaos.plan import OrderPlan
+from tools.chaos.stack import ChaosStack, WorkerProcess, WorkerStartError
 from workers.worker import GRACEFUL_SHUTDOWN
 
 PROVIDER_CALLS = ("submit_refund", "confirm_refund")

@@ -32,17 +32,17 @@ import psutil
 import temporalio
 from rich.table import Table
 
-from bench.analysis import percentiles
-from bench.mix import ACCEPT, build_units
-from bench.procs import Probe, Sampler, WorkerProcess
-from bench.run import load_in_chunks
-from bench.sql_counter import SqlCounter, counting_pool
-from bench.stack import database, temporal
-from bench.worker_proc import WorkerConfig
 from domain.models import Decision, SellerDecision
 from infra.client import connect
 from infra.settings import Settings
 from ledger.repository import Ledger
+from tools.bench.analysis import percentiles
+from tools.bench.mix import ACCEPT, build_units
+from tools.bench.procs import Probe, Sampler, WorkerProcess
+from tools.bench.run import load_in_chunks
+from tools.bench.sql_counter import SqlCounter, counting_pool
+from tools.bench.stack import database, temporal
+from tools.bench.worker_proc import WorkerConfig
 
 MIB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""`ordercancel bench` and `ordercancel bench parked` (registered in starter/cli.py)."""
+"""`python -m tools.bench` and `python -m tools.bench parked` (tools/bench/__main__.py)."""
 
 from __future__ import annotations
 
@@ -159,9 +159,9 @@ def bench(
     event shape), side by side, on servers of its own. Method: docs/performance.md."""
     if ctx.invoked_subcommand is not None:
         return
-    from bench.mix import DEFAULT_MIX, allocate, parse_mix, unit_count
-    from bench.report import bench_table, shape_table
-    from bench.run import BenchOptions, run_bench
+    from tools.bench.mix import DEFAULT_MIX, allocate, parse_mix, unit_count
+    from tools.bench.report import bench_table, shape_table
+    from tools.bench.run import BenchOptions, run_bench
 
     try:
         parsed_mix = parse_mix(mix) if mix else dict(DEFAULT_MIX)
@@ -249,7 +249,7 @@ def parked(
 ) -> None:
     """Park COUNT cancellations waiting for their sellers, reporting start rate and memory as
     the number grows, then decide them all and report how the backlog drains."""
-    from bench.parked import ParkedOptions, default_checkpoints, parked_table, run_parked
+    from tools.bench.parked import ParkedOptions, default_checkpoints, parked_table, run_parked
 
     options = ParkedOptions(
         count=count,
@@ -288,8 +288,8 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON here")] = None,
 ) -> None:
     """The bench at several concurrencies: where the limit peaks, and product/limit there."""
-    from bench.run import BenchOptions
-    from bench.sweep import run_sweep, sweep_chart, sweep_table
+    from tools.bench.run import BenchOptions
+    from tools.bench.sweep import run_sweep, sweep_chart, sweep_table
 
     base = BenchOptions(count=count, stats_settle=stats_settle)
     console = Console(stderr=as_json)

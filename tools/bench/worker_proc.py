@@ -1,6 +1,6 @@
 """The worker of one bench side, in a process of its own (so its CPU and memory are its own).
 
-    python -m bench.worker_proc '<WorkerConfig as JSON>'
+    python -m tools.bench.worker_proc '<WorkerConfig as JSON>'
 
 `product`: the product's worker exactly as `ordercancel worker` builds it
 (`workers.worker.build_worker`), its pool counting every statement (bench.sql_counter), the
@@ -30,7 +30,7 @@ from temporalio.worker import (
     Worker,
 )
 
-from bench.sql_counter import SqlCounter, counting_pool
+from tools.bench.sql_counter import SqlCounter, counting_pool
 
 
 class WorkerConfig(BaseModel):
@@ -89,8 +89,8 @@ def _print(message: dict[str, Any]) -> None:
 
 
 async def serve(config: WorkerConfig) -> None:
+    from devstack.embedded import free_port
     from infra.client import connect
-    from infra.embedded import free_port
     from infra.logging import configure_logging
     from infra.metrics import metrics_runtime
 
@@ -134,7 +134,7 @@ async def serve(config: WorkerConfig) -> None:
         )
         interceptors = []
         if config.local_ledger:
-            from bench.local_ledger import LocalLedgerInterceptor
+            from tools.bench.local_ledger import LocalLedgerInterceptor
 
             interceptors.append(LocalLedgerInterceptor())
         worker = build_worker(
@@ -147,7 +147,7 @@ async def serve(config: WorkerConfig) -> None:
             **worker_options(config),
         )
     else:
-        from bench.limit_workflow import BenchLimitShape, bench_noop
+        from tools.bench.limit_workflow import BenchLimitShape, bench_noop
         from workers.worker import GRACEFUL_SHUTDOWN, workflow_runner
 
         worker = Worker(

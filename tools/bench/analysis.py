@@ -14,8 +14,8 @@ from typing import Any
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
-from bench.driver import Timing
-from bench.shape import Shape, billable_actions, confirmed_at, event_counts, timer_fired_at
+from tools.bench.driver import Timing
+from tools.bench.shape import Shape, billable_actions, confirmed_at, event_counts, timer_fired_at
 
 
 def percentiles(values: Sequence[float], points: Sequence[int] = (50, 95, 99)) -> dict[str, float]:

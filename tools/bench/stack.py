@@ -12,11 +12,11 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from bench.procs import Probe
+from devstack.embedded import EmbeddedPostgres, TemporalDevServer, free_port
 from infra.client import load_profile
-from infra.embedded import EmbeddedPostgres, TemporalDevServer, free_port
 from infra.settings import Settings
 from ledger.db import migrate
+from tools.bench.procs import Probe
 from workflows.search_attributes import CLI_TYPES
 
 
@@ -71,7 +71,7 @@ async def temporal(
     settings: Settings, workdir: Path, name: str, *, server_db: str = "file"
 ) -> AsyncIterator[Temporal]:
     """TEMPORAL_ADDRESS (or the client profile's), or a fresh headless dev server for `name`
-    with the project's tuning flags (infra.embedded) and its SQLite file under `workdir`
+    with the project's tuning flags (devstack.embedded) and its SQLite file under `workdir`
     (`server_db="memory"`: no file)."""
     profile = load_profile()
     configured = settings.temporal_address or profile.address

@@ -1,4 +1,4 @@
-"""`ordercancel chaos`: the reliability run (docs/reliability.md). The harness itself is
+"""`python -m tools.chaos`: the reliability run (docs/reliability.md). The harness itself is
 imported only when the command runs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from chaos import DEFAULT_COUNT
+from tools.chaos import DEFAULT_COUNT
 
 
 def chaos_command(
@@ -43,9 +43,9 @@ def chaos_command(
     workers are killed, servers restarted and the provider fails; then check that nothing was
     lost or refunded twice. Exits 1 on any violation. All local, stops by itself."""
     # Imported here: `ordercancel worker` (the same CLI) has no use for the harness.
-    from chaos.report import markdown as to_markdown
-    from chaos.report import render
-    from chaos.run import ChaosConfig, run_chaos
+    from tools.chaos.report import markdown as to_markdown
+    from tools.chaos.report import render
+    from tools.chaos.run import ChaosConfig, run_chaos
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     config = ChaosConfig(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from chaos.run import ChaosReport
+from tools.chaos.run import ChaosReport
 
 MAX_SHOWN = 40
 

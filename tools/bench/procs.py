@@ -18,7 +18,10 @@ from typing import Any
 
 import psutil
 
-from bench.worker_proc import WorkerConfig
+from tools.bench.worker_proc import WorkerConfig
+
+# The checkout this module runs from (tools/bench/procs.py -> the repository root).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Probe:
@@ -94,7 +97,7 @@ class Probe:
 
 
 class WorkerProcess:
-    """`python -m bench.worker_proc` for one side: start, ask for counters, stop."""
+    """`python -m tools.bench.worker_proc` for one side: start, ask for counters, stop."""
 
     def __init__(
         self, config: WorkerConfig, log_path: Path, *, pycache: Path | None = None
@@ -120,7 +123,7 @@ class WorkerProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "bench.worker_proc",
+                "tools.bench.worker_proc",
                 self.config.model_dump_json(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -140,6 +143,10 @@ class WorkerProcess:
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # tools/ is not installed: the worker imports it from this checkout.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
         if self.pycache is not None:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(self.pycache)

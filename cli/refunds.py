@@ -9,24 +9,21 @@ command again: it retries only what is still parked).
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from domain.errors import LedgerError
+from cli import console as ui
+from cli.console import console, err_console
 from domain.models import RetryRefundRequest
-from infra.logging import configure_logging
-from infra.settings import Settings
+from infra.stack import open_stack
 from starter.reconcile import ReconcileReport, reconcile
 from starter.refunds import (
     FailedRefund,
@@ -41,35 +38,11 @@ from starter.refunds import (
     retry_refunds,
     summarize,
 )
-from starter.stack import open_stack
 
 refunds_app = typer.Typer(
     help="Failed refunds: list those parked in refund_failed, retry one or all (R10).",
     no_args_is_help=True,
 )
-
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-T = TypeVar("T")
-
-
-def _settings() -> Settings:
-    settings = Settings()
-    configure_logging("console", settings.log_level)
-    return settings
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except (RuntimeError, LedgerError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
-
-
-def _bad_argument(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(2)
 
 
 def _default_operator() -> str:
@@ -124,16 +97,16 @@ def failed(
         since_at = parse_since(since) if since else None
         failed_query(seller=seller, query=query)
     except ValueError as err:
-        raise _bad_argument(str(err)) from None
-    settings = _settings()
+        raise ui.bad_argument(str(err)) from None
+    settings = ui.settings()
 
     async def main() -> list[FailedRefund]:
-        async with open_stack(settings, embedded=False) as stack:
+        async with open_stack(settings) as stack:
             return await list_failed(
                 stack.client, stack.pool, seller=seller, since=since_at, query=query
             )
 
-    rows = _run(main())
+    rows = ui.run(main())
     if as_json:
         sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in rows], indent=2) + "\n")
     else:
@@ -223,9 +196,9 @@ def retry(
     """Retry parked refunds with the same idempotency key (update `retry_refund`). Safe to run
     twice or to interrupt: one no longer in refund_failed refuses and is counted as skipped."""
     if bool(ids) == all_failed:
-        raise _bad_argument("give cancellation ids, or --all-failed (not both)")
+        raise ui.bad_argument("give cancellation ids, or --all-failed (not both)")
     if query and not all_failed:
-        raise _bad_argument("--query goes with --all-failed")
+        raise ui.bad_argument("--query goes with --all-failed")
     try:
         per_second = parse_rate(rate)
         visibility = failed_query(query=query)
@@ -234,8 +207,8 @@ def retry(
             reason=reason or ("bulk retry" if all_failed else "retry") + " (ordercancel CLI)",
         )
     except ValueError as err:
-        raise _bad_argument(str(err)) from None
-    settings = _settings()
+        raise ui.bad_argument(str(err)) from None
+    settings = ui.settings()
     seen: list[RetryResult] = []
     # Progress goes to stderr so that --json stays parseable on stdout.
     progress = Progress(
@@ -250,7 +223,7 @@ def retry(
     )
 
     async def main() -> RetrySummary:
-        async with open_stack(settings, embedded=False) as stack:
+        async with open_stack(settings) as stack:
             targets = (
                 await find_failed_ids(stack.client, visibility) if all_failed else list(ids or [])
             )
@@ -296,7 +269,7 @@ def retry(
                 )
 
     try:
-        summary = _run(main())
+        summary = ui.run(main())
     except KeyboardInterrupt:
         _print_summary(summarize(seen, dry_run=dry_run), as_json=as_json, interrupted=True)
         raise typer.Exit(130) from None
@@ -346,10 +319,10 @@ def reconcile_command(
     """Compare the ledger's refunds with the payment provider's records (finance's report)."""
     from workers.worker import build_provider
 
-    settings = _settings()
+    settings = ui.settings()
 
     async def main() -> ReconcileReport:
-        async with open_stack(settings, embedded=False) as stack:
+        async with open_stack(settings) as stack:
             return await reconcile(
                 stack.pool,
                 build_provider(settings, stack.pool),
@@ -358,7 +331,7 @@ def reconcile_command(
                 task_queue=settings.task_queue,
             )
 
-    report = _run(main())
+    report = ui.run(main())
     if as_json:
         payload = {**report.model_dump(mode="json"), "totals": report.totals()}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")

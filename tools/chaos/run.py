@@ -23,17 +23,17 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
-from chaos import DEFAULT_COUNT
-from chaos.checks import CheckResult, check_run
-from chaos.driver import Driver, DriverStats, persist
-from chaos.faults import FaultKind, FaultLog, FaultLoop, MidCallKill, bulk_retry
-from chaos.plan import FaultMix, Plan, Scenario, make_plan
-from chaos.stack import ChaosStack
 from domain.models import CancellationStatus
 from infra.client import connect
 from ledger.db import create_pool, migrate
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider
+from tools.chaos import DEFAULT_COUNT
+from tools.chaos.checks import CheckResult, check_run
+from tools.chaos.driver import Driver, DriverStats, persist
+from tools.chaos.faults import FaultKind, FaultLog, FaultLoop, MidCallKill, bulk_retry
+from tools.chaos.plan import FaultMix, Plan, Scenario, make_plan
+from tools.chaos.stack import ChaosStack
 from workflows import search_attributes as sa
 
 

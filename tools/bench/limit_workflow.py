@@ -19,7 +19,7 @@ from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUp
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from bench.shape import LimitInput, SaValue
+    from tools.bench.shape import LimitInput, SaValue
 
 LIMIT_WORKFLOW = "BenchLimitShape"
 NOOP_ACTIVITY = "bench_noop"

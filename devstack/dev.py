@@ -8,11 +8,11 @@ import signal
 import structlog
 from rich.console import Console
 
-from api.dev import start_dev_api
+from devstack.demo import run_demo
+from devstack.dev_api import start_dev_api
+from devstack.stack import open_dev_stack
 from infra.metrics import worker_metrics_runtime
 from infra.settings import Settings
-from starter.demo import run_demo
-from starter.stack import open_stack
 from workers.worker import run_worker
 
 log = structlog.get_logger(__name__)
@@ -24,7 +24,7 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
-    async with open_stack(settings, embedded=True, runtime=runtime) as stack:
+    async with open_dev_stack(settings, runtime=runtime) as stack:
         worker = asyncio.create_task(run_worker(settings, stack.client, stack.pool, stop))
         api = await start_dev_api(settings, pool=stack.pool, client=stack.client, console=console)
         ui = stack.ui_url or "(Temporal UI of your own server)"

@@ -34,19 +34,19 @@ from typing import Any
 import psutil
 import temporalio
 
-from bench.analysis import analyse_histories, fetch_events, percentiles
-from bench.driver import LimitSide, ProductSide, Side, Timing, run_units
-from bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units, unit_count
-from bench.procs import Probe, Sampler, WorkerProcess
-from bench.shape import Shape, derive_shape, event_counts, merge_upserts
-from bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
-from bench.stack import Temporal, database, pg_commits, temporal
-from bench.worker_proc import WorkerConfig
 from domain.orders import CheckoutOrderIn, OrdersFile
 from infra.client import connect
 from infra.settings import Settings
 from ledger.orders import load_orders
 from ledger.repository import Ledger
+from tools.bench.analysis import analyse_histories, fetch_events, percentiles
+from tools.bench.driver import LimitSide, ProductSide, Side, Timing, run_units
+from tools.bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units, unit_count
+from tools.bench.procs import Probe, Sampler, WorkerProcess
+from tools.bench.shape import Shape, derive_shape, event_counts, merge_upserts
+from tools.bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
+from tools.bench.stack import Temporal, database, pg_commits, temporal
+from tools.bench.worker_proc import WorkerConfig
 
 MIB = 1024 * 1024
 # An idle backend reports its counts to pg_stat_database within PGSTAT_IDLE_INTERVAL (10 s);

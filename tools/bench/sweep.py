@@ -14,8 +14,8 @@ from typing import Any
 
 from rich.table import Table
 
-from bench.report import dig
-from bench.run import BenchOptions, Progress, run_bench
+from tools.bench.report import dig
+from tools.bench.run import BenchOptions, Progress, run_bench
 
 
 async def run_sweep(

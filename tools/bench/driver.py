@@ -24,10 +24,10 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 
-from bench.limit_workflow import LIMIT_WORKFLOW, sa_update
-from bench.mix import COUPON, DECISIONS, SILENT, Unit
-from bench.shape import Shape
 from domain.models import Decision, RequestCancellationInput, SellerDecision
+from tools.bench.limit_workflow import LIMIT_WORKFLOW, sa_update
+from tools.bench.mix import COUPON, DECISIONS, SILENT, Unit
+from tools.bench.shape import Shape
 
 _CLOSED = {
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,

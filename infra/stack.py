@@ -1,0 +1,122 @@
+"""The servers a command talks to: PostgreSQL (migrated) and Temporal.
+
+`DATABASE_URL` and `TEMPORAL_ADDRESS` (or the Temporal client profile, infra/client.py) name the
+user's own servers. Without `DATABASE_URL`, the PostgreSQL of a running dev stack (`make run`)
+is used: the dev stack writes its address to `<data dir>/dev-stack.json` while it runs. Nothing
+here starts a server (that is devstack/, which the production image does not carry).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import structlog
+from temporalio.client import Client
+from temporalio.runtime import Runtime
+
+from infra.client import connect, load_profile
+from infra.settings import Settings
+from ledger.db import create_pool, migrate
+
+log = structlog.get_logger(__name__)
+
+DEV_STACK_FILE = "dev-stack.json"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    pool: asyncpg.Pool
+    client: Client
+    ui_url: str | None
+
+
+def dev_stack_file(settings: Settings) -> Path:
+    return settings.data_dir / DEV_STACK_FILE
+
+
+def dev_stack_database_url(settings: Settings) -> str:
+    """The PostgreSQL of the dev stack running from `settings.data_dir`, or a clear error."""
+    path = dev_stack_file(settings)
+    try:
+        return str(json.loads(path.read_text())["database_url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RuntimeError(
+            f"DATABASE_URL is not set and no dev stack is running ({path} not found): start"
+            " one with `make run` (or `ordercancel dev`), or set DATABASE_URL"
+        ) from None
+
+
+def temporal_target(settings: Settings) -> tuple[str | None, str]:
+    """The Temporal address the user configured (None: none is) and the namespace to use.
+
+    A server named by TEMPORAL_ADDRESS or by the client profile is the user's; so is the
+    profile's namespace for it, unless TEMPORAL_NAMESPACE is set."""
+    profile = load_profile()
+    namespace = settings.temporal_namespace
+    configured = settings.temporal_address or profile.address
+    if (
+        configured is not None
+        and "temporal_namespace" not in settings.model_fields_set
+        and profile.namespace
+    ):
+        namespace = profile.namespace
+    return configured, namespace
+
+
+@asynccontextmanager
+async def connect_stack(
+    settings: Settings,
+    *,
+    dsn: str,
+    address: str,
+    namespace: str,
+    runtime: Runtime | None = None,
+    ui_url: str | None = None,
+) -> AsyncIterator[Stack]:
+    """A pool on `dsn` (the ledger migrated) and a client of `address`; closed on exit."""
+    async with AsyncExitStack() as stack:
+        try:
+            pool = await create_pool(
+                dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            )
+        except (OSError, asyncpg.PostgresError) as err:
+            where = "DATABASE_URL" if settings.database_url else str(dev_stack_file(settings))
+            raise RuntimeError(
+                f"cannot reach PostgreSQL (from {where}): {err}. Start the stack with `make run`"
+                " / `ordercancel dev`, or set DATABASE_URL."
+            ) from err
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("ledger_migrated", versions=applied)
+        try:
+            client = await connect(address, namespace, runtime=runtime)
+        except Exception as err:
+            raise RuntimeError(
+                f"cannot reach Temporal at {address} (namespace {namespace}):"
+                f" {err}. Start the stack with `make run` / `ordercancel dev`, or set"
+                " TEMPORAL_ADDRESS."
+            ) from err
+        yield Stack(settings=settings, pool=pool, client=client, ui_url=ui_url)
+
+
+@asynccontextmanager
+async def open_stack(settings: Settings, *, runtime: Runtime | None = None) -> AsyncIterator[Stack]:
+    """The configured servers, or those of the running dev stack."""
+    if settings.database_url is not None:
+        dsn = settings.database_dsn()
+    else:
+        dsn = dev_stack_database_url(settings)
+    configured, namespace = temporal_target(settings)
+    address = configured or f"127.0.0.1:{settings.temporal_port}"
+    async with connect_stack(
+        settings, dsn=dsn, address=address, namespace=namespace, runtime=runtime
+    ) as stack:
+        yield stack
