@@ -1,4 +1,6 @@
-"""Shared fixtures: one real PostgreSQL per test session, a fresh migrated database per test."""
+"""Shared fixtures: one real PostgreSQL per test session, a fresh migrated database per test (or
+per module for the end-to-end modules), a Temporal dev server per module, and the session's
+time-skipping server. Helpers the tests import live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from helpers.stacks import dev_server, fresh_database
+from helpers.time_skipping import time_skipping_server
 from temporalio.testing import WorkflowEnvironment
 
 from ledger.db import create_pool, migrate
@@ -89,8 +93,26 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
-    """The time-skipping test server shared by the workflow tests (tests/time_skipping.py)."""
-    from time_skipping import time_skipping_server
-
+    """The time-skipping test server shared by the workflow tests (helpers/time_skipping.py)."""
     async with time_skipping_server() as env:
         yield env
+
+
+# --- end-to-end: one dev server and one database per module -----------------------------------
+
+
+@pytest.fixture(scope="module", name="e2e_database_url")
+async def e2e_database_url_fixture(postgres_url: str, _template_db: str) -> AsyncIterator[str]:
+    """A fresh migrated database for the module (the demo's order ids are fixed)."""
+    async with fresh_database(postgres_url, _template_db) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", name="temporal_address")
+async def temporal_address_fixture(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """The user's Temporal (`TEMPORAL_ADDRESS`) or a headless dev server for the module."""
+    if os.environ.get("TEMPORAL_ADDRESS"):
+        yield os.environ["TEMPORAL_ADDRESS"]
+        return
+    async with dev_server(tmp_path_factory.mktemp("temporal")) as server:
+        yield server.address

@@ -23,12 +23,8 @@ import asyncpg
 import httpx
 import pytest
 import structlog
-from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
-    api_stack,
-    e2e_database_url_fixture,
-    eventually,
-    temporal_address_fixture,
-)
+from helpers.stacks import api_stack
+from helpers.wait import eventually
 from jsonschema import Draft202012Validator
 from temporalio import workflow
 from temporalio.client import Client

@@ -22,14 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 import schemathesis
-from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
-    ApiStack,
-    api_stack,
-    e2e_database_url_fixture,
-    one_seller_order,
-    orders_file,
-    temporal_address_fixture,
-)
+from helpers.orders import one_seller_order, orders_file
+from helpers.stacks import ApiStack, api_stack
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode

@@ -1,5 +1,5 @@
-"""The reliability run (`python -m tools.chaos`, docs/reliability.md) in a CI-sized version, and what it
-taught us.
+"""The reliability run (`python -m tools.chaos`, docs/reliability.md) in a CI-sized version, and
+what it taught us.
 
 - The CI-sized chaos run: 300 cancellations of every path on a real Temporal dev server and a real
   PostgreSQL, `ordercancel worker` subprocesses SIGKILLed (also during provider calls) and
@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from e2e_stack import one_seller_order, orders_file
+from helpers.orders import one_seller_order, orders_file
 from temporalio.testing import WorkflowEnvironment
 
 from domain.models import (
@@ -51,7 +51,7 @@ CI_SEED = 20260601
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 async def test_the_ci_sized_chaos_run_keeps_every_invariant() -> None:
-    """`python -m tools.chaos` as the CLI runs it by default (300 cancellations), on a fixed seed."""
+    """`python -m tools.chaos` as it runs by default (300 cancellations), on a fixed seed."""
     lines: list[str] = []
     report = await run_chaos(ChaosConfig(seed=CI_SEED), say=lines.append)
     assert report.ok, "\n".join([*lines[-30:], "VIOLATIONS:", *report.violations[:30]])
@@ -139,7 +139,7 @@ def test_reconcile_does_not_count_a_refund_declined_at_submission_as_missing() -
 async def test_a_reopened_cancellation_keeps_its_whole_audit_trail(
     time_skipping_env: WorkflowEnvironment, pool: asyncpg.Pool
 ) -> None:
-    from test_reversal import until_status
+    from helpers.wait import wait_for_status
 
     order_id = f"AK-{uuid.uuid4().hex[:6]}"
     order = one_seller_order(order_id, buyer_id="B-1", seller_id="S-1")
@@ -167,7 +167,7 @@ async def test_a_reopened_cancellation_keeps_its_whole_audit_trail(
             ),
             task_queue=task_queue,
         )
-        await until_status(handle, CancellationStatus.AWAITING_SELLER)
+        await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
         await handle.execute_update(
             OrderCancellation.decide, {"seller_id": "S-1", "decision": "accept"}
         )
@@ -186,7 +186,7 @@ async def test_a_reopened_cancellation_keeps_its_whole_audit_trail(
             task_queue=task_queue,
         )
         reopened = client.get_workflow_handle_for(OrderCancellation.run, handle.id)
-        await until_status(reopened, CancellationStatus.REFUND_FAILED)
+        await wait_for_status(reopened, CancellationStatus.REFUND_FAILED)
         await provider.set_faults(f"P-{order_id}", SimulatorFaults())
         await reopened.execute_update(OrderCancellation.retry_refund, {"operator_id": "sre-1"})
         assert (await reopened.result()).status is CancellationStatus.COMPLETED

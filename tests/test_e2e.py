@@ -22,16 +22,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from helpers.stacks import run_command
 
 # Shared with the other end-to-end modules (fixtures: `e2e_database_url`, `temporal_address`).
-from e2e_stack import (  # noqa: F401
-    assert_listed,
-    e2e_database_url_fixture,
-    eventually,
-    listed,
-    run_command,
-    temporal_address_fixture,
-)
+from helpers.wait import assert_listed, eventually
 from rich.console import Console
 from temporalio.client import Client, WorkflowHandle
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 import pytest
+from helpers.wait import eventually
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
@@ -42,11 +43,13 @@ def _gone(proc: psutil.Process) -> bool:
 
 
 async def _until_gone(proc: psutil.Process, within: float) -> bool:
-    deadline = asyncio.get_running_loop().time() + within
-    while not _gone(proc):
-        if asyncio.get_running_loop().time() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
+    async def gone() -> None:
+        assert _gone(proc)
+
+    try:
+        await eventually(gone, timeout=within, interval=0.05)
+    except AssertionError:
+        return False
     return True
 
 

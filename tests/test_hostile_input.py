@@ -35,7 +35,9 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 import pytest
-from e2e_stack import dev_server
+from helpers.stacks import dev_server
+from helpers.time_skipping import time_skipping_server
+from helpers.workflow_fakes import FakeActivities, wait_for_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
@@ -49,8 +51,6 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
-from test_workflow import FakeActivities, wait_for_status
-from time_skipping import time_skipping_server
 
 from devstack.embedded import temporal_binary
 from domain.errors import DecisionRefused, RefusalCode

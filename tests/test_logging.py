@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import structlog
+from helpers.logs import captured_logs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from log_capture import captured_logs
 
 from infra.log_context import ids_of
 from infra.log_processors import REDACTED, _redact_all, redact, redact_text, temporal_context

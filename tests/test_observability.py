@@ -20,18 +20,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from e2e_stack import (  # noqa: F401  (fixtures: e2e_database_url, temporal_address)
-    e2e_database_url_fixture,
-    eventually,
-    fast_refund_settings,
-    listed,
-    one_seller_order,
-    orders_file,
-    run_command,
-    temporal_address_fixture,
-    unique,
-)
-from log_capture import CapturedLogs, captured_logs
+from helpers.logs import CapturedLogs, captured_logs
+from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.stacks import run_command
+from helpers.wait import eventually, listed, wait_for_status
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
@@ -211,7 +203,7 @@ async def run_scenarios(w: World, pool: Any) -> None:
     async def drive(s: Scenario) -> None:
         assert s.handle is not None
         if s.validated and s.name not in ("timed_out", "waiting_28h", "waiting_new"):
-            await wait_status(s.handle, CancellationStatus.AWAITING_SELLER)
+            await wait_for_status(s.handle, CancellationStatus.AWAITING_SELLER)
             if s.name == "withdrawn":
                 await s.handle.signal(
                     OrderCancellation.withdraw,
@@ -223,20 +215,12 @@ async def run_scenarios(w: World, pool: Any) -> None:
                     OrderCancellation.decide,
                     SellerDecision(seller_id=s.seller_id, decision=decision, reason="ok"),
                 )
-        await wait_status(s.handle, s.final, timeout=30)
+        await wait_for_status(s.handle, s.final, timeout=30)
         if s.final.is_terminal:
             # The status shows before the last ledger write (and its metrics) is done.
             await asyncio.wait_for(s.handle.result(), 30)
 
     await asyncio.gather(*(drive(s) for s in all_))
-
-
-async def wait_status(handle: Handle, status: CancellationStatus, timeout: float = 15) -> None:
-    async def check() -> None:
-        view = await handle.query(OrderCancellation.status)
-        assert view.status is status, f"{handle.id}: {view.status} (waiting for {status})"
-
-    await eventually(check, timeout=timeout, interval=0.1)
 
 
 async def cli_list(w: World, query: str) -> set[str]:

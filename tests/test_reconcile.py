@@ -13,22 +13,18 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-
-# Shared end-to-end fixtures (`e2e_database_url`, `temporal_address`) for this module.
-from e2e_stack import (  # noqa: F401
-    e2e_database_url_fixture,
-    run_command,
-    temporal_address_fixture,
-    unique,
-)
-from refund_stack import (
+from helpers.orders import unique
+from helpers.refunds import (
     ORDERCANCEL,
     RefundStack,
     all_results,
     cancellations,
     refund_stack,
-    until_status,
 )
+
+# Shared end-to-end fixtures (`e2e_database_url`, `temporal_address`) for this module.
+from helpers.stacks import run_command
+from helpers.wait import wait_for_status
 
 from domain.models import CancellationStatus, PaymentEventType, RefundKind, RefundStage
 from domain.rules import refund_idempotency_key
@@ -74,7 +70,7 @@ async def test_each_planted_mismatch_is_found_and_status_ones_repaired_through_w
         stack, 2, seller=seller, faults=SimulatorFaults(confirm_after_polls=1000)
     )
     for c in waiting:
-        await until_status(c.handle, CancellationStatus.REFUND_SUBMITTED)
+        await wait_for_status(c.handle, CancellationStatus.REFUND_SUBMITTED)
     key = {c.id: refund_idempotency_key(c.id) for c in (*done, *waiting)}
 
     # Plant one mismatch of each kind at the provider.
@@ -154,11 +150,11 @@ async def test_each_planted_mismatch_is_found_and_status_ones_repaired_through_w
         CancellationStatus.COMPLETED
     )
     # The lost "failed" webhook: parked for an operator.
-    await until_status(lost_failed.handle, CancellationStatus.REFUND_FAILED)
+    await wait_for_status(lost_failed.handle, CancellationStatus.REFUND_FAILED)
     # The reversal nobody told us about: reopened, reversed in the ledger, parked; its coupon
     # taken back.
     latest = stack.client.get_workflow_handle(reversed_.id)
-    view = await until_status(latest, CancellationStatus.REFUND_FAILED)
+    view = await wait_for_status(latest, CancellationStatus.REFUND_FAILED)
     assert view.last_error is not None and "card_closed" in view.last_error
     stage = await pool.fetchval(
         "SELECT stage FROM refunds WHERE idempotency_key = $1", key[reversed_.id]

@@ -15,17 +15,8 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
-# Shared end-to-end fixtures (`e2e_database_url`, `temporal_address`) for this module.
-from e2e_stack import (  # noqa: F401
-    assert_listed,
-    e2e_database_url_fixture,
-    eventually,
-    run_command,
-    temporal_address_fixture,
-    unique,
-)
-from refund_stack import (
+from helpers.orders import unique
+from helpers.refunds import (
     ORDERCANCEL,
     OUTAGE,
     Cancellation,
@@ -34,8 +25,11 @@ from refund_stack import (
     cancellations,
     refund_stack,
     succeeded_at_provider,
-    until_status,
 )
+from helpers.stacks import run_command
+
+# Shared end-to-end fixtures (`e2e_database_url`, `temporal_address`) for this module.
+from helpers.wait import eventually, wait_for_status
 
 from domain.models import (
     CancellationStatus,
@@ -222,7 +216,7 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
     seller = unique("S")
     (parked,) = await park(stack, 1, seller)
     (waiting,) = await cancellations(stack, 1, seller=seller, window=timedelta(hours=1))
-    await until_status(waiting.handle, CancellationStatus.AWAITING_SELLER)
+    await wait_for_status(waiting.handle, CancellationStatus.AWAITING_SELLER)
     before = await ledger_snapshot(stack, [parked, waiting])
 
     ran = await run_command(
@@ -232,7 +226,7 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
     assert "would retry 1, would skip 1" in ran.stdout
     assert "Dry run: nothing was changed" in ran.stdout
     assert await ledger_snapshot(stack, [parked, waiting]) == before
-    assert (await until_status(parked.handle, CancellationStatus.REFUND_FAILED)).status is (
+    assert (await wait_for_status(parked.handle, CancellationStatus.REFUND_FAILED)).status is (
         CancellationStatus.REFUND_FAILED
     )
 
@@ -243,7 +237,7 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
     ran = await run_command(ORDERCANCEL, "refunds", "retry", waiting.id, env=stack.cli_env())
     assert ran.returncode == 0, ran.stderr
     assert "retried 0, skipped 1" in ran.stdout and "not_refund_failed" in ran.stdout
-    view = await until_status(waiting.handle, CancellationStatus.AWAITING_SELLER)
+    view = await wait_for_status(waiting.handle, CancellationStatus.AWAITING_SELLER)
     assert not [e for e in view.audit if e.kind == "refund_retry"]
     unknown = await retry_one(stack.client, "cancel-NOPE-S-0", SRE)
     assert unknown.outcome is RetryOutcome.SKIPPED

@@ -9,24 +9,22 @@ idempotency key. Nothing is refunded twice; the coupon is never given back twice
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
-from temporalio.client import Client, WorkflowHandle
+from helpers.wait import wait_for_status
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from domain.models import (
     CancellationReason,
     CancellationStatus,
-    CancellationView,
     CouponOutcomeKind,
     PaymentEvent,
     PaymentEventType,
@@ -91,26 +89,13 @@ async def cancel(stack: Stack, order_id: str, seller_id: str, buyer_id: str) -> 
         ),
         task_queue=stack.task_queue,
     )
-    await until_status(handle, CancellationStatus.AWAITING_SELLER)
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
     await handle.execute_update(
         OrderCancellation.decide, {"seller_id": seller_id, "decision": "accept"}
     )
     result = await handle.result()
     assert result.status is CancellationStatus.COMPLETED
     return handle.id
-
-
-async def until_status(
-    handle: WorkflowHandle[Any, Any], status: CancellationStatus, within: float = 15
-) -> CancellationView:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        view = await handle.query(OrderCancellation.status)
-        if view.status is status:
-            return view
-        assert loop.time() < deadline, f"{handle.id} stayed {view.status.value}"
-        await asyncio.sleep(0.05)
 
 
 def reversal(stack: Stack, provider_ref: str, event_id: str | None = None) -> PaymentEvent:
@@ -144,7 +129,7 @@ async def test_reversed_refund_reopens_parks_and_a_retry_refunds_once_more(stack
     )
     assert forwarded.outcome is ForwardOutcome.REOPENED and forwarded.cancellation_id == s7
     handle = stack.client.get_workflow_handle_for(OrderCancellation.run, s7)
-    parked = await until_status(handle, CancellationStatus.REFUND_FAILED)
+    parked = await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
     assert parked.last_error is not None and "card_closed" in parked.last_error
 
     # The ledger: refund reversed and its money no longer counted as refunded; the coupon

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from e2e_stack import eventually, temporal_address_fixture  # noqa: F401  (fixture)
+from helpers.wait import eventually
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 

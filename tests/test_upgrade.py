@@ -15,13 +15,13 @@ import uuid
 from typing import Any
 
 import pytest
+from helpers.workflow_fakes import FakeActivities, accept, status_of
 from temporalio import workflow
 from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 from temporalio.workflow import NondeterminismError
-from test_workflow import FakeActivities, accept, status_of
 
 from domain.models import (
     CancellationReason,

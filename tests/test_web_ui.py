@@ -20,16 +20,9 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from e2e_stack import (  # noqa: F401  (fixture: e2e_database_url)
-    dev_server,
-    e2e_database_url_fixture,
-    eventually,
-    fast_refund_settings,
-    listed,
-    one_seller_order,
-    orders_file,
-    unique,
-)
+from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.stacks import dev_server
+from helpers.wait import eventually, listed
 from temporalio.client import Client, WorkflowHandle
 
 from domain.models import (

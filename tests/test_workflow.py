@@ -10,13 +10,21 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from temporalio import activity
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from helpers.workflow_fakes import (
+    FakeActivities,
+    Harness,
+    accept,
+    refused,
+    reject,
+    start_fake_worker,
+    status_of,
+    wait_for_status,
+)
+from temporalio.client import WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
@@ -25,162 +33,18 @@ from temporalio.worker import Worker
 from domain.models import (
     CancellationPath,
     CancellationReason,
-    CancellationResult,
     CancellationStatus,
-    CancellationView,
-    CaptureState,
-    CouponInput,
-    CouponOutcome,
-    CouponOutcomeKind,
     EventInput,
     Money,
-    OpenCancellationInput,
-    OpenCancellationResult,
-    PaymentMethod,
-    RefundFailureInput,
-    RefundKind,
-    RefundPolicy,
-    RefundRequestInput,
     RefundStage,
-    RefundStepInput,
-    RefundView,
     RequestCancellationInput,
     TimeoutPolicy,
-    TransitionInput,
 )
 from domain.rules import cancellation_id, refund_idempotency_key
-from starter.requests import start_attributes
-from workers.worker import workflow_runner
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
 
 AMOUNT = Money(amount_minor=2540, currency="EUR")
-
-
-@dataclass
-class FakeActivities:
-    """Stands in for the ledger and the provider; records every call in order."""
-
-    path: CancellationPath = CancellationPath.REQUEST
-    timeout_policy: TimeoutPolicy = TimeoutPolicy.AUTO_APPROVE
-    # Exceptions raised by successive submit_refund calls; empty: succeed.
-    submit_failures: list[Exception] = field(default_factory=list)
-    # How many times confirm_refund answers "still pending" before the provider confirms.
-    pending_confirms: int = 0
-    poll_interval: timedelta = timedelta(milliseconds=10)
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-    def args(self, name: str) -> list[Any]:
-        return [arg for n, arg in self.calls if n == name]
-
-    def _refund(self, stage: RefundStage, cid: str) -> RefundView:
-        return RefundView(
-            idempotency_key=refund_idempotency_key(cid),
-            kind=RefundKind.REFUND,
-            amount=AMOUNT,
-            stage=stage,
-            provider_ref="re_1" if stage is not RefundStage.REQUESTED else None,
-        )
-
-    def activities(self) -> list[Callable[..., Awaitable[Any]]]:
-        @activity.defn(name="open_cancellation")
-        async def open_cancellation(params: OpenCancellationInput) -> OpenCancellationResult:
-            self.calls.append(("open_cancellation", params))
-            return OpenCancellationResult(
-                path=self.path,
-                amount=AMOUNT,
-                payment_method=PaymentMethod.CARD,
-                capture=CaptureState.CAPTURED,
-                response_window=params.request.response_window or timedelta(hours=48),
-                timeout_policy=self.timeout_policy,
-                refund_policy=RefundPolicy(
-                    submit_initial_interval=timedelta(milliseconds=10),
-                    submit_max_attempts=2,
-                    poll_interval=self.poll_interval,
-                    poll_max_interval=timedelta(hours=2),
-                ),
-            )
-
-        @activity.defn(name="record_transition")
-        async def record_transition(params: TransitionInput) -> None:
-            self.calls.append(("record_transition", params))
-
-        @activity.defn(name="record_event")
-        async def record_event(params: EventInput) -> None:
-            self.calls.append(("record_event", params))
-
-        @activity.defn(name="request_refund")
-        async def request_refund(params: RefundRequestInput) -> RefundView:
-            self.calls.append(("request_refund", params))
-            return self._refund(RefundStage.REQUESTED, params.cancellation_id)
-
-        @activity.defn(name="submit_refund")
-        async def submit_refund(params: RefundStepInput) -> RefundView:
-            self.calls.append(("submit_refund", params))
-            if self.submit_failures:
-                raise self.submit_failures.pop(0)
-            return self._refund(RefundStage.SUBMITTED, params.cancellation_id)
-
-        @activity.defn(name="confirm_refund")
-        async def confirm_refund(params: RefundStepInput) -> RefundView:
-            self.calls.append(("confirm_refund", params))
-            if self.pending_confirms > 0:
-                self.pending_confirms -= 1
-                return self._refund(RefundStage.SUBMITTED, params.cancellation_id)
-            return self._refund(RefundStage.CONFIRMED, params.cancellation_id)
-
-        @activity.defn(name="record_refund_failed")
-        async def record_refund_failed(params: RefundFailureInput) -> RefundView:
-            self.calls.append(("record_refund_failed", params))
-            stage = RefundStage.DECLINED if params.final else RefundStage.FAILED
-            return self._refund(stage, params.cancellation_id)
-
-        @activity.defn(name="restore_coupon")
-        async def restore_coupon(params: CouponInput) -> CouponOutcome:
-            self.calls.append(("restore_coupon", params))
-            return CouponOutcome(outcome=CouponOutcomeKind.NO_COUPON, reason="no coupon")
-
-        return [
-            open_cancellation,
-            record_transition,
-            record_event,
-            request_refund,
-            submit_refund,
-            confirm_refund,
-            record_refund_failed,
-            restore_coupon,
-        ]
-
-
-@dataclass
-class Harness:
-    env: WorkflowEnvironment
-    fakes: FakeActivities
-    task_queue: str
-
-    async def start(
-        self, *, with_attributes: bool = False, **overrides: Any
-    ) -> WorkflowHandle[Any, CancellationResult]:
-        """Started bare, as any client may, or (`with_attributes`) with the search attributes
-        the product's starter sets."""
-        request = RequestCancellationInput(
-            order_id=overrides.pop("order_id", f"O-{uuid.uuid4().hex[:8]}"),
-            seller_id="S-7",
-            buyer_id="B-1",
-            reason=CancellationReason.OUT_OF_STOCK,
-            **overrides,
-        )
-        return await self.env.client.start_workflow(
-            OrderCancellation.run,
-            request,
-            id=cancellation_id(request.order_id, request.seller_id),
-            task_queue=self.task_queue,
-            result_type=CancellationResult,
-            search_attributes=start_attributes(request) if with_attributes else None,
-        )
 
 
 @pytest.fixture(params=[1000, 0], ids=["cached", "replay-every-task"])
@@ -196,47 +60,13 @@ async def harness(
     workers: list[Worker] = []
 
     async def make(fakes: FakeActivities) -> Harness:
-        task_queue = f"tq-{uuid.uuid4()}"
-        worker = Worker(
-            time_skipping_env.client,
-            task_queue=task_queue,
-            workflows=[OrderCancellation],
-            activities=fakes.activities(),
-            workflow_runner=workflow_runner(),
-            max_cached_workflows=cache_size,
-        )
+        worker, harness = start_fake_worker(time_skipping_env, fakes, cache_size=cache_size)
         workers.append(worker)
-        asyncio.get_running_loop().create_task(worker.run())
-        return Harness(time_skipping_env, fakes, task_queue)
+        return harness
 
     yield make
     for worker in workers:
         await worker.shutdown()
-
-
-async def status_of(handle: WorkflowHandle[Any, Any]) -> CancellationView:
-    return await handle.query(OrderCancellation.status)
-
-
-async def wait_for_status(
-    handle: WorkflowHandle[Any, Any], status: CancellationStatus, timeout: float = 10
-) -> CancellationView:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        view = await status_of(handle)
-        if view.status is status:
-            return view
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"status stayed {view.status}, expected {status}")
-        await asyncio.sleep(0.05)
-
-
-async def refused(handle: WorkflowHandle[Any, Any], update: Any, payload: Any) -> ApplicationError:
-    with pytest.raises(WorkflowUpdateFailedError) as info:
-        await handle.execute_update(update, payload)
-    cause = info.value.cause
-    assert isinstance(cause, ApplicationError)
-    return cause
 
 
 async def timers(handle: WorkflowHandle[Any, Any]) -> list[tuple[timedelta, str]]:
@@ -257,14 +87,6 @@ async def timers(handle: WorkflowHandle[Any, Any]) -> list[tuple[timedelta, str]
         elif kind == "timer_canceled_event_attributes":
             ended[event.timer_canceled_event_attributes.started_event_id] = "canceled"
     return [(duration, ended.get(event_id, "pending")) for event_id, duration in started.items()]
-
-
-def accept(seller: str = "S-7", reason: str = "ok") -> dict[str, str]:
-    return {"seller_id": seller, "decision": "accept", "reason": reason}
-
-
-def reject(seller: str = "S-7", reason: str = "already shipped") -> dict[str, str]:
-    return {"seller_id": seller, "decision": "reject", "reason": reason}
 
 
 REFUND_STEPS = ["request_refund", "submit_refund", "confirm_refund", "restore_coupon"]

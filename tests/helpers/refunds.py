@@ -20,23 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from e2e_stack import fast_refund_settings, one_seller_order, orders_file, unique
 from temporalio.client import Client, WorkflowHandle
 
 from domain.models import (
     CancellationReason,
     CancellationResult,
-    CancellationStatus,
-    CancellationView,
     RequestCancellationInput,
 )
+from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
 from infra.client import connect
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.requests import start_cancellation
 from workers.worker import build_worker
-from workflows.order_cancellation import OrderCancellation
 
 ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
 BUYER = "B-RT"
@@ -135,19 +132,6 @@ async def cancellations(
             )
         )
     return made
-
-
-async def until_status(
-    handle: WorkflowHandle[Any, Any], status: CancellationStatus, within: float = 20
-) -> CancellationView:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        view: CancellationView = await handle.query(OrderCancellation.status)
-        if view.status is status:
-            return view
-        assert loop.time() < deadline, f"{handle.id} stayed {view.status.value}"
-        await asyncio.sleep(0.1)
 
 
 async def all_results(made: Sequence[Cancellation], within: float = 30) -> list[CancellationResult]:
