@@ -1,4 +1,4 @@
-"""Every setting the service reads, from the environment (names in the README's table)."""
+"""Every setting the service reads, from the environment (docs/configuration.md lists them)."""
 
 from __future__ import annotations
 
