@@ -327,7 +327,7 @@ async def test_search_attributes_and_details_follow_each_path(world: World, name
     await assert_found(world, query, {s.workflow_id})
 
 
-# --- the queries operations run every day (docs/observability.md)----------------------------------------
+# --- the queries operations run every day (docs/observability.md) ----------------------------
 
 
 async def test_query_refund_failed_of_one_seller(world: World) -> None:
