@@ -20,7 +20,7 @@ from api.schemas import (
     Readiness,
     WithdrawalReceipt,
 )
-from api.service import Located, workflow_id_for
+from api.service import Located, details, workflow_id_for
 from api.signing import SIGNATURE_HEADER, SignatureRefused, verify_signature
 from api.stores import request_hash
 from domain.models import (
@@ -152,7 +152,7 @@ async def get_cancellation(
 ) -> CancellationDetails:
     located = await ctx.service.locate(checked_id(cancellation_id))
     _ensure_own(principal, located)
-    return located.details()
+    return details(located)
 
 
 @router.post(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,23 +16,17 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
-    WorkflowQueryFailedError,
-    WorkflowQueryRejectedError,
-    WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.schemas import CancellationAccepted, CancellationDetails, WithdrawalReceipt
 from api.stores import SubOrders
-from domain.errors import CancellationNotFound, RefusalCode
+from domain.errors import RefusalCode
 from domain.models import (
     CancellationPath,
     CancellationResult,
     CancellationStatus,
-    CancellationView,
     DecisionReceipt,
     PaymentEvent,
     RequestCancellationInput,
@@ -42,45 +36,54 @@ from domain.models import (
     WithdrawRequest,
 )
 from domain.rules import cancellation_id as cancellation_id_of
-from domain.rules import refund_dots
 from ledger.repository import Ledger
+from starter import cancellations
+from starter.cancellations import (
+    QUERY_TIMEOUT,
+    Ended,
+    Located,
+    NoAnswer,
+    Refused,
+    StatusUnavailable,
+)
 from starter.payment_events import ForwardResult, forward_payment_event
 from starter.requests import start_cancellation
-from workflows.order_cancellation import OrderCancellation
 
 log = structlog.get_logger("api")
 
-QUERY_TIMEOUT = timedelta(seconds=5)
-UPDATE_TIMEOUT = timedelta(seconds=10)
 # How long a withdrawal waits to see the workflow apply it.
 WITHDRAW_WAIT = 3.0
 _POLL = 0.1
 PENDING = (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED)
 
 
-@dataclass(frozen=True)
-class Located:
-    view: CancellationView
-    running: bool
-    source: str  # "workflow" | "ledger"
-
-    def details(self) -> CancellationDetails:
-        return CancellationDetails(
-            **self.view.model_dump(), running=self.running, source=self.source
-        )
+def details(located: Located) -> CancellationDetails:
+    return CancellationDetails(
+        **located.view.model_dump(), running=located.running, source=located.source
+    )
 
 
 def _not_found(cancellation_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no cancellation {cancellation_id}")
 
 
-def _update_refusal(err: WorkflowUpdateFailedError) -> ApiError:
-    """The workflow's validator said no: its `type` is the public refusal code."""
-    cause = err.cause
-    if isinstance(cause, ApplicationError) and cause.type:
-        status = 422 if cause.type == RefusalCode.INVALID_PAYLOAD else 409
-        return ApiError(status, cause.type, cause.message)
-    return ApiError(409, "refused", str(cause or err))
+@contextlib.contextmanager
+def _as_api_errors(ended: str) -> Iterator[None]:
+    """The client-side service's outcomes as HTTP refusals; `ended`: the code for a
+    cancellation that has ended since it was located."""
+    try:
+        yield
+    except Refused as err:
+        status = 422 if err.code == RefusalCode.INVALID_PAYLOAD else 409
+        raise ApiError(status, err.code, err.message) from None
+    except NoAnswer:
+        raise ApiError(
+            504,
+            "workflow_timeout",
+            "the cancellation did not answer in time; read its status before retrying",
+        ) from None
+    except Ended:
+        raise ApiError(409, ended, "the cancellation has ended") from None
 
 
 class CancellationService:
@@ -102,44 +105,15 @@ class CancellationService:
     # --- reading ----------------------------------------------------------------------------
 
     async def locate(self, cancellation_id: str) -> Located:
-        """The cancellation as it stands: the status query while its workflow runs, the ledger
-        once it has ended (or when the workflow cannot answer). 404 when neither knows it."""
-        handle = self._client.get_workflow_handle(cancellation_id)
+        """The cancellation as it stands (starter.cancellations.locate); 404 when neither
+        Temporal nor the ledger knows it, 503 while it opens and cannot answer yet."""
         try:
-            description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
-            running = description.status == WorkflowExecutionStatus.RUNNING
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-            running = False
-        if running:
-            try:
-                view: CancellationView = await handle.query(
-                    OrderCancellation.status, rpc_timeout=QUERY_TIMEOUT
-                )
-            except (WorkflowQueryFailedError, WorkflowQueryRejectedError, RPCError) as err:
-                # No worker to answer right now: the ledger still tells the story.
-                log.warning("status_query_failed", cancellation_id=cancellation_id, error=str(err))
-            else:
-                # A coupon a sibling restored later is only known to the ledger.
-                coupon = await self._ledger.coupon_outcome(cancellation_id=cancellation_id)
-                if coupon is not None:
-                    view = view.model_copy(update={"coupon": coupon})
-                return Located(view, running=True, source="workflow")
-        try:
-            view = await self._ledger.view(cancellation_id=cancellation_id)
-        except CancellationNotFound:
-            if running:
-                raise ApiError(
-                    503,
-                    "status_unavailable",
-                    f"cancellation {cancellation_id} is opening and its workflow does not answer"
-                    " yet; retry shortly",
-                ) from None
-            raise _not_found(cancellation_id) from None
-        if not view.dots:
-            view = view.model_copy(update={"dots": refund_dots(view.refund)})
-        return Located(view, running=running, source="ledger")
+            located = await cancellations.locate(self._client, self._ledger, cancellation_id)
+        except StatusUnavailable as err:
+            raise ApiError(503, "status_unavailable", str(err)) from None
+        if located is None:
+            raise _not_found(cancellation_id)
+        return located
 
     # --- requesting -------------------------------------------------------------------------
 
@@ -256,23 +230,6 @@ class CancellationService:
 
     # --- decisions --------------------------------------------------------------------------
 
-    async def _update(self, cancellation_id: str, update: Any, payload: Any, ended: str) -> Any:
-        handle = self._client.get_workflow_handle(cancellation_id)
-        try:
-            return await handle.execute_update(update, payload, rpc_timeout=UPDATE_TIMEOUT)
-        except WorkflowUpdateFailedError as err:
-            raise _update_refusal(err) from None
-        except WorkflowUpdateRPCTimeoutOrCancelledError:
-            raise ApiError(
-                504,
-                "workflow_timeout",
-                "the cancellation did not answer in time; read its status before retrying",
-            ) from None
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:  # it ended since it was located
-                raise ApiError(409, ended, "the cancellation has ended") from None
-            raise
-
     async def decide(self, located: Located, decision: SellerDecision) -> DecisionReceipt:
         if not located.running:
             raise ApiError(
@@ -280,13 +237,8 @@ class CancellationService:
                 RefusalCode.NOT_PENDING,
                 f"this cancellation has ended (status: {located.view.status.value})",
             )
-        receipt: DecisionReceipt = await self._update(
-            located.view.cancellation_id,
-            OrderCancellation.decide,
-            decision,
-            RefusalCode.NOT_PENDING,
-        )
-        return receipt
+        with _as_api_errors(RefusalCode.NOT_PENDING):
+            return await cancellations.decide(self._client, located.view.cancellation_id, decision)
 
     async def retry_refund(self, located: Located, request: RetryRefundRequest) -> DecisionReceipt:
         if not located.running:
@@ -296,13 +248,10 @@ class CancellationService:
                 f"only a cancellation in refund_failed can be retried (status:"
                 f" {located.view.status.value})",
             )
-        receipt: DecisionReceipt = await self._update(
-            located.view.cancellation_id,
-            OrderCancellation.retry_refund,
-            request,
-            RefusalCode.NOT_REFUND_FAILED,
-        )
-        return receipt
+        with _as_api_errors(RefusalCode.NOT_REFUND_FAILED):
+            return await cancellations.retry_refund(
+                self._client, located.view.cancellation_id, request
+            )
 
     async def withdraw(self, located: Located, request: WithdrawRequest) -> WithdrawalReceipt:
         """`withdraw` is a signal (fire-and-forget), so the request is checked first and the
@@ -320,13 +269,8 @@ class CancellationService:
                 RefusalCode.WRONG_BUYER,
                 f"buyer {request.buyer_id!r} did not request this cancellation",
             )
-        handle = self._client.get_workflow_handle(view.cancellation_id)
-        try:
-            await handle.signal(OrderCancellation.withdraw, request, rpc_timeout=QUERY_TIMEOUT)
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise ApiError(409, RefusalCode.NOT_PENDING, "the cancellation has ended") from None
-            raise
+        with _as_api_errors(RefusalCode.NOT_PENDING):
+            await cancellations.withdraw(self._client, view.cancellation_id, request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WITHDRAW_WAIT
         status = view.status

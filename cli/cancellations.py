@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from collections.abc import Iterator
+from typing import Annotated
 
 import structlog
 import typer
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
 
 from cli import console as ui
 from cli.console import CommandError, console, err_console
 from cli.render import render_view
-from domain.errors import CancellationNotFound
 from domain.models import (
     CancellationReason,
     CancellationView,
@@ -28,9 +25,23 @@ from domain.rules import cancellation_id as workflow_id_of
 from domain.rules import parse_duration
 from infra.stack import open_stack
 from ledger.repository import Ledger
-from workflows.order_cancellation import OrderCancellation
+from starter import cancellations
 
 app = typer.Typer()
+
+
+@contextlib.contextmanager
+def _as_command_errors() -> Iterator[None]:
+    """What the workflow or Temporal said, as one line and exit 1."""
+    try:
+        yield
+    except (
+        cancellations.Refused,
+        cancellations.Ended,
+        cancellations.NoAnswer,
+        cancellations.StatusUnavailable,
+    ) as err:
+        raise CommandError(str(err)) from None
 
 
 @app.command()
@@ -81,22 +92,6 @@ def request(
     ui.run(main())
 
 
-async def _update_or_refuse(call: Callable[[], Awaitable[Any]], cancellation: str) -> Any:
-    try:
-        return await call()
-    except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        if isinstance(cause, ApplicationError):
-            raise CommandError(f"refused ({cause.type}): {cause.message}") from None
-        raise CommandError(f"refused: {cause}") from None
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise CommandError(
-                f"no running cancellation {cancellation} (unknown, or it has already ended)"
-            ) from None
-        raise
-
-
 @app.command()
 def decide(
     cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002-S-7")],
@@ -118,17 +113,12 @@ def decide(
 
     async def main() -> None:
         async with open_stack(settings) as stack:
-            handle = stack.client.get_workflow_handle(cancellation_id)
-            if signal:
-                await _update_or_refuse(
-                    lambda: handle.signal(OrderCancellation.seller_decision, payload),
-                    cancellation_id,
-                )
-                console.print("signal sent (a refused signal is recorded in the audit trail)")
-                return
-            receipt = await _update_or_refuse(
-                lambda: handle.execute_update(OrderCancellation.decide, payload), cancellation_id
-            )
+            with _as_command_errors():
+                if signal:
+                    await cancellations.signal_decision(stack.client, cancellation_id, payload)
+                    console.print("signal sent (a refused signal is recorded in the audit trail)")
+                    return
+                receipt = await cancellations.decide(stack.client, cancellation_id, payload)
             console.print(f"[green]{receipt.message}[/green]: now {receipt.status.value}")
 
     ui.run(main())
@@ -146,13 +136,10 @@ def withdraw(
 
     async def main() -> None:
         async with open_stack(settings) as stack:
-            handle = stack.client.get_workflow_handle(cancellation_id)
-            await _update_or_refuse(
-                lambda: handle.signal(
-                    OrderCancellation.withdraw, WithdrawRequest(buyer_id=buyer, reason=reason)
-                ),
-                cancellation_id,
-            )
+            with _as_command_errors():
+                await cancellations.withdraw(
+                    stack.client, cancellation_id, WithdrawRequest(buyer_id=buyer, reason=reason)
+                )
             console.print("withdrawal sent")
 
     ui.run(main())
@@ -169,20 +156,13 @@ def status(
 
     async def main() -> CancellationView:
         async with open_stack(settings) as stack:
-            handle = stack.client.get_workflow_handle(cancellation_id)
-            try:
-                view = await handle.query(OrderCancellation.status)
-                # A coupon a sibling restored after this cancellation decided is only known to
-                # the ledger; show the buyer where it stands now.
-                coupon = await Ledger(stack.pool).coupon_outcome(cancellation_id=cancellation_id)
-                return view.model_copy(update={"coupon": coupon}) if coupon else view
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:
-                    structlog.get_logger().warning("query_failed_reading_ledger", error=str(err))
-            try:
-                return await Ledger(stack.pool).view(cancellation_id=cancellation_id)
-            except CancellationNotFound:
-                raise CommandError(f"no cancellation {cancellation_id}") from None
+            with _as_command_errors():
+                located = await cancellations.locate(
+                    stack.client, Ledger(stack.pool), cancellation_id
+                )
+        if located is None:
+            raise CommandError(f"no cancellation {cancellation_id}")
+        return located.view
 
     view = ui.run(main())
     if as_json:

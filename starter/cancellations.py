@@ -1,0 +1,184 @@
+"""Reading a cancellation and sending it the messages of its buyer, seller and operators: what
+the API and the CLI call, so that both give the same answers.
+
+The workflow stays the judge of every decision. What a caller learns:
+- `locate`: the cancellation as it stands, from its running workflow (the `status` query) or,
+  once it has ended or while no worker answers, from the ledger;
+- an update (`decide`, `retry_refund`, `resolve_escalation`): the receipt, or `Refused` with the
+  workflow's public refusal code, `Ended` when nothing runs to take it, `NoAnswer` when the
+  workflow did not answer in time;
+- a signal (`seller_decision`, `withdraw`): delivered, or `Ended`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import structlog
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from domain.errors import CancellationNotFound
+from domain.models import (
+    CancellationView,
+    DecisionReceipt,
+    OperatorDecision,
+    RetryRefundRequest,
+    SellerDecision,
+    WithdrawRequest,
+)
+from domain.rules import refund_dots
+from ledger.repository import Ledger
+from workflows.order_cancellation import OrderCancellation
+
+log = structlog.get_logger(__name__)
+
+QUERY_TIMEOUT = timedelta(seconds=5)
+UPDATE_TIMEOUT = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class Located:
+    view: CancellationView
+    running: bool
+    source: Literal["workflow", "ledger"]
+
+
+class StatusUnavailable(Exception):
+    """The workflow runs (it is opening) but neither it nor the ledger can tell its status yet."""
+
+
+class Refused(Exception):
+    """The workflow refused the message; `code` is the public refusal code (docs/contract.md)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"refused ({code}): {message}")
+        self.code = code
+        self.message = message
+
+
+class Ended(Exception):
+    """No running cancellation takes the message: unknown, or it has ended."""
+
+
+class NoAnswer(Exception):
+    """The workflow did not answer the update in time; read its status before retrying."""
+
+
+async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Located | None:
+    """The cancellation as it stands, or None when neither Temporal nor the ledger knows it."""
+    handle = client.get_workflow_handle(cancellation_id)
+    try:
+        description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
+        running = description.status == WorkflowExecutionStatus.RUNNING
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        running = False
+    if running:
+        try:
+            view: CancellationView = await handle.query(
+                OrderCancellation.status, rpc_timeout=QUERY_TIMEOUT
+            )
+        except (WorkflowQueryFailedError, WorkflowQueryRejectedError, RPCError) as err:
+            # No worker to answer right now: the ledger still tells the story.
+            log.warning("status_query_failed", cancellation_id=cancellation_id, error=str(err))
+        else:
+            # A coupon a sibling restored later is only known to the ledger.
+            coupon = await ledger.coupon_outcome(cancellation_id=cancellation_id)
+            if coupon is not None:
+                view = view.model_copy(update={"coupon": coupon})
+            return Located(view, running=True, source="workflow")
+    try:
+        view = await ledger.view(cancellation_id=cancellation_id)
+    except CancellationNotFound:
+        if running:
+            raise StatusUnavailable(
+                f"cancellation {cancellation_id} is opening and its workflow does not answer"
+                " yet; retry shortly"
+            ) from None
+        return None
+    if not view.dots:
+        view = view.model_copy(update={"dots": refund_dots(view.refund)})
+    return Located(view, running=running, source="ledger")
+
+
+async def _update(client: Client, cancellation_id: str, update: Any, payload: Any) -> Any:
+    handle = client.get_workflow_handle(cancellation_id)
+    try:
+        return await handle.execute_update(update, payload, rpc_timeout=UPDATE_TIMEOUT)
+    except WorkflowUpdateFailedError as err:
+        # The workflow's validator said no: its `type` is the public refusal code.
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type:
+            raise Refused(cause.type, cause.message) from None
+        raise Refused("refused", str(cause or err)) from None
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise NoAnswer(
+            f"cancellation {cancellation_id} did not answer in time; read its status before"
+            " retrying"
+        ) from None
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise Ended(
+                f"no running cancellation {cancellation_id} (unknown, or it has already ended)"
+            ) from None
+        raise
+
+
+async def _signal(client: Client, cancellation_id: str, signal: Any, payload: Any) -> None:
+    handle = client.get_workflow_handle(cancellation_id)
+    try:
+        await handle.signal(signal, payload, rpc_timeout=QUERY_TIMEOUT)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise Ended(
+                f"no running cancellation {cancellation_id} (unknown, or it has already ended)"
+            ) from None
+        raise
+
+
+async def decide(client: Client, cancellation_id: str, decision: SellerDecision) -> DecisionReceipt:
+    """The seller's decision by update: refused at once if not allowed."""
+    receipt: DecisionReceipt = await _update(
+        client, cancellation_id, OrderCancellation.decide, decision
+    )
+    return receipt
+
+
+async def signal_decision(client: Client, cancellation_id: str, decision: SellerDecision) -> None:
+    """The seller's decision by signal (fire-and-forget): a refusal lands in the audit trail."""
+    await _signal(client, cancellation_id, OrderCancellation.seller_decision, decision)
+
+
+async def resolve_escalation(
+    client: Client, cancellation_id: str, decision: OperatorDecision
+) -> DecisionReceipt:
+    receipt: DecisionReceipt = await _update(
+        client, cancellation_id, OrderCancellation.resolve_escalation, decision
+    )
+    return receipt
+
+
+async def retry_refund(
+    client: Client, cancellation_id: str, request: RetryRefundRequest
+) -> DecisionReceipt:
+    receipt: DecisionReceipt = await _update(
+        client, cancellation_id, OrderCancellation.retry_refund, request
+    )
+    return receipt
+
+
+async def withdraw(client: Client, cancellation_id: str, request: WithdrawRequest) -> None:
+    """The buyer's withdrawal (a signal): the caller reads the status to see it applied."""
+    await _signal(client, cancellation_id, OrderCancellation.withdraw, request)
