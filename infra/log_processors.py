@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from structlog.types import EventDict, WrappedLogger
+from temporalio.exceptions import ApplicationError
 
 REDACTED = "[REDACTED]"
 
@@ -148,4 +149,22 @@ def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Ev
         if key.startswith("_"):  # the formatter's own bookkeeping (_record, _from_structlog)
             continue
         event_dict[key] = _redact_value(key, event_dict[key])
+    return event_dict
+
+
+def expected_failure(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """An activity failure the product raises on purpose (an `ApplicationError` with a type, e.g.
+    `ProviderUnavailable` while the provider is down, retried by the workflow) is one line with
+    `error="Type: message"`, not a traceback: the type says all an operator needs. Anything
+    else keeps its traceback."""
+    exc_info = event_dict.get("exc_info")
+    if isinstance(exc_info, tuple) and len(exc_info) == 3:
+        error = exc_info[1]
+    elif isinstance(exc_info, BaseException):
+        error = exc_info
+    else:
+        return event_dict
+    if isinstance(error, ApplicationError) and error.type:
+        del event_dict["exc_info"]
+        event_dict["error"] = f"{error.type}: {error.message}"
     return event_dict

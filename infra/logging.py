@@ -15,7 +15,7 @@ from typing import Literal
 import structlog
 from temporalio import activity, workflow
 
-from infra.log_processors import redact, temporal_context
+from infra.log_processors import expected_failure, redact, temporal_context
 
 
 def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "info") -> None:
@@ -40,7 +40,12 @@ def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "in
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, temporal_context, structlog.processors.format_exc_info],
+            foreign_pre_chain=[
+                *shared,
+                temporal_context,
+                expected_failure,
+                structlog.processors.format_exc_info,
+            ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 # Tracebacks become text first, so that `redact` sees them too.

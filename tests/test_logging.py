@@ -9,6 +9,7 @@ import structlog
 from helpers.logs import captured_logs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from temporalio.exceptions import ApplicationError
 
 from infra.log_context import ids_of
 from infra.log_processors import REDACTED, _redact_all, redact, redact_text, temporal_context
@@ -156,3 +157,29 @@ def test_bound_context_variables_reach_stdlib_lines() -> None:
             logging.getLogger("temporalio.activity").info("from the sdk")
     (line,) = logs.lines()
     assert (line["order_id"], line["seller_id"]) == ("O-9", "S-9")
+
+
+def _fail(error: BaseException) -> None:
+    try:
+        raise error
+    except BaseException:
+        logging.getLogger("temporalio.activity").warning(
+            "Completing activity as failed", exc_info=True
+        )
+
+
+def test_an_expected_activity_failure_is_one_line_and_an_unexpected_one_keeps_its_traceback() -> (
+    None
+):
+    """The demo's provider outage (retried by the workflow) must not fill the console with
+    tracebacks; a bug still shows where it happened."""
+    with captured_logs("console", "info") as logs:
+        _fail(ApplicationError("simulated provider unavailable (503)", type="ProviderUnavailable"))
+    assert "Traceback" not in logs.text
+    assert "ProviderUnavailable: simulated provider unavailable (503)" in logs.text
+    assert len(logs.text.strip().splitlines()) == 1
+
+    with captured_logs("json", "info") as logs:
+        _fail(KeyError("no such column"))
+    (line,) = logs.lines()
+    assert "Traceback" in line["exception"] and "KeyError" in line["exception"]
