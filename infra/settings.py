@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.models import RefundPolicy, TimeoutPolicy
@@ -38,6 +38,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "ORDERCANCEL_TEMPORAL_NAMESPACE"),
     )
     task_queue: str = TASK_QUEUE
+
+    @field_validator("database_url", "temporal_address", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`DATABASE_URL=` (as an env file or a shell leaves it) means unset, not "localhost"."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     # The rule book's defaults (R4, R10); every one is configuration.
     seller_response_window: Duration = timedelta(hours=48)
