@@ -1,12 +1,13 @@
 """Record one `OrderCancellation` history per path into tests/histories/ for the replay test.
 
-    .venv/bin/python -m tests.record_histories              # refuses to overwrite
-    .venv/bin/python -m tests.record_histories --tag v2     # instant.v2.json, ... next to the old
+    .venv/bin/python -m tests.record_histories                   # refuses to overwrite
+    .venv/bin/python -m tests.record_histories --tag <patch-id>  # instant.<patch-id>.json, ...
+    .venv/bin/python -m tests.record_histories --missing         # only paths with no file yet
 
 Starts its own headless Temporal dev server and embedded PostgreSQL in a temporary directory,
 runs the product's worker (`workers.worker.build_worker`) against them, drives one cancellation
 down each path and saves its history (`handle.fetch_history().to_json()`). Nothing is left
-running. When to re-record: see the docstring of tests/test_replay.py.
+running. When to record, and why never over a file already there: docs/workflow-changes.md.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ PATHS = (
 SELLER = "S-1"
 BUYER = "B-1"
 WINDOW = timedelta(seconds=2)
+# The provider's poll interval on the slow-poll queue: only its webhook ends the wait early.
+SLOW_POLL = timedelta(hours=1)
 
 Handle = WorkflowHandle[Any, CancellationResult]
 
@@ -144,6 +147,23 @@ class Recorder:
                 return
             if loop.time() >= deadline:
                 raise TimeoutError(f"{handle.id} is {view.status.value}, not {status.value}")
+            await asyncio.sleep(0.1)
+
+    @staticmethod
+    async def until_timer(handle: Handle, duration: timedelta, timeout: float = 30) -> None:
+        """Until the workflow has started a durable timer of `duration`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            history = await handle.fetch_history()
+            if any(
+                e.HasField("timer_started_event_attributes")
+                and e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta() == duration
+                for e in history.events
+            ):
+                return
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{handle.id} started no timer")
             await asyncio.sleep(0.1)
 
     # --- one coroutine per path; each returns the handle of a finished cancellation -------
@@ -229,6 +249,9 @@ class Recorder:
             SellerDecision(seller_id=SELLER, decision=Decision.ACCEPT, reason="ok"),
         )
         await self.until(handle, CancellationStatus.REFUND_SUBMITTED)
+        # Sent once the hour-long wait has begun: sent earlier, the event would find the
+        # provider's "pending" answer still on its way and no wait would start at all.
+        await self.until_timer(handle, SLOW_POLL)
         refund = await self.ledger.get_refund(cancellation_id=handle.id)
         await handle.signal(
             OrderCancellation.payment_event,
@@ -273,9 +296,9 @@ class Recorder:
         return reopened
 
     async def withdrawn_then_decided(self) -> Handle:
-        """The buyer's withdrawal and the seller's acceptance in one workflow task (the
-        `withdrawal-before-decision-v1` patch): withdrawn, the acceptance refused. Both signals
-        are sent while no worker polls its queue, so the next task sees them together."""
+        """The buyer's withdrawal and the seller's acceptance in one workflow task: withdrawn,
+        the acceptance refused. Both signals are sent while no worker polls its queue, so the
+        next task sees them together."""
         queue = f"{self.queue}-paused"
         handle = await self.start("withdrawn_then_decided", queue=queue)
         async with build_worker(self.client, self.pool, self.settings, task_queue=queue):
@@ -318,7 +341,7 @@ async def record(
     if existing and not overwrite:
         raise SystemExit(
             f"refusing to overwrite {', '.join(t.name for t in existing)}: recorded histories are "
-            "kept (see tests/test_replay.py); use --tag NAME for new files or --overwrite"
+            "kept (docs/workflow-changes.md); use --tag <patch-id> for new files"
         )
     with tempfile.TemporaryDirectory(prefix="record-histories-") as tmp:
         postgres = EmbeddedPostgres(Path(tmp) / "pg")
@@ -364,8 +387,8 @@ async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[P
                 pool,
                 settings.model_copy(
                     update={
-                        "refund_poll_interval": timedelta(hours=1),
-                        "refund_poll_max_interval": timedelta(hours=1),
+                        "refund_poll_interval": SLOW_POLL,
+                        "refund_poll_max_interval": SLOW_POLL,
                     }
                 ),
                 task_queue=slow_poll_queue,
@@ -394,7 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HISTORIES)
     parser.add_argument("--tag", help="save as <path>.<tag>.json, keeping the older files")
-    parser.add_argument("--overwrite", action="store_true", help="replace files of the same name")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of the same name (only histories no released code produced)",
+    )
     parser.add_argument(
         "--missing", action="store_true", help="record only the paths that have no file yet"
     )

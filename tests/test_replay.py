@@ -6,27 +6,27 @@ the workflow that emits different commands for the same history (a new, removed 
 activity, timer or search-attribute upsert; a different branch for the same events) fails those
 running cancellations with a non-determinism error. This test catches that before a deploy.
 
-The histories were recorded on the real dev server and PostgreSQL by
+The histories were recorded on the real dev server and PostgreSQL, one per path of the rule book
+(`REQUIRED_PATHS`), by
 
     .venv/bin/python -m tests.record_histories
 
-one per path of the rule book (see `REQUIRED_PATHS`; each file is `<path>[.<tag>].json`).
+They were all recorded again, once, when the patch guards of the first versions were folded in
+before any cancellation had run in production: none of them is older than today's code, and the
+workflow asks `workflow.patched` nowhere. From now on every change to the commands goes through
+a patch, as docs/workflow-changes.md describes:
 
-When this test fails after a workflow change:
+* When this test fails after a workflow change, do NOT re-record to make it green: the failure
+  is exactly what production would see. Guard the change with `workflow.patched("<patch-id>")`
+  (the old behaviour in the other branch), so that these files replay again, unchanged.
+* Record the new behaviour next to them, never over them
+  (`.venv/bin/python -m tests.record_histories --tag <patch-id>` writes
+  `instant.<patch-id>.json` and so on); both generations must replay.
+* Only once no cancellation started before the change can still be running does the old branch
+  go (`workflow.deprecate_patch`, then nothing), together with the files that needed it.
 
-* Do NOT re-record to make it green: the failure is exactly what production would see.
-* Make the change compatible instead: guard the new behaviour with
-  `if workflow.patched("<patch-id>"):` (old behaviour in the `else` branch), so old histories
-  take the old branch and new runs the new one. The old files must then replay again, unchanged.
-* Then record histories of the new behaviour next to the old ones, never over them:
-  `.venv/bin/python -m tests.record_histories --tag <patch-id>` writes `instant.<patch-id>.json`
-  and so on. Keep the old files for as long as cancellations started before the deploy can still
-  be running; only when none can be (and after `workflow.deprecate_patch`) may the old branch
-  and its files go, together.
-
-Record new histories without a patch only for a path that had none yet (add it to
-`REQUIRED_PATHS` and to the recorder), or with `--overwrite` for histories that no released
-code ever produced.
+`test_an_incompatible_change_fails_the_replay` shows that this check can fail; tests/test_upgrade.py
+shows a patched change taking over a cancellation recorded before it.
 """
 
 from __future__ import annotations
@@ -88,11 +88,7 @@ REQUIRED_PATHS: dict[str, tuple[CancellationStatus, Counter[str]]] = {
     # A new run of an ended cancellation, started with the reversal event; parked, retried.
     "reversed_reopened": (CancellationStatus.COMPLETED, Counter({SIGNALED: 1, UPDATED: 1})),
     # The buyer's withdrawal and the seller's acceptance in one task: the withdrawal wins.
-    # Two patch markers: the memo's and `withdrawal-before-decision-v1`.
-    "withdrawn_then_decided": (
-        CancellationStatus.WITHDRAWN,
-        Counter({SIGNALED: 2, "EVENT_TYPE_MARKER_RECORDED": 2}),
-    ),
+    "withdrawn_then_decided": (CancellationStatus.WITHDRAWN, Counter({SIGNALED: 2})),
 }
 
 

@@ -1,0 +1,224 @@
+"""What the outside world sends to a cancellation, and what it reads back.
+
+The signal, update and query handlers of `OrderCancellation` (a public contract: their names
+and payloads), in a base class so that `workflows.order_cancellation` reads as the story alone.
+The state they share with the story is declared here and set by `OrderCancellation.__init__`.
+
+Payloads are typed `Any` on purpose: `workflows.messages` validates them, so a malformed message
+from any client becomes a specific refusal instead of being dropped by the SDK's decoder; and
+taken as `*args`, so that a missing or extra argument is refused too (R20). A signal cannot be
+refused to its sender: the refusal is recorded and changes nothing. An update is refused by its
+validator, before it enters the history.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from temporalio import workflow
+
+from domain import rules
+from domain.errors import DecisionRefused
+from domain.models import (
+    AuditEntry,
+    CancellationStatus,
+    CancellationView,
+    CouponOutcome,
+    Decision,
+    DecisionReceipt,
+    OpenCancellationResult,
+    OperatorDecision,
+    PaymentEvent,
+    PaymentEventType,
+    RefundStage,
+    RefundView,
+    RequestCancellationInput,
+    RetryRefundRequest,
+    SellerDecision,
+    WithdrawRequest,
+)
+from workflows import messages, steps
+
+
+class CancellationInbox:
+    _request: RequestCancellationInput
+    _id: str
+    _run_id: str
+    _seq: int
+    _status: CancellationStatus
+    _opened: OpenCancellationResult | None
+    _decision: Decision | None
+    _decided_by: str
+    _decision_reason: str
+    _withdrawal: WithdrawRequest | None
+    _retry: RetryRefundRequest | None
+    _deadline: datetime | None
+    _refund: RefundView | None
+    _coupon: CouponOutcome | None
+    _last_error: str | None
+    _provider_news: bool
+    _reversal: PaymentEvent | None
+    _audit: list[AuditEntry]
+
+    def _answered(self) -> bool:
+        """Decided, or withdrawn by the buyer: whichever came first stands (R3, R5)."""
+        return self._decision is not None or self._withdrawal is not None
+
+    def _key(self, kind: str) -> str:
+        self._seq += 1
+        return f"{self._seq:03d}-{kind}@{self._run_id}"
+
+    def _note(self, actor: str, kind: str, detail: str = "") -> None:
+        self._audit.append(AuditEntry(at=workflow.now(), actor=actor, kind=kind, detail=detail))
+
+    async def _refuse(self, actor: str, kind: str, err: DecisionRefused) -> None:
+        """A signal cannot be refused to its sender: record the refusal and change nothing."""
+        detail = f"{err.code.value}: {err.message}"
+        self._note(actor, kind, detail)
+        workflow.logger.warning("%s refused: %s", kind, detail)
+        event_key = self._key(kind)
+        # The ledger row of the cancellation exists once the first activity has run.
+        await workflow.wait_condition(lambda: self._opened is not None)
+        await steps.record_event(self._id, actor, kind, detail, event_key=event_key)
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _take_decision(self, decision: Decision, actor: str, reason: str) -> DecisionReceipt:
+        self._decision = decision
+        self._decided_by = actor
+        self._decision_reason = reason
+        self._note(actor, f"decision_{decision.value}", reason)
+        accepted = decision is Decision.ACCEPT
+        return DecisionReceipt(
+            cancellation_id=self._id,
+            accepted=True,
+            status=CancellationStatus.APPROVED if accepted else CancellationStatus.REJECTED,
+            message=f"{decision.value} recorded",
+        )
+
+    # The seller's decision (R3): update `decide` and signal `seller_decision`, same payload.
+
+    def _check_seller(self, payload: Any) -> SellerDecision:
+        return messages.seller_decision(
+            payload,
+            status=self._status,
+            seller_id=self._request.seller_id,
+            answered=self._answered(),
+        )
+
+    @workflow.update
+    def decide(self, *args: Any) -> DecisionReceipt:
+        decision = self._check_seller(messages.one(args))
+        return self._take_decision(
+            decision.decision, f"seller:{decision.seller_id}", decision.reason
+        )
+
+    @decide.validator
+    def _validate_decide(self, *args: Any) -> None:
+        messages.refuse_unless(self._check_seller, args)
+
+    @workflow.signal
+    async def seller_decision(self, *args: Any) -> None:
+        try:
+            decision = self._check_seller(messages.one(args))
+        except DecisionRefused as err:
+            seller = messages.claimed(args, "seller_id")
+            await self._refuse(f"seller:{seller}", "seller_decision_refused", err)
+            return
+        self._take_decision(decision.decision, f"seller:{decision.seller_id}", decision.reason)
+
+    # The buyer withdraws a pending request (R5).
+
+    @workflow.signal
+    async def withdraw(self, *args: Any) -> None:
+        try:
+            request = messages.withdrawal(
+                messages.one(args),
+                status=self._status,
+                buyer_id=self._request.buyer_id,
+                answered=self._answered(),
+            )
+        except DecisionRefused as err:
+            buyer = messages.claimed(args, "buyer_id")
+            await self._refuse(f"buyer:{buyer}", "withdraw_refused", err)
+            return
+        self._withdrawal = request
+        self._note(f"buyer:{request.buyer_id}", "withdraw_requested", request.reason)
+
+    # The payment provider's webhook (R7): wakes the confirmation up, or reports a reversal.
+
+    @workflow.signal
+    async def payment_event(self, *args: Any) -> None:
+        # A reopening run gets its event with its start: judge it once the refund is known.
+        await workflow.wait_condition(lambda: self._opened is not None)
+        try:
+            event = messages.payment_event(messages.one(args), self._refund)
+        except DecisionRefused as err:
+            await self._refuse("provider", "payment_event_refused", err)
+            return
+        self._note("provider", "payment_event", f"{event.type.value} ({event.event_id})")
+        self._provider_news = True
+        if (
+            event.type is PaymentEventType.REFUND_REVERSED
+            and self._refund is not None
+            and self._refund.stage is RefundStage.CONFIRMED
+        ):
+            # Before confirmation the provider's own answer reports a failure; after it, only
+            # this tells the workflow to look again.
+            self._reversal = event
+
+    # Operators: decide an escalated request (R4), retry a parked refund (R10).
+
+    def _check_operator(self, payload: Any) -> OperatorDecision:
+        return messages.operator_decision(payload, status=self._status, answered=self._answered())
+
+    @workflow.update
+    def resolve_escalation(self, *args: Any) -> DecisionReceipt:
+        decision = self._check_operator(messages.one(args))
+        return self._take_decision(
+            decision.decision, f"operator:{decision.operator_id}", decision.reason
+        )
+
+    @resolve_escalation.validator
+    def _validate_resolve(self, *args: Any) -> None:
+        messages.refuse_unless(self._check_operator, args)
+
+    def _check_retry(self, payload: Any) -> RetryRefundRequest:
+        return messages.retry_request(
+            payload, status=self._status, scheduled=self._retry is not None
+        )
+
+    @workflow.update
+    def retry_refund(self, *args: Any) -> DecisionReceipt:
+        self._retry = self._check_retry(messages.one(args))
+        return DecisionReceipt(
+            cancellation_id=self._id,
+            accepted=True,
+            status=CancellationStatus.REFUND_REQUESTED,
+            message="refund retry scheduled with the same idempotency key",
+        )
+
+    @retry_refund.validator
+    def _validate_retry(self, *args: Any) -> None:
+        messages.refuse_unless(self._check_retry, args)
+
+    # --- status: what the API and the buyer's order page read (R17) ---------------------
+
+    @workflow.query
+    def status(self) -> CancellationView:
+        return CancellationView(
+            cancellation_id=self._id,
+            order_id=self._request.order_id,
+            seller_id=self._request.seller_id,
+            buyer_id=self._request.buyer_id,
+            reason=self._request.reason,
+            path=self._opened.path if self._opened else None,
+            status=self._status,
+            seller_deadline=self._deadline,
+            refund=self._refund,
+            dots=rules.refund_dots(self._refund),
+            coupon=self._coupon,
+            last_error=self._last_error,
+            audit=list(self._audit),
+        )

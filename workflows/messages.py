@@ -1,0 +1,141 @@
+"""Messages sent to a cancellation (signals and updates), read defensively.
+
+They arrive as plain JSON from any client (the API, another SDK, the `temporal` CLI), so a
+handler never trusts their shape: a malformed one becomes a `DecisionRefused` naming the fields
+at fault (R20), never an exception that fails the workflow task and blocks the cancellation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from temporalio.exceptions import ApplicationError
+
+from domain import rules
+from domain.errors import DecisionRefused, RefusalCode
+from domain.models import (
+    CancellationStatus,
+    OperatorDecision,
+    PaymentEvent,
+    RefundView,
+    RetryRefundRequest,
+    SellerDecision,
+    WithdrawRequest,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def one(args: tuple[Any, ...]) -> Any:
+    """Handlers take `*args` so that a message with no argument or several (any client, the
+    `temporal` CLI with two --input flags) is refused like any malformed payload instead of
+    raising TypeError, which would fail every workflow task from then on."""
+    if len(args) != 1:
+        raise DecisionRefused(
+            RefusalCode.INVALID_PAYLOAD,
+            f"invalid payload: expected exactly one JSON object, got {len(args)} arguments",
+        )
+    return args[0]
+
+
+def parse(model: type[M], payload: Any) -> M:
+    """The payload as `model`, or a refusal with the fields at fault."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in err.errors()
+        )
+        raise DecisionRefused(RefusalCode.INVALID_PAYLOAD, f"invalid payload: {fields}") from err
+
+
+def parse_one(model: type[M], args: tuple[Any, ...]) -> M:
+    """The handler's single argument as `model`, or a refusal."""
+    return parse(model, one(args))
+
+
+def claimed(args: tuple[Any, ...], field: str) -> str:
+    """Who a refused signal says it comes from, for the audit row: the `field` of its payload
+    if there is one, `?` otherwise (a refusal is recorded even for a payload that is garbage)."""
+    payload = args[0] if len(args) == 1 else None
+    value = payload.get(field) if isinstance(payload, dict) else None
+    return str(value) if value else "?"
+
+
+def seller_decision(
+    payload: Any, *, status: CancellationStatus, seller_id: str, answered: bool
+) -> SellerDecision:
+    """R3: only the sub-order's seller, only while the request waits, only once. `answered`:
+    already decided or withdrawn (a withdrawal accepted earlier in the same task came first)."""
+    decision = parse(SellerDecision, payload)
+    rules.check_seller_decision(
+        status=status,
+        expected_seller=seller_id,
+        seller_id=decision.seller_id,
+        already_decided=answered,
+    )
+    return decision
+
+
+def withdrawal(
+    payload: Any, *, status: CancellationStatus, buyer_id: str, answered: bool
+) -> WithdrawRequest:
+    """R5: the buyer who asked withdraws a request that still waits for its answer."""
+    request = parse(WithdrawRequest, payload)
+    rules.check_withdrawal(status=status, expected_buyer=buyer_id, buyer_id=request.buyer_id)
+    if answered:
+        raise DecisionRefused(
+            RefusalCode.ALREADY_DECIDED, "the request was already decided or withdrawn"
+        )
+    return request
+
+
+def operator_decision(
+    payload: Any, *, status: CancellationStatus, answered: bool
+) -> OperatorDecision:
+    """R4: an operator decides a request escalated by the seller's silence, once."""
+    decision = parse(OperatorDecision, payload)
+    if status is not CancellationStatus.ESCALATED or answered:
+        raise DecisionRefused(
+            RefusalCode.NOT_ESCALATED,
+            f"only an escalated request takes an operator decision (status: {status.value})",
+        )
+    return decision
+
+
+def retry_request(
+    payload: Any, *, status: CancellationStatus, scheduled: bool
+) -> RetryRefundRequest:
+    """R10: an operator retries a refund parked in refund_failed, once per parking."""
+    request = parse(RetryRefundRequest, payload)
+    if status is not CancellationStatus.REFUND_FAILED or scheduled:
+        raise DecisionRefused(
+            RefusalCode.NOT_REFUND_FAILED,
+            f"only a cancellation in refund_failed can be retried (status: {status.value})",
+        )
+    return request
+
+
+def payment_event(payload: Any, refund: RefundView | None) -> PaymentEvent:
+    """R7: the provider's webhook, for this cancellation's refund (by reference or key)."""
+    event = parse(PaymentEvent, payload)
+    ours = refund is not None and (
+        (event.provider_ref is not None and event.provider_ref == refund.provider_ref)
+        or (event.refund_key is not None and event.refund_key == refund.idempotency_key)
+    )
+    if not ours:
+        raise DecisionRefused(
+            RefusalCode.UNKNOWN_REFUND,
+            f"event {event.event_id} names no refund of this cancellation",
+        )
+    return event
+
+
+def refuse_unless(check: Callable[[Any], object], args: tuple[Any, ...]) -> None:
+    """An update validator: the caller gets the refusal's code as the failure type."""
+    try:
+        check(one(args))
+    except DecisionRefused as err:
+        raise ApplicationError(err.message, type=err.code.value, non_retryable=True) from None

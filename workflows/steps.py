@@ -1,0 +1,190 @@
+"""Each activity as `OrderCancellation` calls it: its input, timeout, retry policy and the
+summary the Web UI shows. One function per activity, one command each.
+
+The ledger writes are retried until they go through (a business failure says so with a
+non-retryable type); the provider calls follow the refund policy the ledger returned (R9, R10).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+from activities.ledger_activities import LedgerActivities
+from activities.refund_activities import (
+    REFUND_FAILED_AT_PROVIDER,
+    REFUND_REJECTED,
+    RefundActivities,
+)
+from domain.models import (
+    CancellationStatus,
+    CouponInput,
+    CouponOutcome,
+    EventInput,
+    Money,
+    OpenCancellationInput,
+    OpenCancellationResult,
+    RefundFailureInput,
+    RefundPolicy,
+    RefundRequestInput,
+    RefundStepInput,
+    RefundView,
+    RequestCancellationInput,
+    TransitionInput,
+)
+
+LEDGER_TIMEOUT = timedelta(seconds=30)
+# A ledger write that fails for a business reason says so with a non-retryable type; anything
+# else (database restarting, network) is retried until it goes through.
+LEDGER_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    maximum_interval=timedelta(seconds=30),
+)
+PROVIDER_TIMEOUT = timedelta(seconds=60)
+
+# --- the ledger --------------------------------------------------------------------------------
+
+
+async def open_cancellation(
+    cancellation_id: str, request: RequestCancellationInput
+) -> OpenCancellationResult:
+    return await workflow.execute_activity_method(
+        LedgerActivities.open_cancellation,
+        OpenCancellationInput(cancellation_id=cancellation_id, request=request),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary="Read the sub-order and choose the instant or request path",
+    )
+
+
+async def record_transition(
+    cancellation_id: str,
+    status: CancellationStatus,
+    actor: str,
+    kind: str,
+    detail: str,
+    *,
+    event_key: str,
+    cancel_sub_order: bool,
+) -> None:
+    await workflow.execute_activity_method(
+        LedgerActivities.record_transition,
+        TransitionInput(
+            cancellation_id=cancellation_id,
+            status=status,
+            actor=actor,
+            kind=kind,
+            detail=detail,
+            event_key=event_key,
+            cancel_sub_order=cancel_sub_order,
+        ),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary=f"Record: {kind}",
+    )
+
+
+async def record_event(
+    cancellation_id: str, actor: str, kind: str, detail: str, *, event_key: str
+) -> None:
+    await workflow.execute_activity_method(
+        LedgerActivities.record_event,
+        EventInput(
+            cancellation_id=cancellation_id,
+            actor=actor,
+            kind=kind,
+            detail=detail,
+            event_key=event_key,
+        ),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary=f"Record: {kind}",
+    )
+
+
+async def request_refund(cancellation_id: str, amount: Money, *, event_key: str) -> RefundView:
+    return await workflow.execute_activity_method(
+        LedgerActivities.request_refund,
+        RefundRequestInput(cancellation_id=cancellation_id, event_key=event_key),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary=f"Record the refund of {amount} (dot 1)",
+    )
+
+
+async def record_refund_failed(
+    step: RefundStepInput, error: str, *, attempts: int, final: bool
+) -> RefundView:
+    return await workflow.execute_activity_method(
+        LedgerActivities.record_refund_failed,
+        RefundFailureInput(
+            cancellation_id=step.cancellation_id,
+            idempotency_key=step.idempotency_key,
+            error=error,
+            attempts=attempts,
+            event_key=step.event_key,
+            final=final,
+        ),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary="Park the refund for an operator",
+    )
+
+
+async def restore_coupon(cancellation_id: str, *, event_key: str) -> CouponOutcome:
+    return await workflow.execute_activity_method(
+        LedgerActivities.restore_coupon,
+        CouponInput(cancellation_id=cancellation_id, event_key=event_key),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary="Decide whether the coupon comes back",
+    )
+
+
+# --- the payment provider ----------------------------------------------------------------------
+
+
+async def submit_refund(
+    step: RefundStepInput, refund: RefundView, policy: RefundPolicy
+) -> RefundView:
+    return await workflow.execute_activity_method(
+        RefundActivities.submit_refund,
+        step,
+        start_to_close_timeout=PROVIDER_TIMEOUT,
+        retry_policy=RetryPolicy(
+            initial_interval=policy.submit_initial_interval,
+            maximum_interval=policy.submit_max_interval,
+            maximum_attempts=policy.submit_max_attempts,
+            non_retryable_error_types=[REFUND_REJECTED],
+        ),
+        summary=f"Submit the {refund.kind.value} to the payment provider (dot 2)",
+    )
+
+
+async def confirm_refund(step: RefundStepInput, policy: RefundPolicy) -> RefundView:
+    return await workflow.execute_activity_method(
+        RefundActivities.confirm_refund,
+        step,
+        start_to_close_timeout=PROVIDER_TIMEOUT,
+        # Only an unreachable provider is retried here; "pending" is an answer.
+        retry_policy=RetryPolicy(
+            initial_interval=policy.submit_initial_interval,
+            maximum_interval=policy.submit_max_interval,
+            non_retryable_error_types=[REFUND_FAILED_AT_PROVIDER],
+        ),
+        summary="Ask the provider whether the refund is confirmed (dot 3)",
+    )
+
+
+async def verify_reversal(step: RefundStepInput) -> RefundView:
+    return await workflow.execute_activity_method(
+        RefundActivities.verify_reversal,
+        step,
+        start_to_close_timeout=PROVIDER_TIMEOUT,
+        retry_policy=RetryPolicy(
+            initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=5)
+        ),
+        summary="Check with the provider that the refund was reversed",
+    )
