@@ -81,7 +81,8 @@ from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from tools.chaos.checks import workflow_task_failures
 from workers.worker import workflow_runner
-from workflows.order_cancellation import OrderCancellation, _parse
+from workflows.messages import parse
+from workflows.order_cancellation import OrderCancellation
 
 T = TypeVar("T")
 CODES = {code.value for code in RefusalCode}
@@ -321,11 +322,11 @@ MESSAGE_MODELS: list[type[BaseModel]] = [
 def test_any_payload_is_a_message_or_a_refusal_naming_the_fields(
     model: type[BaseModel], payload: Any
 ) -> None:
-    """What the workflow's handlers do first: `_parse` turns anything into the model or an
+    """What the workflow's handlers do first: `parse` turns anything into the model or an
     `invalid_payload` refusal; never another exception (which would fail the workflow task)."""
     TRIED["payload models"] += 1
     try:
-        parsed = _parse(model, payload)
+        parsed = parse(model, payload)
     except DecisionRefused as err:
         assert err.code is RefusalCode.INVALID_PAYLOAD
         assert err.message.startswith("invalid payload: ")

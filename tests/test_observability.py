@@ -47,7 +47,8 @@ from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows import search_attributes as sa
-from workflows.order_cancellation import _STAGE_TEXT, OrderCancellation
+from workflows.order_cancellation import OrderCancellation
+from workflows.visibility import STAGE_TEXT
 
 pytestmark = pytest.mark.e2e
 
@@ -310,7 +311,7 @@ async def test_search_attributes_and_details_follow_each_path(world: World, name
     assert f"**Order** {s.order_id}" in (await desc.static_details() or "")
 
     details = await current_details(s.handle)
-    assert details.startswith(f"**{_STAGE_TEXT[status][0]}**"), details
+    assert details.startswith(f"**{STAGE_TEXT[status][0]}**"), details
     if status is CancellationStatus.AWAITING_SELLER:
         assert "by " in details and "UTC" in details  # the deadline
     if status is CancellationStatus.REFUND_FAILED:

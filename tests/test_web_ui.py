@@ -37,7 +37,8 @@ from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from starter.requests import start_cancellation
 from workers.worker import build_worker
-from workflows.order_cancellation import _STAGE_TEXT, OrderCancellation
+from workflows.order_cancellation import OrderCancellation
+from workflows.visibility import STAGE_TEXT
 
 CHROMIUM = os.environ.get("ORDERCANCEL_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web-ui.png"
@@ -172,7 +173,7 @@ async def test_workflow_page_shows_summary_and_current_details(ui: UI, browser: 
     desc = await handle.describe()
     summary = await desc.static_summary()
     assert summary
-    headline = _STAGE_TEXT[CancellationStatus.AWAITING_SELLER][0]
+    headline = STAGE_TEXT[CancellationStatus.AWAITING_SELLER][0]
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     try:
         await page.goto(

@@ -38,9 +38,9 @@ with workflow.unsafe.imports_passed_through():
         RetryRefundRequest,
         WithdrawRequest,
     )
-    from workflows import messages, steps
+    from workflows import steps
     from workflows.handlers import CancellationInbox
-    from workflows.visibility import STAGE_TEXT, Visibility
+    from workflows.visibility import Visibility
 
 # Statuses a cancellation has before the seller's decision; a run that finds the ledger past
 # them resumes instead of asking again.
@@ -49,11 +49,6 @@ _BEFORE_DECISION = (
     CancellationStatus.AWAITING_SELLER,
     CancellationStatus.ESCALATED,
 )
-
-# Old names of what moved to workflows.messages and workflows.visibility, for the modules that
-# still import them from here.
-_parse = messages.parse
-_STAGE_TEXT = STAGE_TEXT
 
 
 @workflow.defn(name="OrderCancellation")
