@@ -29,7 +29,7 @@ from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.requests import start_cancellation
 from workflows.order_cancellation import OrderCancellation
 
-DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
+DEMO_FILE = Path(__file__).resolve().parent / "demo-data" / "orders.json"
 # The demo's own short window for its "seller silent" scenario.
 DEMO_WINDOW = timedelta(seconds=5)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from devstack.demo import DEMO_FILE
 from domain.errors import (
     CancellationConflict,
     RefundLimitExceeded,
@@ -48,7 +48,6 @@ from domain.rules import DEFAULT_ETA_TABLE, cancellation_id, refund_idempotency_
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger, RefundRecord
 
-DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 BUYERS = {
     "O-1001": "B-501",
     "O-1002": "B-502",

@@ -13,7 +13,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,6 +20,7 @@ import pytest
 
 from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import RefundActivities
+from devstack.demo import DEMO_FILE
 from domain.errors import CancellationNotFound
 from domain.models import (
     CancellationPath,
@@ -44,7 +44,6 @@ from ledger.repository import Ledger
 from payments.provider import SimulatedProvider
 from tools.bench.sql_counter import SqlCounter, counting_pool
 
-DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 CID = cancellation_id("O-1002", "S-7")  # payment validated: the request path
 
 

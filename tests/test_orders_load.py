@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from devstack.demo import DEMO_FILE
 from domain.errors import OrderConflict
 from domain.orders import OrdersFile
 from ledger.orders import (
@@ -22,7 +22,6 @@ from ledger.orders import (
     parse_orders_file,
 )
 
-DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 DEMO_IDS = ["O-1001", "O-1002", "O-1003", "O-1004", "O-1005", "O-2001", "O-2002"]
 TABLES = (
     "checkout_orders",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -21,6 +20,7 @@ from activities.refund_activities import (
     REFUND_REJECTED,
     RefundActivities,
 )
+from devstack.demo import DEMO_FILE
 from domain.errors import ProviderFinalError
 from domain.models import (
     CancellationPath,
@@ -49,7 +49,6 @@ from payments.provider import (
     SimulatorFaults,
 )
 
-DEMO_FILE = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 BUYERS = {"O-1001": "B-501", "O-1002": "B-502", "O-1003": "B-503", "O-1005": "B-505"}
 
 
