@@ -43,7 +43,7 @@ from tools.bench.analysis import analyse_histories, fetch_events, percentiles
 from tools.bench.driver import LimitSide, ProductSide, Side, Timing, run_units
 from tools.bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units, unit_count
 from tools.bench.procs import Probe, Sampler, WorkerProcess
-from tools.bench.shape import Shape, derive_shape, event_counts, merge_upserts
+from tools.bench.shape import Shape, derive_shape, event_counts
 from tools.bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
 from tools.bench.stack import Temporal, database, pg_commits, temporal
 from tools.bench.worker_proc import WorkerConfig
@@ -72,13 +72,7 @@ class BenchOptions:
     pool_max: int | None = None
     cache: int = 1000
     metrics: bool = True
-    # The product before P1: asyncpg's reset query on every release (to compare).
-    pool_reset: bool = False
     unsandboxed: bool = False
-    # The product's ledger activities as local activities (bench.local_ledger).
-    local_ledger: bool = False
-    # "merged-upserts": the limit runs proposal A1-A3's shape (bench.shape.merge_upserts).
-    limit_variant: str | None = None
     server_db: str = "file"
     sides: tuple[str, ...] = ("product", "limit")
     # Measured slices per side, the sides alternated A B, B A, ... (1: each side in one go).
@@ -107,10 +101,7 @@ class BenchOptions:
             "pool": [self.pool_min, self.pool_max],
             "max_cached_workflows": self.cache,
             "metrics": self.metrics,
-            "pool_reset": self.pool_reset,
             "unsandboxed": self.unsandboxed,
-            "local_ledger": self.local_ledger,
-            "limit_variant": self.limit_variant,
             "sides": list(self.sides),
             "rounds": self.rounds,
             "server_db": self.server_db,
@@ -477,9 +468,7 @@ async def run_bench(
             pool_min=pool_min,
             pool_max=pool_max,
             metrics=options.metrics,
-            pool_reset=options.pool_reset,
             unsandboxed=options.unsandboxed,
-            local_ledger=options.local_ledger,
             log_level=options.log_level,
             profile=(
                 str(options.profile_dir / f"worker-{side}-{run_id}.prof")
@@ -584,10 +573,7 @@ async def run_bench(
                 )
                 servers.push_async_callback(worker.stop)
                 await worker.start()
-                limit_shapes = shapes
-                if options.limit_variant == "merged-upserts":
-                    limit_shapes = {k: merge_upserts(s) for k, s in shapes.items()}
-                lside = LimitSide(client, worker.config.task_queue, limit_shapes, run_id)
+                lside = LimitSide(client, worker.config.task_queue, shapes, run_id)
                 note("limit: warm-up (one per path) and shape check")
                 warm = await run_units(lside, warm_units, concurrency=16)
                 failed = [t for t in warm.timings if t.error]

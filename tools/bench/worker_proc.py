@@ -48,12 +48,8 @@ class WorkerConfig(BaseModel):
     pool_min: int = 2
     pool_max: int = 10
     metrics: bool = True
-    # The product before P1 (docs/performance.md): asyncpg's reset query on every release.
-    pool_reset: bool = False
     # Experiment: workflows without the sandbox (temporalio's UnsandboxedWorkflowRunner).
     unsandboxed: bool = False
-    # Experiment: the ledger's activities as local activities (bench.local_ledger).
-    local_ledger: bool = False
     log_level: str = "info"
     # Write a cProfile of the worker's asyncio loop thread here when it stops (where the time
     # goes). It counts that thread's CPU time (time.thread_time), not wall-clock time: on a
@@ -124,7 +120,6 @@ async def serve(config: WorkerConfig) -> None:
             counter,
             min_size=config.pool_min,
             max_size=config.pool_max,
-            pool_reset=config.pool_reset,
         )
         settings = Settings(
             provider="simulator",
@@ -132,18 +127,12 @@ async def serve(config: WorkerConfig) -> None:
             sim_confirm_after_polls=0,
             task_queue=config.task_queue,
         )
-        interceptors = []
-        if config.local_ledger:
-            from tools.bench.local_ledger import LocalLedgerInterceptor
-
-            interceptors.append(LocalLedgerInterceptor())
         worker = build_worker(
             client,
             pool,
             settings,
             provider=SimulatedProvider(pool, confirm_after_polls=0),
             task_queue=config.task_queue,
-            interceptors=interceptors,
             **worker_options(config),
         )
     else:
