@@ -20,6 +20,8 @@ def _duration(value: object) -> object:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+# A number of pollers (at least 1), or "auto".
+Pollers = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
 class Settings(BaseSettings):
@@ -70,6 +72,16 @@ class Settings(BaseSettings):
     sim_latency: Duration = timedelta(0)
     sim_transient_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     sim_confirm_after_polls: int = Field(default=1, ge=0)
+
+    # The worker's tuning (workers.worker.build_worker), the SDK's defaults unless set. Pollers:
+    # how many task polls each kind keeps open, a number or "auto" (PollerBehaviorAutoscaling).
+    # Concurrency unset: the SDK's own (100 slots each). While it caches workflows, the SDK wants
+    # at least 2 workflow-task pollers and 2 concurrent workflow tasks.
+    worker_max_cached_workflows: int = Field(default=1000, ge=0)
+    worker_workflow_task_pollers: Pollers = 5
+    worker_activity_task_pollers: Pollers = 5
+    worker_max_concurrent_workflow_tasks: int | None = Field(default=None, ge=1)
+    worker_max_concurrent_activities: int | None = Field(default=None, ge=1)
 
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=10, ge=1)

@@ -40,7 +40,7 @@ from infra.client import connect
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from starter.requests import start_cancellation
-from tools.chaos.stack import WorkerProcess, WorkerStartError, start_worker_process
+from tools.worker_process import WorkerProcess, ordercancel_worker
 from workers.worker import GRACEFUL_SHUTDOWN
 from workflows.order_cancellation import OrderCancellation
 
@@ -64,26 +64,20 @@ class Cluster:
     ) -> WorkerProcess:
         """A ready worker on `task_queue`; `env` adds or overrides settings, an empty value
         removes one. Nothing is inherited from this process's TEMPORAL_*/ORDERCANCEL_*."""
-        try:
-            worker = await start_worker_process(
-                name,
-                log_dir=self.tmp,
-                ready_within=30,
-                settings={
-                    "DATABASE_URL": database_url,
-                    "TEMPORAL_ADDRESS": self.address,
-                    "ORDERCANCEL_TASK_QUEUE": task_queue,
-                    "ORDERCANCEL_REFUND_POLL_INTERVAL": "200ms",
-                    "ORDERCANCEL_SIM_CONFIRM_AFTER_POLLS": "0",
-                    **env,
-                },
-            )
-        except WorkerStartError as error:
-            if error.worker is not None:
-                self.workers.append(error.worker)
-            raise
+        worker = ordercancel_worker(
+            name,
+            log_dir=self.tmp,
+            settings={
+                "DATABASE_URL": database_url,
+                "TEMPORAL_ADDRESS": self.address,
+                "ORDERCANCEL_TASK_QUEUE": task_queue,
+                "ORDERCANCEL_REFUND_POLL_INTERVAL": "200ms",
+                "ORDERCANCEL_SIM_CONFIRM_AFTER_POLLS": "0",
+                **env,
+            },
+        )
         self.workers.append(worker)
-        return worker
+        return await worker.start(ready_within=30)
 
 
 @pytest.fixture
@@ -93,9 +87,7 @@ async def cluster(temporal_address: str, tmp_path: Path) -> AsyncIterator[Cluste
         yield cluster
     finally:
         for worker in cluster.workers:
-            if worker.proc.returncode is None:
-                worker.proc.kill()
-                await worker.proc.wait()
+            await worker.kill()
 
 
 @pytest.fixture

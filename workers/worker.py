@@ -6,11 +6,18 @@ import asyncio
 import signal
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any, Literal
 
 import asyncpg
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Interceptor, PollerBehavior, PollerBehaviorSimpleMaximum, Worker
+from temporalio.worker import (
+    Interceptor,
+    PollerBehavior,
+    PollerBehaviorAutoscaling,
+    PollerBehaviorSimpleMaximum,
+    Worker,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ledger_activities import LedgerActivities
@@ -63,8 +70,23 @@ def build_provider(settings: Settings, pool: asyncpg.Pool) -> PaymentProvider:
     )
 
 
-# The SDK's own default for both poller kinds (temporalio 1.35).
-SDK_DEFAULT_POLLERS = PollerBehaviorSimpleMaximum(maximum=5)
+def poller_behavior(pollers: int | Literal["auto"]) -> PollerBehavior:
+    """A poller setting (`Settings.worker_*_task_pollers`) as the SDK's behaviour."""
+    if pollers == "auto":
+        return PollerBehaviorAutoscaling()
+    return PollerBehaviorSimpleMaximum(maximum=pollers)
+
+
+def worker_tuning(settings: Settings) -> dict[str, Any]:
+    """The `Worker` options `settings.worker_*` set: cache, pollers, concurrency (unset
+    concurrency: the SDK's own)."""
+    return {
+        "max_cached_workflows": settings.worker_max_cached_workflows,
+        "workflow_task_poller_behavior": poller_behavior(settings.worker_workflow_task_pollers),
+        "activity_task_poller_behavior": poller_behavior(settings.worker_activity_task_pollers),
+        "max_concurrent_workflow_tasks": settings.worker_max_concurrent_workflow_tasks,
+        "max_concurrent_activities": settings.worker_max_concurrent_activities,
+    }
 
 
 def build_worker(
@@ -74,18 +96,13 @@ def build_worker(
     *,
     provider: PaymentProvider | None = None,
     task_queue: str | None = None,
-    max_cached_workflows: int = 1000,
-    metrics: BusinessMetrics | None = None,
-    workflow_task_poller_behavior: PollerBehavior = SDK_DEFAULT_POLLERS,
-    activity_task_poller_behavior: PollerBehavior = SDK_DEFAULT_POLLERS,
-    max_concurrent_workflow_tasks: int | None = None,
-    max_concurrent_activities: int | None = None,
     interceptors: Sequence[Interceptor] = (),
+    metrics: BusinessMetrics | None = None,
 ) -> Worker:
-    """`metrics`: by default, through the client's runtime (a no-op unless that runtime
-    exports metrics, see infra.metrics). Pollers and concurrency: the SDK's defaults unless
-    given (`ordercancel bench` compares settings, docs/performance.md). `interceptors`: after
-    the log context's (the bench's experiments)."""
+    """The product's worker. Tuning (cache, pollers, concurrency) from `settings.worker_*`.
+    `provider`, `task_queue`: the settings' unless given. `interceptors`: after the log
+    context's. `metrics`: by default, through the client's runtime (a no-op unless that runtime
+    exports metrics, see infra.metrics)."""
     ledger = Ledger(pool)
     metrics = metrics or BusinessMetrics.for_client(client)
     ledger_activities = LedgerActivities(
@@ -114,14 +131,10 @@ def build_worker(
             refund_activities.verify_reversal,
         ],
         workflow_runner=workflow_runner(),
-        max_cached_workflows=max_cached_workflows,
-        workflow_task_poller_behavior=workflow_task_poller_behavior,
-        activity_task_poller_behavior=activity_task_poller_behavior,
-        max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
-        max_concurrent_activities=max_concurrent_activities,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         # Every log line of an activity or workflow carries the cancellation's ids.
         interceptors=[LogContextInterceptor(), *interceptors],
+        **worker_tuning(settings),
     )
 
 

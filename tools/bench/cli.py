@@ -108,28 +108,10 @@ def bench(
     pool_max: Annotated[int | None, typer.Option(help="asyncpg pool max size (worker)")] = None,
     cache: Annotated[int, typer.Option(help="max_cached_workflows")] = 1000,
     metrics: Annotated[bool, typer.Option(help="Export the worker's metrics")] = True,
-    pool_reset: Annotated[
-        bool,
-        typer.Option(
-            "--pool-reset", help="Compare: asyncpg's session reset on every release (before P1)"
-        ),
-    ] = False,
     unsandboxed: Annotated[
         bool,
         typer.Option("--unsandboxed", help="Experiment: workflows without the sandbox"),
     ] = False,
-    local_ledger: Annotated[
-        bool,
-        typer.Option(
-            "--local-ledger",
-            help="Experiment: the product's ledger activities as local activities (the limit"
-            " follows the shape)",
-        ),
-    ] = False,
-    limit_variant: Annotated[
-        str | None,
-        typer.Option(help="merged-upserts: the limit runs proposal A1-A3's event shape"),
-    ] = None,
     sides: Annotated[str, typer.Option(help="Sides to measure: product,limit")] = "product,limit",
     rounds: Annotated[
         int,
@@ -186,10 +168,7 @@ def bench(
         pool_max=pool_max,
         cache=cache,
         metrics=metrics,
-        pool_reset=pool_reset,
-        limit_variant=limit_variant,
         unsandboxed=unsandboxed,
-        local_ledger=local_ledger,
         sides=tuple(side.strip() for side in sides.split(",")),
         rounds=rounds,
         server_db=server_db,

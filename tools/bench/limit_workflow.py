@@ -89,14 +89,6 @@ class BenchLimitShape:
                     retry_policy=_RETRY,
                     summary="s" * step.summary if step.summary else None,
                 )
-            elif step.op == "local_activity":
-                await workflow.execute_local_activity(
-                    bench_noop,
-                    NoopIn(out_size=max(step.out_size - 2, 0)),
-                    start_to_close_timeout=_TIMEOUT,
-                    retry_policy=_RETRY,
-                    summary="s" * step.summary if step.summary else None,
-                )
             elif step.op == "wait":
                 self._waiting, self._decided, self._reply_size = True, False, step.reply_size
                 try:

@@ -38,7 +38,7 @@ from infra.settings import Settings
 from ledger.repository import Ledger
 from tools.bench.analysis import percentiles
 from tools.bench.mix import ACCEPT, build_units
-from tools.bench.procs import Probe, Sampler, WorkerProcess
+from tools.bench.procs import Probe, Sampler, bench_worker
 from tools.bench.run import load_in_chunks
 from tools.bench.sql_counter import SqlCounter, counting_pool
 from tools.bench.stack import database, temporal
@@ -140,7 +140,7 @@ async def run_parked(
                     pool_max=settings.db_pool_max,
                     metrics=options.metrics,
                 )
-                worker = WorkerProcess(
+                worker = bench_worker(
                     config, workdir / f"worker-parked-{run_id}.log", pycache=workdir / "pycache"
                 )
                 starter_pool = await counting_pool(

@@ -1,5 +1,5 @@
 """Processes the bench measures: CPU seconds and resident memory (psutil), and the worker
-subprocess it drives.
+subprocesses it drives (tools.worker_process, over their stdin/stdout).
 
 CPU is user + system time of every thread of a process. PostgreSQL is a postmaster with one
 backend per connection plus helpers: its CPU is the sum over the live processes of the tree
@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import sys
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from tools.bench.worker_proc import WorkerConfig
-
-# The checkout this module runs from (tools/bench/procs.py -> the repository root).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tools.worker_process import WorkerProcess, checkout_environment, checkout_module_command
 
 
 class Probe:
@@ -96,103 +91,26 @@ class Probe:
             return None
 
 
-class WorkerProcess:
-    """`python -m tools.bench.worker_proc` for one side: start, ask for counters, stop."""
+def bench_worker(config: WorkerConfig, log: Path, *, pycache: Path | None = None) -> WorkerProcess:
+    """`python -m tools.bench.worker_proc` for one side, from this checkout (`pycache`: see
+    `tools.worker_process.checkout_environment`). Start it with `.start()`; `sql_counts` and
+    `reset_counts` ask for its statement counters."""
+    return WorkerProcess(
+        f"the {config.side} worker",
+        checkout_module_command("tools.bench.worker_proc", config.model_dump_json()),
+        log=log,
+        env=checkout_environment(pycache=pycache),
+        control=True,
+    )
 
-    def __init__(
-        self, config: WorkerConfig, log_path: Path, *, pycache: Path | None = None
-    ) -> None:
-        """`pycache`: where the worker may keep compiled bytecode (PYTHONPYCACHEPREFIX), as an
-        installed package has it. None: the environment decides (here PYTHONDONTWRITEBYTECODE=1
-        with an editable install means no bytecode at all, and the workflow sandbox compiles
-        the workflow module's source again for every workflow it loads)."""
-        self.config = config
-        self.log_path = log_path
-        self.pycache = pycache
-        self._proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+async def sql_counts(worker: WorkerProcess) -> dict[str, int]:
+    answer = await worker.ask("stats")
+    return {k: int(v) for k, v in answer["sql"].items()}
 
-    async def start(self, timeout: float = 60) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "tools.bench.worker_proc",
-                self.config.model_dump_json(),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=self._env(),
-            )
-        try:
-            ready = await asyncio.wait_for(self._read(), timeout)
-        except (TimeoutError, RuntimeError) as err:
-            await self.stop()
-            raise RuntimeError(
-                f"the {self.config.side} worker did not start: {err}; log: {self.log_path}\n"
-                + self._log_tail()
-            ) from err
-        if not ready.get("ready"):
-            raise RuntimeError(f"the {self.config.side} worker said {ready}")
 
-    def _env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # tools/ is not installed: the worker imports it from this checkout.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-        if self.pycache is not None:
-            env.pop("PYTHONDONTWRITEBYTECODE", None)
-            env["PYTHONPYCACHEPREFIX"] = str(self.pycache)
-        return env
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    async def _read(self) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdout is not None
-        line = await self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the worker process exited")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def _ask(self, command: str) -> dict[str, Any]:
-        async with self._lock:
-            assert self._proc is not None and self._proc.stdin is not None
-            self._proc.stdin.write(command.encode() + b"\n")
-            await self._proc.stdin.drain()
-            return await asyncio.wait_for(self._read(), 30)
-
-    async def sql(self) -> dict[str, int]:
-        answer = await self._ask("stats")
-        return {k: int(v) for k, v in answer["sql"].items()}
-
-    async def reset(self) -> None:
-        await self._ask("reset")
-
-    async def stop(self, timeout: float = 30) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.write(b"stop\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-            await asyncio.wait_for(proc.wait(), timeout)
-        except (TimeoutError, ConnectionError):
-            proc.kill()
-            await proc.wait()
+async def reset_counts(worker: WorkerProcess) -> None:
+    await worker.ask("reset")
 
 
 class Sampler:

@@ -42,11 +42,12 @@ from ledger.repository import Ledger
 from tools.bench.analysis import analyse_histories, fetch_events, percentiles
 from tools.bench.driver import LimitSide, ProductSide, Side, Timing, run_units
 from tools.bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units, unit_count
-from tools.bench.procs import Probe, Sampler, WorkerProcess
-from tools.bench.shape import Shape, derive_shape, event_counts, merge_upserts
+from tools.bench.procs import Probe, Sampler, bench_worker, reset_counts, sql_counts
+from tools.bench.shape import Shape, derive_shape, event_counts
 from tools.bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
 from tools.bench.stack import Temporal, database, pg_commits, temporal
 from tools.bench.worker_proc import WorkerConfig
+from tools.worker_process import WorkerProcess
 
 MIB = 1024 * 1024
 # An idle backend reports its counts to pg_stat_database within PGSTAT_IDLE_INTERVAL (10 s);
@@ -72,13 +73,7 @@ class BenchOptions:
     pool_max: int | None = None
     cache: int = 1000
     metrics: bool = True
-    # The product before P1: asyncpg's reset query on every release (to compare).
-    pool_reset: bool = False
     unsandboxed: bool = False
-    # The product's ledger activities as local activities (bench.local_ledger).
-    local_ledger: bool = False
-    # "merged-upserts": the limit runs proposal A1-A3's shape (bench.shape.merge_upserts).
-    limit_variant: str | None = None
     server_db: str = "file"
     sides: tuple[str, ...] = ("product", "limit")
     # Measured slices per side, the sides alternated A B, B A, ... (1: each side in one go).
@@ -107,10 +102,7 @@ class BenchOptions:
             "pool": [self.pool_min, self.pool_max],
             "max_cached_workflows": self.cache,
             "metrics": self.metrics,
-            "pool_reset": self.pool_reset,
             "unsandboxed": self.unsandboxed,
-            "local_ledger": self.local_ledger,
-            "limit_variant": self.limit_variant,
             "sides": list(self.sides),
             "rounds": self.rounds,
             "server_db": self.server_db,
@@ -276,7 +268,7 @@ async def measure_slice(
 
 async def finish(stack: SideStack, shapes: dict[str, Shape], options: BenchOptions) -> Measured:
     """The side's statement counters and histories, once its slices are done; releases it."""
-    sql = await stack.worker.sql()
+    sql = await sql_counts(stack.worker)
     starter_sql = stack.starter_counter.snapshot() if stack.starter_counter is not None else {}
     await stack.release()
     figures = await analyse_histories(
@@ -477,9 +469,7 @@ async def run_bench(
             pool_min=pool_min,
             pool_max=pool_max,
             metrics=options.metrics,
-            pool_reset=options.pool_reset,
             unsandboxed=options.unsandboxed,
-            local_ledger=options.local_ledger,
             log_level=options.log_level,
             profile=(
                 str(options.profile_dir / f"worker-{side}-{run_id}.prof")
@@ -522,8 +512,9 @@ async def run_bench(
             )
             report["machine"]["temporal"] = "embedded" if srv.embedded else srv.address
             client = await connect(srv.address, srv.namespace)
-            worker = WorkerProcess(
-                worker_config("product", srv, db.dsn),
+            config = worker_config("product", srv, db.dsn)
+            worker = bench_worker(
+                config,
                 (options.logs_dir or workdir) / f"worker-product-{run_id}.log",
                 pycache=workdir / "pycache" if options.bytecode else None,
             )
@@ -539,7 +530,7 @@ async def run_bench(
 
             product_servers.push_async_callback(release)
             await worker.start()
-            side = ProductSide(client, worker.config.task_queue, Ledger(starter_pool))
+            side = ProductSide(client, config.task_queue, Ledger(starter_pool))
             note("product: calibration (one cancellation per path)")
             cal = await run_units(side, calib_units, concurrency=16)
             failed = [t for t in cal.timings if t.error]
@@ -577,17 +568,15 @@ async def run_bench(
                     temporal(settings, workdir, "limit", server_db=options.server_db)
                 )
                 client = await connect(srv.address, srv.namespace)
-                worker = WorkerProcess(
-                    worker_config("limit", srv, None),
+                config = worker_config("limit", srv, None)
+                worker = bench_worker(
+                    config,
                     (options.logs_dir or workdir) / f"worker-limit-{run_id}.log",
                     pycache=workdir / "pycache" if options.bytecode else None,
                 )
                 servers.push_async_callback(worker.stop)
                 await worker.start()
-                limit_shapes = shapes
-                if options.limit_variant == "merged-upserts":
-                    limit_shapes = {k: merge_upserts(s) for k, s in shapes.items()}
-                lside = LimitSide(client, worker.config.task_queue, limit_shapes, run_id)
+                lside = LimitSide(client, config.task_queue, shapes, run_id)
                 note("limit: warm-up (one per path) and shape check")
                 warm = await run_units(lside, warm_units, concurrency=16)
                 failed = [t for t in warm.timings if t.error]
@@ -612,7 +601,7 @@ async def run_bench(
 
             # --- measured: the sides in alternated slices -----------------------------------
             for stack in stacks.values():
-                await stack.worker.reset()
+                await reset_counts(stack.worker)
                 if stack.starter_counter is not None:
                     stack.starter_counter.reset()
             pg_before = None

@@ -8,10 +8,10 @@ follow from the awaits, exactly as in the product.
 
 `billable_actions` counts Temporal Cloud actions from a history, following
 https://docs.temporal.io/cloud/actions: workflow started, each activity attempt, each timer
-started, each `UpsertSearchAttributes` command, each signal, each accepted update, local
-activities once per workflow task. Memo upserts (`WorkflowPropertiesModified`) and patch markers
-are not actions. Queries and rejected updates are actions too but are not in histories: the bench
-sends no queries and counts the updates its driver saw rejected.
+started, each `UpsertSearchAttributes` command, each signal, each accepted update (the product
+runs no local activities). Memo upserts (`WorkflowPropertiesModified`) and patch markers are not
+actions. Queries and rejected updates are actions too but are not in histories: the bench sends
+no queries and counts the updates its driver saw rejected.
 
 This module is passed through the workflow sandbox (its models are workflow inputs); it imports
 nothing but pydantic and the Temporal API protos.
@@ -32,7 +32,6 @@ from temporalio.api.history.v1 import HistoryEvent
 # The product's activity whose completion means "refund confirmed" (dot 3).
 CONFIRM_ACTIVITY = "confirm_refund"
 PATCH_MARKER = "core_patch"
-LOCAL_ACTIVITY_MARKER = "core_local_activity"
 CHANGE_VERSION = "TemporalChangeVersion"
 
 
@@ -45,12 +44,10 @@ class SaValue(BaseModel):
 
 
 class Step(BaseModel):
-    op: Literal["upsert", "activity", "local_activity", "wait", "memo", "patch"]
+    op: Literal["upsert", "activity", "wait", "memo", "patch"]
     attrs: list[SaValue] = Field(default_factory=list)
     # activity: payload sizes in bytes (JSON data), summary length; `label` is the product's
     # activity type (for reading histories), never sent to the server by the limit.
-    # local_activity (`--local-ledger`): the result's size and the summary; a local activity's
-    # input never leaves the worker and is not in its marker (in_size 0).
     in_size: int = 0
     out_size: int = 0
     summary: int = 0
@@ -134,15 +131,6 @@ def _patch_id(marker: Any) -> str:
     raise ValueError(f"no patch id in marker details {dict(marker.details)!r}")
 
 
-def _local_activity_type(marker: Any) -> str:
-    """The activity type of a local activity's marker (Core keeps it in the `data` detail)."""
-    for payload in marker.details["data"].payloads if "data" in marker.details else []:
-        value = _decode(payload)
-        if isinstance(value, dict) and isinstance(value.get("activity_type"), str):
-            return str(value["activity_type"])
-    raise ValueError(f"no activity type in local activity marker {dict(marker.details)!r}")
-
-
 def _metadata_len(event: HistoryEvent, field: str) -> int:
     if not event.HasField("user_metadata"):
         return 0
@@ -185,18 +173,6 @@ def derive_shape(path: str, events: Sequence[HistoryEvent]) -> Shape:
             steps.append(Step(op="memo", memo={k: _decode(v) for k, v in memo.items()}))
         elif t == EventType.EVENT_TYPE_MARKER_RECORDED:
             marker = e.marker_recorded_event_attributes
-            if marker.marker_name == LOCAL_ACTIVITY_MARKER:
-                steps.append(
-                    Step(
-                        op="local_activity",
-                        label=_local_activity_type(marker),
-                        out_size=_size(marker.details["result"])
-                        if "result" in marker.details
-                        else 0,
-                        summary=_metadata_len(e, "summary"),
-                    )
-                )
-                continue
             if marker.marker_name != PATCH_MARKER:
                 raise ValueError(f"{path}: marker {marker.marker_name!r} is not reproduced")
             steps.append(Step(op="patch", patch_id=_patch_id(marker)))
@@ -250,7 +226,6 @@ def _size_one(payloads: Any) -> int:
 def billable_actions(events: Sequence[HistoryEvent]) -> dict[str, int]:
     """Temporal Cloud actions recorded in a history, by kind (see the module docstring)."""
     counts: Counter[str] = Counter()
-    local_activity_tasks: set[int] = set()
     for e in events:
         t = e.event_type
         if t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
@@ -267,12 +242,6 @@ def billable_actions(events: Sequence[HistoryEvent]) -> dict[str, int]:
             counts["signals"] += 1
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             counts["updates"] += 1
-        elif t == EventType.EVENT_TYPE_MARKER_RECORDED:
-            marker = e.marker_recorded_event_attributes
-            if marker.marker_name == LOCAL_ACTIVITY_MARKER:
-                local_activity_tasks.add(marker.workflow_task_completed_event_id)
-    if local_activity_tasks:
-        counts["local_activity_tasks"] = len(local_activity_tasks)
     return dict(counts)
 
 
@@ -305,31 +274,3 @@ def timer_fired_at(events: Sequence[HistoryEvent]) -> datetime | None:
         if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED:
             return event_time(e)
     return None
-
-
-def merge_upserts(shape: Shape) -> Shape:
-    """Proposal A1+A2+A3 of docs/performance.md as an event shape: the first upsert's
-    attributes go with the start request (free of actions), and the upserts one workflow task
-    issues back to back become one command. For `--limit-variant merged-upserts`."""
-    steps = [s.model_copy(deep=True) for s in shape.steps]
-    start_attrs = {a.name: a for a in shape.start_attrs}
-    if steps and steps[0].op == "upsert":
-        start_attrs.update({a.name: a for a in steps.pop(0).attrs})
-    merged: list[Step] = []
-    pending: Step | None = None
-    for step in steps:
-        if step.op == "upsert":
-            if pending is None:
-                pending = step
-                merged.append(step)
-            else:
-                names = {a.name: a for a in pending.attrs}
-                names.update({a.name: a for a in step.attrs})
-                pending.attrs = list(names.values())
-        else:
-            if step.op in ("activity", "wait"):
-                pending = None
-            merged.append(step)
-    return shape.model_copy(
-        update={"steps": merged, "start_attrs": list(start_attrs.values()), "event_counts": {}}
-    )

@@ -3,8 +3,9 @@
 `counting_pool` makes the product's asyncpg pool (`ledger.db.create_pool`) whose every
 connection reports each statement it executes (`Connection.add_query_logger`, asyncpg >= 0.29).
 That covers all of asyncpg's entry points (`execute`, `fetch*`, `executemany`), the `BEGIN` /
-`COMMIT` / `ROLLBACK` of `conn.transaction()` and, with `pool_reset` (asyncpg's default, which
-the product no longer uses: docs/performance.md, P1), the reset query on every release.
+`COMMIT` / `ROLLBACK` of `conn.transaction()` and the pool's reset query on release, should one
+be sent (the product's pool sends none since P1, docs/performance.md; `pool_reset` puts asyncpg's
+default back so that tests/test_ledger_round_trips.py can show the counter would see one).
 Each statement is at least one network round trip (a prepared-statement cache miss adds a Parse
 round trip, not counted).
 
@@ -110,8 +111,8 @@ async def counting_pool(
     pool_reset: bool = False,
 ) -> asyncpg.Pool:
     """`ledger.db.create_pool`'s pool, every statement counted in `counter`; with
-    `pool_reset`, connections go back to the pool through asyncpg's default reset query (the
-    product before P1, to compare)."""
+    `pool_reset`, connections go back to the pool through asyncpg's default reset query (to
+    show the counter sees it)."""
 
     async def init(conn: asyncpg.Connection) -> None:
         conn.add_query_logger(counter.logger_for(conn))

@@ -12,12 +12,11 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from devstack.embedded import EmbeddedPostgres, TemporalDevServer, free_port
+from devstack.embedded import EmbeddedPostgres
 from infra.client import load_profile
 from infra.settings import Settings
-from ledger.db import migrate
 from tools.bench.procs import Probe
-from workflows.search_attributes import CLI_TYPES
+from tools.servers import dev_server, migrate_database, start_postgres
 
 
 @dataclass
@@ -54,15 +53,11 @@ async def database(settings: Settings, workdir: Path) -> AsyncIterator[Database]
             embedded = False
         else:
             postgres = EmbeddedPostgres(workdir / "pg")
-            dsn = await asyncio.to_thread(postgres.start)
+            dsn = await start_postgres(postgres)
             stack.callback(postgres.stop)
             probe = Probe(_postmaster_pid(postgres.data_dir), tree=True)
             embedded = True
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+        await migrate_database(dsn)
         yield Database(dsn=dsn, probe=probe, embedded=embedded)
 
 
@@ -71,20 +66,16 @@ async def temporal(
     settings: Settings, workdir: Path, name: str, *, server_db: str = "file"
 ) -> AsyncIterator[Temporal]:
     """TEMPORAL_ADDRESS (or the client profile's), or a fresh headless dev server for `name`
-    with the project's tuning flags (devstack.embedded) and its SQLite file under `workdir`
-    (`server_db="memory"`: no file)."""
+    (tools.servers) with its SQLite file under `workdir` (`server_db="memory"`: no file)."""
     profile = load_profile()
     configured = settings.temporal_address or profile.address
     if configured is not None:
         yield Temporal(configured, settings.temporal_namespace, Probe(None), embedded=False)
         return
-    server = TemporalDevServer(
-        port=free_port(),
-        ui_port=None,
+    server = dev_server(
         db_file=(workdir / f"temporal-{name}.db") if server_db == "file" else None,
-        namespace=settings.temporal_namespace,
-        search_attributes=CLI_TYPES,
         log_file=workdir / f"temporal-{name}.log",
+        namespace=settings.temporal_namespace,
     )
     await server.start()
     try:

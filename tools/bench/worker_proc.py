@@ -23,13 +23,9 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from temporalio.worker import (
-    PollerBehavior,
-    PollerBehaviorAutoscaling,
-    PollerBehaviorSimpleMaximum,
-    Worker,
-)
+from temporalio.worker import Worker
 
+from infra.settings import Settings
 from tools.bench.sql_counter import SqlCounter, counting_pool
 
 
@@ -39,48 +35,41 @@ class WorkerConfig(BaseModel):
     namespace: str = "default"
     task_queue: str
     database_url: str | None = None
-    max_cached_workflows: int = 1000
-    # "auto" (PollerBehaviorAutoscaling), a number (SimpleMaximum), or None (the SDK default).
-    wf_pollers: str | None = None
-    act_pollers: str | None = None
+    # The worker's tuning, as `Settings.worker_*` (None: the product's default).
+    max_cached_workflows: int | None = None
+    # A number, or "auto" (PollerBehaviorAutoscaling).
+    wf_pollers: int | Literal["auto"] | None = None
+    act_pollers: int | Literal["auto"] | None = None
     max_workflow_tasks: int | None = None
     max_activities: int | None = None
     pool_min: int = 2
     pool_max: int = 10
     metrics: bool = True
-    # The product before P1 (docs/performance.md): asyncpg's reset query on every release.
-    pool_reset: bool = False
     # Experiment: workflows without the sandbox (temporalio's UnsandboxedWorkflowRunner).
     unsandboxed: bool = False
-    # Experiment: the ledger's activities as local activities (bench.local_ledger).
-    local_ledger: bool = False
     log_level: str = "info"
     # Write a cProfile of the worker's asyncio loop thread here when it stops (where the time
     # goes). It counts that thread's CPU time (time.thread_time), not wall-clock time: on a
     # saturated machine a wall clock charges every preemption to whatever call was running.
     profile: str | None = None
 
-
-def poller_behavior(value: str | None) -> PollerBehavior | None:
-    if value is None or value == "":
-        return None
-    if value == "auto":
-        return PollerBehaviorAutoscaling()
-    return PollerBehaviorSimpleMaximum(maximum=int(value))
-
-
-def worker_options(config: WorkerConfig) -> dict[str, Any]:
-    """The options both sides share (unset ones keep the SDK's and build_worker's defaults)."""
-    options: dict[str, Any] = {"max_cached_workflows": config.max_cached_workflows}
-    if (wf := poller_behavior(config.wf_pollers)) is not None:
-        options["workflow_task_poller_behavior"] = wf
-    if (act := poller_behavior(config.act_pollers)) is not None:
-        options["activity_task_poller_behavior"] = act
-    if config.max_workflow_tasks is not None:
-        options["max_concurrent_workflow_tasks"] = config.max_workflow_tasks
-    if config.max_activities is not None:
-        options["max_concurrent_activities"] = config.max_activities
-    return options
+    def settings(self) -> Settings:
+        """The product's settings for this worker: the simulator at zero latency, the tuning
+        given here (both sides are tuned alike, through `workers.worker.worker_tuning`)."""
+        tuning: dict[str, Any] = {
+            "worker_max_cached_workflows": self.max_cached_workflows,
+            "worker_workflow_task_pollers": self.wf_pollers,
+            "worker_activity_task_pollers": self.act_pollers,
+            "worker_max_concurrent_workflow_tasks": self.max_workflow_tasks,
+            "worker_max_concurrent_activities": self.max_activities,
+        }
+        return Settings(
+            provider="simulator",
+            sim_latency=timedelta(0),
+            sim_confirm_after_polls=0,
+            task_queue=self.task_queue,
+            **{k: v for k, v in tuning.items() if v is not None},
+        )
 
 
 def _print(message: dict[str, Any]) -> None:
@@ -114,7 +103,6 @@ async def serve(config: WorkerConfig) -> None:
     pool = None
     worker: Worker
     if config.side == "product":
-        from infra.settings import Settings
         from payments.provider import SimulatedProvider
         from workers.worker import build_worker
 
@@ -124,31 +112,16 @@ async def serve(config: WorkerConfig) -> None:
             counter,
             min_size=config.pool_min,
             max_size=config.pool_max,
-            pool_reset=config.pool_reset,
         )
-        settings = Settings(
-            provider="simulator",
-            sim_latency=timedelta(0),
-            sim_confirm_after_polls=0,
-            task_queue=config.task_queue,
-        )
-        interceptors = []
-        if config.local_ledger:
-            from tools.bench.local_ledger import LocalLedgerInterceptor
-
-            interceptors.append(LocalLedgerInterceptor())
         worker = build_worker(
             client,
             pool,
-            settings,
+            config.settings(),
             provider=SimulatedProvider(pool, confirm_after_polls=0),
-            task_queue=config.task_queue,
-            interceptors=interceptors,
-            **worker_options(config),
         )
     else:
         from tools.bench.limit_workflow import BenchLimitShape, bench_noop
-        from workers.worker import GRACEFUL_SHUTDOWN, workflow_runner
+        from workers.worker import GRACEFUL_SHUTDOWN, worker_tuning, workflow_runner
 
         worker = Worker(
             client,
@@ -157,7 +130,7 @@ async def serve(config: WorkerConfig) -> None:
             activities=[bench_noop],
             workflow_runner=workflow_runner(),
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-            **worker_options(config),
+            **worker_tuning(config.settings()),
         )
     try:
         async with worker:

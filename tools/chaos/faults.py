@@ -23,7 +23,8 @@ from domain.models import CancellationStatus, RetryRefundRequest
 from starter.refunds import failed_query, find_failed_ids, retry_refunds
 from tools.chaos.driver import Driver, HarnessError, persist
 from tools.chaos.plan import OrderPlan
-from tools.chaos.stack import ChaosStack, WorkerProcess, WorkerStartError
+from tools.chaos.stack import ChaosStack
+from tools.worker_process import WorkerProcess, WorkerStartError
 from workers.worker import GRACEFUL_SHUTDOWN
 
 PROVIDER_CALLS = ("submit_refund", "confirm_refund")
@@ -181,7 +182,7 @@ class FaultLoop:
             if not worker.alive and not worker.stopped_on_purpose:
                 worker.stopped_on_purpose = True  # reported once
                 self.log.unexpected_exits.append(
-                    f"{worker.name} (pid {worker.pid}) exited with {worker.proc.returncode}"
+                    f"{worker.name} (pid {worker.pid}) exited with {worker.returncode}"
                     f" at {self.elapsed():.0f}s:\n{worker.log_tail()}"
                 )
         attempts = 0
@@ -205,7 +206,7 @@ class FaultLoop:
     async def sigkill(self) -> None:
         worker = self._pick()
         uptime = time.monotonic() - worker.started
-        await self.stack.kill(worker)
+        await worker.kill()
         await asyncio.sleep(self.rng.uniform(0.2, 2.0))
         began = time.monotonic()
         await self.ensure_workers()
@@ -263,7 +264,7 @@ class FaultLoop:
             await self.sigkill()
             return False
         worker, target = found
-        await self.stack.kill(worker)
+        await worker.kill()
         self.log.mid_call_kills.append(target)
         await asyncio.sleep(self.rng.uniform(0.2, 1.5))
         await self.ensure_workers()
@@ -285,11 +286,11 @@ class FaultLoop:
         worker = found[0] if found else self._pick()
         busy = f" while it ran {found[1].activity_type}" if found else ""
         grace = GRACEFUL_SHUTDOWN.total_seconds()
-        code, took = await self.stack.terminate(worker, within=grace + 10)
+        code, took = await worker.terminate(within=grace + 10)
         stopped = "worker_stopped" in worker.log_tail(40)
         violation = None
         if code is None:
-            await self.stack.kill(worker)
+            await worker.kill()
             violation = f"{worker.name} still running {grace + 10:.0f}s after SIGTERM"
         elif code != 0 or took > grace or not stopped:
             violation = (

@@ -25,7 +25,7 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 
 from domain.models import CancellationStatus
 from infra.client import connect
-from ledger.db import create_pool, migrate
+from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider
 from tools.chaos import DEFAULT_COUNT
@@ -353,8 +353,6 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
     try:
         await stack.start_servers()
         pool = await create_pool(stack.database_url, min_size=2, max_size=12)
-        async with pool.acquire() as conn:
-            await migrate(conn)
         # The client's core logs every retried call while Temporal is down on purpose.
         quiet = Runtime(
             telemetry=TelemetryConfig(
