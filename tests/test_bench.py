@@ -1,5 +1,5 @@
-"""Smoke test of `python -m tools.bench` and `python -m tools.bench parked`: the commands run end to end
-on their own servers with tiny counts and report every figure, with sane values. Not a timed
+"""Smoke test of `python -m tools.bench` and `python -m tools.bench parked`: the commands run end
+to end on their own servers with tiny counts and report every figure, with sane values. Not a timed
 test: no figure is compared with a target here (docs/performance.md has the real runs)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The reliability run (`python -m tools.chaos`, docs/reliability.md) in a CI-sized version, and what it
-taught us.
+"""The reliability run (`python -m tools.chaos`, docs/reliability.md) in a CI-sized version, and
+what it taught us.
 
 - The CI-sized chaos run: 300 cancellations of every path on a real Temporal dev server and a real
   PostgreSQL, `ordercancel worker` subprocesses SIGKILLed (also during provider calls) and
@@ -51,7 +51,7 @@ CI_SEED = 20260601
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 async def test_the_ci_sized_chaos_run_keeps_every_invariant() -> None:
-    """`python -m tools.chaos` as the CLI runs it by default (300 cancellations), on a fixed seed."""
+    """`python -m tools.chaos` as the CLI runs it by default (300 cancellations), fixed seed."""
     lines: list[str] = []
     report = await run_chaos(ChaosConfig(seed=CI_SEED), say=lines.append)
     assert report.ok, "\n".join([*lines[-30:], "VIOLATIONS:", *report.violations[:30]])

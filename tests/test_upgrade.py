@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -123,7 +124,7 @@ async def test_a_patched_change_lets_running_cancellations_finish(
             id=cancellation_id(request.order_id, request.seller_id),
             task_queue=queue,
         )
-        memo: dict[str, Any] = {}
+        memo: Mapping[str, Any] = {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while not memo:
