@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/ordercancel dev
 
-test: install
+# The gates first (lint), then the tests.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Developer tools from the checkout (tools/ is not installed, not in the image).
@@ -30,9 +31,13 @@ bench: install
 chaos: install
 	$(BIN)/python -m tools.chaos $(CHAOS_ARGS)
 
+# The gates alone: ruff (lint, format), mypy (files in pyproject's [tool.mypy]) and import-linter
+# (the layers: pyproject's [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
