@@ -3,23 +3,53 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The locked versions (`make lock` writes them): the venv of make and CI (every extra make uses),
+# and the production image (deploy/Dockerfile: the base dependencies alone).
+DEV_LOCK := requirements/dev.txt
+RUNTIME_LOCK := requirements/runtime.txt
+PIP_VERSION := 26.3
 
-.PHONY: install run test lint bench chaos clean
+.PHONY: install run test lint lock bench chaos clean
 
 install: $(STAMP)
 
-# Reinstall only when the project definition changed: fast when nothing did.
-$(STAMP): pyproject.toml
+# Reinstall only when the project definition or the lock changed: fast when nothing did.
+# The lock first, then the project itself with --no-deps: every version comes from the lock.
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,test,dev]'
+	$(BIN)/python -m pip install --quiet 'pip==$(PIP_VERSION)'
+	$(BIN)/python -m pip install --quiet --requirement $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --editable .
 	@touch $(STAMP)
 
 run: install
 	$(BIN)/ordercancel dev
 
-test: install
+# The gates first (lint), then the tests.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The gates alone: ruff (lint, format), mypy (files in pyproject's [tool.mypy]) and import-linter
+# (the layers: pyproject's [tool.importlinter]).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+# Regenerate the locks from pyproject.toml, with uv (in the dev extra) resolving against PyPI for
+# every platform (--universal: Linux amd64/arm64 image builds, developers' macOS too):
+#   make lock                                     # after changing a dependency in pyproject.toml
+#   make lock LOCK_ARGS=--upgrade                 # every package to its newest allowed version
+#   make lock LOCK_ARGS="--upgrade-package stripe"
+# The runtime lock is constrained by the dev lock, so the image ships the versions CI tested.
+# Its hashes are checked by pip in the image. Commit both files; `make install` then follows them.
+LOCK_FLAGS := --quiet --universal --python-version 3.11 --annotation-style line --custom-compile-command "make lock"
+lock: install
+	$(BIN)/uv pip compile $(LOCK_FLAGS) $(LOCK_ARGS) pyproject.toml \
+		--extra embedded --extra test --extra dev --output-file $(DEV_LOCK)
+	$(BIN)/uv pip compile $(LOCK_FLAGS) $(LOCK_ARGS) pyproject.toml --generate-hashes \
+		--constraint $(DEV_LOCK) --output-file $(RUNTIME_LOCK)
 
 # Developer tools from the checkout (tools/ is not installed, not in the image).
 # The limit and the product side by side (docs/performance.md); BENCH_ARGS="--count 500".
@@ -30,9 +60,5 @@ bench: install
 chaos: install
 	$(BIN)/python -m tools.chaos $(CHAOS_ARGS)
 
-lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -807,8 +807,8 @@ async def test_no_malformed_request_gets_a_5xx(api: Api) -> None:
         response = await api.call("GET", f"/v1/cancellations/{weird}", "sre")
         assert response.status_code < 500, (weird, response.text)
     for header in (
-        {"Authorization": "Bearer é".encode("latin-1")},
-        {"Authorization": b"Basic eDp5"},
+        {b"Authorization": "Bearer é".encode("latin-1")},
+        {b"Authorization": b"Basic eDp5"},
     ):
         response = await api.http.get(f"{base}", headers=header)
         assert response.status_code == 401

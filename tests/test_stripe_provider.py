@@ -149,7 +149,6 @@ async def payment_intent(client: stripe.StripeClient, amount: int, *, captured: 
             "amount": amount,
             "currency": "eur",
             "payment_method": method.id,
-            "payment_method_types": ["card"],
             "capture_method": "automatic" if captured else "manual",
             "confirm": True,
         }

@@ -172,7 +172,6 @@ class Harness:
             request,
             id=cancellation_id(request.order_id, request.seller_id),
             task_queue=self.task_queue,
-            result_type=CancellationResult,
             search_attributes=start_attributes(request) if with_attributes else None,
         )
 

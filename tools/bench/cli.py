@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import signal
 import sys
@@ -267,6 +268,13 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON here")] = None,
 ) -> None:
     """The bench at several concurrencies: where the limit peaks, and product/limit there."""
+    if chart is not None and importlib.util.find_spec("matplotlib") is None:
+        # Said before the sweep's minutes of runs, not after them.
+        raise typer.BadParameter(
+            "needs matplotlib, the project's `chart` extra:"
+            " .venv/bin/python -m pip install -e '.[chart]'",
+            param_hint="--chart",
+        )
     from tools.bench.run import BenchOptions
     from tools.bench.sweep import run_sweep, sweep_chart, sweep_table
 
@@ -284,6 +292,6 @@ def sweep(
             )
 
     result = _run_until_stopped(main)
-    if chart is not None and not sweep_chart(result, chart):
-        _err.print("[yellow]matplotlib is not installed: no chart written[/yellow]")
+    if chart is not None:
+        sweep_chart(result, chart)
     _write(result, as_json, out, lambda: console.print(sweep_table(result)))

@@ -2,7 +2,7 @@
 p95 (seller window excluded) against concurrency for the limit and the product.
 
 Each level is a whole `ordercancel bench` run (fresh servers). The chart needs matplotlib
-(`pip install matplotlib`); without it the sweep still prints and saves its table.
+(the project's `chart` extra); without it `--chart` is refused before the sweep starts.
 """
 
 from __future__ import annotations
