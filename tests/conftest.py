@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers.stacks import dev_server, fresh_database
+from helpers.stacks import dev_server, fresh_database, with_database
 from helpers.time_skipping import time_skipping_server
 from temporalio.testing import WorkflowEnvironment
 
@@ -37,14 +36,6 @@ def postgres_url() -> Iterator[str]:
         server.cleanup()
 
 
-def _with_database(url: str, database: str) -> str:
-    """Point a postgres URL (TCP or unix-socket form) at another database."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
 @pytest.fixture(scope="session")
 async def _template_db(postgres_url: str) -> str:
     """A migrated template database; each test copies it (fast, and isolated)."""
@@ -54,7 +45,7 @@ async def _template_db(postgres_url: str) -> str:
         await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
     finally:
         await admin.close()
-    conn = await asyncpg.connect(_with_database(postgres_url, TEMPLATE_DB))
+    conn = await asyncpg.connect(with_database(postgres_url, TEMPLATE_DB))
     try:
         await migrate(conn)
     finally:
@@ -65,18 +56,8 @@ async def _template_db(postgres_url: str) -> str:
 @pytest.fixture
 async def database_url(postgres_url: str, _template_db: str) -> AsyncIterator[str]:
     """A fresh, migrated database for one test, dropped afterwards."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {_template_db}")
-    finally:
-        await admin.close()
-    yield _with_database(postgres_url, name)
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with fresh_database(postgres_url, _template_db) as url:
+        yield url
 
 
 @pytest.fixture

@@ -60,7 +60,8 @@ async def run_command(*args: str, env: dict[str, str] | None = None, timeout: fl
     return Ran(proc.returncode, out.decode(), err.decode())
 
 
-def _with_database(url: str, database: str) -> str:
+def with_database(url: str, database: str) -> str:
+    """Point a postgres URL (TCP or unix-socket form) at another database."""
     return urlunsplit(urlsplit(url)._replace(path="/" + database))
 
 
@@ -93,7 +94,7 @@ async def fresh_database(postgres_url: str, template: str) -> AsyncIterator[str]
     finally:
         await admin.close()
     try:
-        yield _with_database(postgres_url, name)
+        yield with_database(postgres_url, name)
     finally:
         admin = await asyncpg.connect(postgres_url)
         try:
