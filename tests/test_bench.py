@@ -269,22 +269,3 @@ def servers_under(root: Path) -> list[str]:
                 found.append(cmdline)
     return found
 
-
-async def test_the_local_ledger_experiment_runs_and_the_limit_follows_its_shape() -> None:
-    report = await bench_json(
-        "--count", str(COUNT), "--rounds", "1", "--local-ledger", "--stats-settle", "0"
-    )
-    assert report["options"]["local_ledger"] is True
-    checks = report["shape_check"]
-    assert all(check["match"] for check in checks.values()), checks
-    # Accepted: the five ledger steps are local-activity markers (plus the patch marker), and
-    # only the provider's two (submit, confirm) are activities the server schedules.
-    accept = checks["accept"]["product"]
-    assert accept["ACTIVITY_TASK_SCHEDULED"] == 2
-    assert accept["MARKER_RECORDED"] >= 5
-    for name in ("limit", "product"):
-        side = report["sides"][name]
-        assert side["errors"] == 0, side["error_samples"]
-        assert side["cancellations"] == COUNT
-    # The refund is still confirmed by its activity, so this figure is still there.
-    assert ordered(report["sides"]["product"]["latency_ms"]["decision_to_confirmed"])
