@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -22,6 +21,7 @@ from helpers.wait import wait_for_status
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from devstack.demo import DEMO_FILE
 from domain.models import (
     CancellationReason,
     CancellationStatus,
@@ -40,8 +40,6 @@ from starter.payment_events import ForwardOutcome, forward_payment_event
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
-
-DEMO = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 
 
 @dataclass
@@ -63,7 +61,7 @@ class Stack:
 @pytest.fixture
 async def stack(time_skipping_env: WorkflowEnvironment, pool: asyncpg.Pool) -> AsyncIterator[Stack]:
     tag = uuid.uuid4().hex[:6]
-    text = re.sub(r'"([OPR])-', lambda m: f'"{m.group(1)}{tag}-', DEMO.read_text())
+    text = re.sub(r'"([OPR])-', lambda m: f'"{m.group(1)}{tag}-', DEMO_FILE.read_text())
     await load_orders(pool, parse_orders_file(text))
     settings = Settings(
         refund_poll_interval=timedelta(seconds=1),
