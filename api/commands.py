@@ -4,13 +4,21 @@ OpenAPI document. Heavy imports wait until a command needs them."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from api.keys import KeyConfigError, KeyStore, Principal, generate_key, key_line
+from api.keys import (
+    DOCS_EXAMPLE_KEY_ID,
+    KeyConfigError,
+    KeyStore,
+    Principal,
+    generate_key,
+    key_line,
+)
 from infra.logging import configure_logging
 from infra.settings import Settings
 
@@ -43,6 +51,7 @@ def serve(
             file=settings.api_keys_file,
             env_value=settings.api_keys.get_secret_value() if settings.api_keys else None,
         )
+        check_secrets(settings, keys)
     except KeyConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -55,6 +64,43 @@ def serve(
         server_header=False,
     )
     uvicorn.Server(config).run()
+
+
+# What templates and docs put where a secret goes: deploy/k8s/secret.yaml (CHANGE-ME, ""),
+# docs/api.md's worked example (whsec_example), and the usual stand-ins.
+_PLACEHOLDER = re.compile(
+    r"change[-_ ]?me|replace[-_ ]?me|set[-_ ]?me|placeholder|example|dummy|secret[-_ ]?here"
+    r"|todo|fixme|\.\.\.|^<.*>$|^x+$|^whsec_?$",
+    re.IGNORECASE,
+)
+MIN_WEBHOOK_SECRET = 16
+
+
+def check_secrets(settings: Settings, keys: KeyStore) -> None:
+    """Refuse to serve on a secret that was never set: an empty or placeholder webhook secret
+    (anyone could sign events), no API key at all, or a key line copied from docs/api.md.
+    Raises `KeyConfigError` naming the setting."""
+    name = "ORDERCANCEL_PAYMENT_WEBHOOK_SECRET"
+    if settings.payment_webhook_secret is not None:
+        secret = settings.payment_webhook_secret.get_secret_value().strip()
+        if not secret:
+            raise KeyConfigError(f"{name} is empty: set the provider's webhook secret, or unset it")
+        if _PLACEHOLDER.search(secret) or len(secret) < MIN_WEBHOOK_SECRET:
+            raise KeyConfigError(
+                f"{name} holds a placeholder (or is shorter than {MIN_WEBHOOK_SECRET}"
+                " characters): set the payment provider's real webhook secret"
+            )
+    if not len(keys):
+        raise KeyConfigError(
+            "no API keys: ORDERCANCEL_API_KEYS (or ORDERCANCEL_API_KEYS_FILE) is empty or unset;"
+            " add the lines of `ordercancel api hash-key <principal>`"
+        )
+    if keys.has_key_id(DOCS_EXAMPLE_KEY_ID):
+        raise KeyConfigError(
+            f"ORDERCANCEL_API_KEYS holds the example hash of docs/api.md (key id"
+            f" {DOCS_EXAMPLE_KEY_ID}), a placeholder: make real keys with"
+            " `ordercancel api hash-key`"
+        )
 
 
 @api_app.command("hash-key")

@@ -8,16 +8,17 @@ endpoint learns nothing about its payload.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+import unicodedata
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
-from api.errors import ApiError, validation_refusal
+from api.errors import ApiError, FieldError, validation_refusal
 from api.keys import KeyStore, Principal, Role
 from api.service import CancellationService
 from api.stores import IdempotencyStore
@@ -108,12 +109,55 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
                 "send the body as JSON (Content-Type: application/json)",
             )
         try:
-            return model.model_validate_json(await request.body())
+            parsed = model.model_validate_json(await request.body())
         except ValidationError as err:
             raise validation_refusal(err) from None
+        refuse_control_characters(parsed)
+        return parsed
 
     parse.__name__ = f"{model.__name__}_body"
     return parse
+
+
+# Tab, line feed and carriage return stay allowed in text; every other control character, and
+# a lone surrogate (which UTF-8 cannot encode), is refused: PostgreSQL stores no NUL, and
+# neither belongs in an id or a message (R20).
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def _strings(value: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    if isinstance(value, str):
+        yield loc, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, (*loc, str(key)))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _strings(item, (*loc, index))
+
+
+def _has_control(text: str) -> bool:
+    return any(
+        unicodedata.category(c) in ("Cc", "Cs") and c not in _ALLOWED_CONTROLS
+        for c in text
+        if not c.isprintable()
+    )
+
+
+def refuse_control_characters(body: BaseModel) -> None:
+    """422 `invalid_payload`, field by field, for text holding control characters."""
+    errors = [
+        FieldError(
+            loc=["body", *loc],
+            msg="control characters (NUL, escapes, lone surrogates) are not allowed",
+            type="string_control_characters",
+        )
+        for loc, text in _strings(body.model_dump(mode="python"), ())
+        if _has_control(text)
+    ]
+    if errors:
+        where = ", ".join(".".join(str(p) for p in e.loc[1:]) for e in errors[:5])
+        raise ApiError(422, "invalid_payload", f"invalid fields: {where}", errors=errors)
 
 
 # Workflow ids are `cancel-{order_id}-{seller_id}` with identifiers of a safe alphabet; anything

@@ -22,6 +22,8 @@ from pathlib import Path
 KEY_PREFIX = "ock"
 _KEY = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{32,128}})$")
 _HASH = re.compile(r"^sha256\$([0-9a-f]{32})\$([0-9a-f]{64})$")
+# The key id of docs/api.md's example line: configured, it is a placeholder (api.commands).
+DOCS_EXAMPLE_KEY_ID = "fd37dd748cbeb2da"
 _SELLER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # domain.models.Identifier
 
 
@@ -38,6 +40,9 @@ class Principal:
 
     role: Role
     seller_id: str | None = None
+    # An SRE key may name its holder (`sre:<operator>`): operators' actions are recorded as
+    # theirs (`operator_id`), never as what a request body claims.
+    operator: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Principal:
@@ -46,19 +51,33 @@ class Principal:
             if not _SELLER_ID.fullmatch(seller_id):
                 raise ValueError(f"not a seller id: {seller_id!r}")
             return cls(Role.SELLER, seller_id)
+        if text.startswith("sre:"):
+            operator = text.removeprefix("sre:")
+            if not _SELLER_ID.fullmatch(operator):
+                raise ValueError(f"not an operator id: {operator!r}")
+            return cls(Role.SRE, operator=operator)
         try:
             role = Role(text)
         except ValueError:
             raise ValueError(
                 f"unknown principal {text!r} (buyer-service, seller:<seller_id>, sre,"
-                " payment-provider)"
+                " sre:<operator>, payment-provider)"
             ) from None
         if role is Role.SELLER:
             raise ValueError("a seller principal names its seller: seller:<seller_id>")
         return cls(role)
 
+    @property
+    def operator_id(self) -> str:
+        """Who an SRE key acts as in the workflow (`operator_id`): its name, else `sre`."""
+        return self.operator or self.role.value
+
     def __str__(self) -> str:
-        return f"seller:{self.seller_id}" if self.role is Role.SELLER else self.role.value
+        if self.role is Role.SELLER:
+            return f"seller:{self.seller_id}"
+        if self.operator is not None:
+            return f"{self.role.value}:{self.operator}"
+        return self.role.value
 
 
 class KeyConfigError(ValueError):
@@ -121,7 +140,10 @@ def parse_key_lines(text: str, *, source: str) -> list[StoredKey]:
             raise KeyConfigError(f"{source}, entry {number}: {err}") from None
         hashed = _HASH.fullmatch(parts[2])
         if not re.fullmatch(r"[0-9a-f]{16}", parts[1]) or hashed is None:
-            raise KeyConfigError(f"{source}, entry {number}: malformed key id or hash")
+            raise KeyConfigError(
+                f"{source}, entry {number}: malformed key id or hash (a placeholder? make"
+                " real keys with `ordercancel api hash-key`)"
+            )
         entries.append(
             StoredKey(
                 principal=principal,
@@ -166,6 +188,9 @@ class KeyStore:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    def has_key_id(self, key_id: str) -> bool:
+        return key_id in self._by_id
 
     def authenticate(self, key: str) -> Principal | None:
         key_id = key_id_of(key)

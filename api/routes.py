@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel
 
@@ -16,22 +17,28 @@ from api.keys import Principal, Role
 from api.schemas import (
     CancellationAccepted,
     CancellationDetails,
+    EscalationDecisionBody,
     Health,
     Readiness,
+    RetryRefundBody,
     WithdrawalReceipt,
 )
-from api.service import Located, details, workflow_id_for
+from api.service import details, not_found, workflow_id_for
 from api.signing import SIGNATURE_HEADER, SignatureRefused, verify_signature
 from api.stores import request_hash
 from domain.models import (
     DecisionReceipt,
+    OperatorDecision,
     PaymentEvent,
     RequestCancellationInput,
     RetryRefundRequest,
     SellerDecision,
     WithdrawRequest,
 )
+from starter.cancellations import Located
 from starter.payment_events import ForwardResult
+
+log = structlog.get_logger("api")
 
 router = APIRouter()
 
@@ -43,7 +50,8 @@ BODY_MODELS: list[type[BaseModel]] = [
     RequestCancellationInput,
     SellerDecision,
     WithdrawRequest,
-    RetryRefundRequest,
+    RetryRefundBody,
+    EscalationDecisionBody,
     PaymentEvent,
 ]
 
@@ -69,19 +77,34 @@ Reader = Annotated[
     Depends(allow(Role.BUYER_SERVICE, Role.SELLER, Role.SRE, action="read cancellations")),
 ]
 Sre = Annotated[Principal, Depends(allow(Role.SRE, action="retry refunds"))]
+SreOperator = Annotated[Principal, Depends(allow(Role.SRE, action="resolve escalations"))]
 Provider = Annotated[
     Principal, Depends(allow(Role.PAYMENT_PROVIDER, action="deliver payment events"))
 ]
 
 
 def _ensure_own(principal: Principal, located: Located) -> None:
-    """A seller key acts on its own sub-orders only."""
+    """A seller key acts on its own sub-orders only. Another seller's cancellation is answered
+    exactly as one that does not exist: a seller learns nothing about other sellers'."""
     if principal.role is Role.SELLER and located.view.seller_id != principal.seller_id:
+        log.warning(
+            "api_foreign_sub_order",
+            principal=str(principal),
+            cancellation_id=located.view.cancellation_id,
+        )
+        raise not_found()
+
+
+def _operator_id(principal: Principal, claimed: str | None) -> str:
+    """The operator an SRE key acts as; a body that names another is refused."""
+    if claimed is not None and claimed != principal.operator_id:
         raise ApiError(
             403,
-            "not_your_sub_order",
-            f"{located.view.cancellation_id} concerns another seller's sub-order",
+            "operator_mismatch",
+            f"{principal} acts as operator {principal.operator_id!r}, not {claimed!r}: the"
+            " operator is the API key's (omit operator_id)",
         )
+    return principal.operator_id
 
 
 # --- cancellations ------------------------------------------------------------------------------
@@ -162,6 +185,7 @@ async def get_cancellation(
     description=(
         "`seller_id` must be the calling seller's. 409 with the workflow's refusal code when"
         " the decision is not allowed now: `already_decided`, `not_pending`, `wrong_seller`."
+        " Another seller's cancellation is 404, as one that does not exist."
     ),
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
     openapi_extra=_body(SellerDecision),
@@ -215,17 +239,52 @@ async def withdraw(
     "/v1/cancellations/{cancellation_id}/retry-refund",
     response_model=DecisionReceipt,
     summary="Retry a parked refund with the same idempotency key (update `retry_refund`)",
+    description=(
+        "The operator recorded is the caller's key (`sre:<operator>`, or `sre`), never the"
+        " body's. 409 `not_refund_failed` unless the refund is parked in `refund_failed`."
+    ),
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
-    openapi_extra=_body(RetryRefundRequest),
+    openapi_extra=_body(RetryRefundBody),
 )
 async def retry_refund(
     ctx: Context,
     principal: Sre,
     cancellation_id: str,
-    request: Annotated[RetryRefundRequest, Depends(json_body(RetryRefundRequest))],
+    body: Annotated[RetryRefundBody, Depends(json_body(RetryRefundBody))],
 ) -> DecisionReceipt:
+    request = RetryRefundRequest(
+        operator_id=_operator_id(principal, body.operator_id), reason=body.reason
+    )
     located = await ctx.service.locate(checked_id(cancellation_id))
     return await ctx.service.retry_refund(located, request)
+
+
+@router.post(
+    "/v1/cancellations/{cancellation_id}/escalation-decision",
+    response_model=DecisionReceipt,
+    summary="An operator decides an escalated request (update `resolve_escalation`)",
+    description=(
+        "For a request escalated to operators when the seller's window ran out (timeout"
+        " policy `escalate`). The operator recorded is the caller's key (`sre:<operator>`, or"
+        " `sre`), never the body's. 409 with the workflow's refusal code when not allowed"
+        " now: `not_escalated`, `already_decided`."
+    ),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
+    openapi_extra=_body(EscalationDecisionBody),
+)
+async def escalation_decision(
+    ctx: Context,
+    principal: SreOperator,
+    cancellation_id: str,
+    body: Annotated[EscalationDecisionBody, Depends(json_body(EscalationDecisionBody))],
+) -> DecisionReceipt:
+    decision = OperatorDecision(
+        operator_id=_operator_id(principal, body.operator_id),
+        decision=body.decision,
+        reason=body.reason,
+    )
+    located = await ctx.service.locate(checked_id(cancellation_id))
+    return await ctx.service.resolve_escalation(located, decision)
 
 
 # --- the payment provider's webhook -------------------------------------------------------------
@@ -295,17 +354,23 @@ async def readyz(request: Request, response: Response) -> Readiness:
         checks = {"api": "starting or stopping"}
     else:
         checks = {
-            "postgres": await _check(ctx.ping_database()),
-            "temporal": await _check(ctx.client.service_client.check_health()),
+            "postgres": await _check("postgres", ctx.ping_database()),
+            "temporal": await _check("temporal", ctx.client.service_client.check_health()),
         }
     ready = all(v == "ok" for v in checks.values())
     response.status_code = 200 if ready else 503
     return Readiness(status="ready" if ready else "not_ready", checks=checks)
 
 
-async def _check(probe: Awaitable[object]) -> str:
+async def _check(name: str, probe: Awaitable[object]) -> str:
+    """ "ok" or "unavailable": the caller (anyone, unauthenticated) learns which dependency is
+    down, never why; the error, which may name hosts, users or paths, goes to the log."""
     try:
         answer = await asyncio.wait_for(probe, READY_TIMEOUT)
-    except Exception as err:  # any failure means "not ready", and says which
-        return f"error: {type(err).__name__}: {err}"[:300]
-    return "error: not serving" if answer is False else "ok"
+    except Exception as err:  # any failure means "not ready"
+        log.warning("readiness_check_failed", check=name, error=f"{type(err).__name__}: {err}")
+        return "unavailable"
+    if answer is False:
+        log.warning("readiness_check_failed", check=name, error="not serving")
+        return "unavailable"
+    return "ok"

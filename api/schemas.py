@@ -1,15 +1,22 @@
-"""Response bodies of the API. Request bodies are the workflow's own models (domain.models)."""
+"""Response bodies of the API, and the bodies of the operators' endpoints. The other request
+bodies are the workflow's own models (domain.models)."""
 
 from __future__ import annotations
 
 from typing import Literal
+
+from pydantic import Field
 
 from domain.models import (
     CancellationPath,
     CancellationResult,
     CancellationStatus,
     CancellationView,
+    Decision,
+    FreeText,
+    Identifier,
     Record,
+    Strict,
 )
 
 
@@ -51,3 +58,29 @@ class Health(Record):
 class Readiness(Record):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+
+
+# The operator is the caller's key (`sre` or `sre:<operator>`), never the body's: the workflow
+# records what the API tells it, so the API tells it who authenticated (issue 18).
+_OPERATOR_ID = Field(
+    default=None,
+    description=(
+        "Deprecated: the operator is the caller's API key (`sre:<operator>`, or `sre`). If"
+        " sent, it must be that same operator (403 `operator_mismatch` otherwise)."
+    ),
+)
+
+
+class RetryRefundBody(Strict):
+    """Body of POST /v1/cancellations/{id}/retry-refund (update `retry_refund`)."""
+
+    operator_id: Identifier | None = _OPERATOR_ID
+    reason: FreeText = ""
+
+
+class EscalationDecisionBody(Strict):
+    """Body of POST /v1/cancellations/{id}/escalation-decision (update `resolve_escalation`)."""
+
+    operator_id: Identifier | None = _OPERATOR_ID
+    decision: Decision
+    reason: FreeText = ""

@@ -28,6 +28,7 @@ from domain.models import (
     CancellationResult,
     CancellationStatus,
     DecisionReceipt,
+    OperatorDecision,
     PaymentEvent,
     RequestCancellationInput,
     RetryRefundRequest,
@@ -63,8 +64,10 @@ def details(located: Located) -> CancellationDetails:
     )
 
 
-def _not_found(cancellation_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no cancellation {cancellation_id}")
+def not_found() -> ApiError:
+    """The one answer for a cancellation the caller may not know about: no such id, or another
+    seller's (the same body, so that neither can be told from the other)."""
+    return ApiError(404, "not_found", "no such cancellation")
 
 
 @contextlib.contextmanager
@@ -112,7 +115,7 @@ class CancellationService:
         except StatusUnavailable as err:
             raise ApiError(503, "status_unavailable", str(err)) from None
         if located is None:
-            raise _not_found(cancellation_id)
+            raise not_found()
         return located
 
     # --- requesting -------------------------------------------------------------------------
@@ -251,6 +254,20 @@ class CancellationService:
         with _as_api_errors(RefusalCode.NOT_REFUND_FAILED):
             return await cancellations.retry_refund(
                 self._client, located.view.cancellation_id, request
+            )
+
+    async def resolve_escalation(
+        self, located: Located, decision: OperatorDecision
+    ) -> DecisionReceipt:
+        if not located.running:
+            raise ApiError(
+                409,
+                RefusalCode.NOT_ESCALATED,
+                f"this cancellation has ended (status: {located.view.status.value})",
+            )
+        with _as_api_errors(RefusalCode.NOT_ESCALATED):
+            return await cancellations.resolve_escalation(
+                self._client, located.view.cancellation_id, decision
             )
 
     async def withdraw(self, located: Located, request: WithdrawRequest) -> WithdrawalReceipt:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 SIGNATURE_HEADER = "Ordercancel-Signature"
+# A Unix time in seconds has 10 digits until the year 2286; more than 12 is no clock's. Longer
+# would overflow the float the age is computed in, or int()'s digit limit (a 500, issue 18).
+_MAX_TIMESTAMP_DIGITS = 12
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,12 @@ def verify_signature(
     candidates: list[str] = []
     for item in header.split(","):
         name, _, value = item.strip().partition("=")
-        if name == "t" and value.isascii() and value.isdigit():
+        if (
+            name == "t"
+            and value.isascii()
+            and value.isdigit()
+            and len(value) <= _MAX_TIMESTAMP_DIGITS
+        ):
             timestamp = int(value)
         elif name == "v1" and value:
             candidates.append(value)

@@ -25,6 +25,7 @@ from infra.settings import TASK_QUEUE
 from ledger.repository import Ledger
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
+from workflows.visibility import escape_markdown
 
 
 def summary(
@@ -88,7 +89,7 @@ async def start_cancellation(
                 f"**Order** {request.order_id}  \n**Seller** {request.seller_id}  \n"
                 f"**Buyer** {request.buyer_id}  \n**Reason** {request.reason.value} "
                 f"({request.reason.fault.value} fault)"
-                + (f"  \n> {request.reason_text}" if request.reason_text else "")
+                + (f"  \n> {escape_markdown(request.reason_text)}" if request.reason_text else "")
             ),
         )
     except WorkflowAlreadyStartedError:

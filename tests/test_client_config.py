@@ -156,3 +156,114 @@ async def test_connect_uses_the_profile(tmp_path: Path) -> None:
         assert await client.count_workflows() is not None
     finally:
         await env_server.shutdown()
+
+
+# --- every process connects with the credentials (issue 18) ----------------------------------
+
+
+class _Connected(Exception):
+    """Raised by the fake `Client.connect` once it has seen its arguments."""
+
+
+@pytest.fixture
+def connect_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    calls: list[dict[str, object]] = []
+
+    async def fake_connect(target_host: str, **kwargs: object) -> None:
+        calls.append({"target_host": target_host, **kwargs})
+        raise _Connected
+
+    monkeypatch.setattr("infra.client.Client.connect", fake_connect)
+    return calls
+
+
+def _clear_temporal_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("TEMPORAL_", "ORDERCANCEL_TEMPORAL_")):
+            monkeypatch.delenv(name)
+
+
+async def _open_each_process(database_url: str) -> None:
+    """What `ordercancel worker` and the CLI commands (infra.stack.open_stack) and
+    `ordercancel api` (api.app.connected) open, each until it calls Client.connect."""
+    from api.app import connected
+    from infra.settings import Settings
+    from infra.stack import open_stack
+
+    for opener in (
+        lambda: open_stack(Settings(database_url=database_url)),
+        lambda: connected(Settings(database_url=database_url))(),
+    ):
+        with pytest.raises(RuntimeError, match="cannot reach Temporal") as raised:
+            async with opener():
+                pass
+        assert isinstance(raised.value.__cause__, _Connected)
+
+
+async def test_every_process_connects_with_the_api_key_and_client_certificate_of_the_env(
+    database_url: str,
+    connect_calls: list[dict[str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clear_temporal_env(monkeypatch)
+    monkeypatch.setenv("TEMPORAL_ADDRESS", "frontend.example:7233")
+    monkeypatch.setenv("TEMPORAL_NAMESPACE", "orders")
+    monkeypatch.setenv("TEMPORAL_API_KEY", "key-from-secret")
+    monkeypatch.setenv("TEMPORAL_TLS_CLIENT_CERT_DATA", "CERT")
+    monkeypatch.setenv("TEMPORAL_TLS_CLIENT_KEY_DATA", "KEY")
+    monkeypatch.setenv("TEMPORAL_TLS_SERVER_NAME", "frontend.internal")
+    await _open_each_process(database_url)
+    assert len(connect_calls) == 2
+    for call in connect_calls:
+        assert (call["target_host"], call["namespace"], call["api_key"]) == (
+            "frontend.example:7233",
+            "orders",
+            "key-from-secret",
+        )
+        tls = call["tls"]
+        assert isinstance(tls, TLSConfig)
+        assert (tls.client_cert, tls.client_private_key, tls.domain) == (
+            b"CERT",
+            b"KEY",
+            "frontend.internal",
+        )
+
+
+async def test_every_process_connects_with_the_mtls_profile_of_the_file(
+    database_url: str,
+    profiles: Path,
+    connect_calls: list[dict[str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clear_temporal_env(monkeypatch)
+    monkeypatch.setenv("TEMPORAL_CONFIG_FILE", str(profiles))
+    monkeypatch.setenv("TEMPORAL_PROFILE", "mtls")
+    await _open_each_process(database_url)
+    assert len(connect_calls) == 2
+    for call in connect_calls:
+        assert (call["target_host"], call["namespace"]) == (
+            "orders.a1b2c.tmprl.cloud:7233",
+            "orders.a1b2c",
+        )
+        tls = call["tls"]
+        assert isinstance(tls, TLSConfig) and tls.client_cert == b"CERT"
+        assert call["rpc_metadata"] == {"x-team": "cancellations"}
+
+
+def test_only_the_client_factory_calls_client_connect() -> None:
+    """The worker, the API, the CLI, the tools and the dev stack all connect through
+    infra/client.py, so the credentials above reach every one of them."""
+    root = Path(__file__).resolve().parent.parent
+    # The embedded dev server's start-up probe talks to the plaintext server it just spawned on
+    # the loopback, never to a configured cluster.
+    exempt = {root / "infra" / "client.py", root / "devstack" / "embedded.py"}
+    offenders = []
+    for package in ("api", "cli", "workers", "starter", "infra", "devstack", "tools", "ledger"):
+        for path in (root / package).rglob("*.py"):
+            if path in exempt:
+                continue
+            if "Client.connect(" in path.read_text():
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders

@@ -280,6 +280,21 @@ def test_compose_names_only_settings_the_code_reads(compose: dict[str, Any]) -> 
     assert "ORDERCANCEL_HEALTH_PORT" in compose["services"]["worker"]["environment"]
 
 
+def test_compose_publishes_only_the_api_to_other_machines(compose: dict[str, Any]) -> None:
+    """Issue 18: whoever reaches Temporal can signal any cancellation, and whoever reaches the
+    ledger can rewrite it. Only the API (which authenticates) listens on every interface; the
+    Temporal frontend, its Web UI and PostgreSQL are published on the loopback only."""
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: use the short form host:port:container"
+            if name == "api":
+                continue
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    assert compose["services"]["api"]["ports"] == ["8000:8000"]
+    for name in ("temporal-db", "worker", "register-search-attributes"):
+        assert "ports" not in compose["services"][name], f"{name} needs no published port"
+
+
 def test_compose_registers_the_workflows_search_attributes(compose: dict[str, Any]) -> None:
     service = compose["services"]["register-search-attributes"]
     mounted = {v.split(":")[0] for v in service["volumes"]}
@@ -328,6 +343,9 @@ def one(kind: str, name: str) -> dict[str, Any]:
 
 WORKER = "order-cancellation-worker"
 API = "order-cancellation-api"
+# Kinds the vendored bundle (tests/data/k8s-schemas.json) lacks: it cannot be extended offline
+# (no kubernetes-validate wheel here), so their shape is checked by a strict schema below.
+HAND_CHECKED = {"networking.k8s.io/v1/NetworkPolicy"}
 
 
 def test_k8s_has_the_objects_the_issue_asks_for() -> None:
@@ -339,6 +357,10 @@ def test_k8s_has_the_objects_the_issue_asks_for() -> None:
             "Deployment",
             "HorizontalPodAutoscaler",
             "Job",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "PodDisruptionBudget",
             "Secret",
@@ -356,6 +378,8 @@ def test_k8s_objects_validate_against_the_kubernetes_api_schema() -> None:
     bundle = json.loads((DATA / "k8s-schemas.json").read_text())
     for path, doc in k8s_objects():
         kind = f"{doc['apiVersion']}/{doc['kind']}"
+        if kind in HAND_CHECKED:
+            continue  # not in the vendored bundle: test_network_policies_are_well_formed
         assert kind in bundle["kinds"], f"{path.name}: no schema for {kind}"
         schema = {**bundle["schema"], "$ref": f"#/$defs/{bundle['kinds'][kind]}"}
         errors = list(jsonschema.Draft202012Validator(schema).iter_errors(doc))
@@ -554,3 +578,181 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     for needed in ("pyproject.toml", "README.md", "requirements", "domain", "infra", "ledger"):
         assert needed not in patterns
     assert "!pyproject.toml" in patterns  # *.toml (client profiles) are out, this one is in
+
+
+# --- NetworkPolicy (issue 18: Temporal is not a side door) -----------------------------------
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_PEER = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {
+        "podSelector": _SELECTOR,
+        "namespaceSelector": _SELECTOR,
+        "ipBlock": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["cidr"],
+            "properties": {
+                "cidr": {"type": "string"},
+                "except": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+}
+_PORT = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+        "port": {"type": ["integer", "string"]},
+        "endPort": {"type": "integer"},
+    },
+}
+
+
+def _rule(direction: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            direction: {"type": "array", "items": _PEER},
+            "ports": {"type": "array", "items": _PORT},
+        },
+    }
+
+
+# networking.k8s.io/v1 NetworkPolicy (Kubernetes 1.33), strict like the vendored bundle.
+NETWORK_POLICY_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "labels": _LABELS},
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["podSelector", "policyTypes"],
+            "properties": {
+                "podSelector": _SELECTOR,
+                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+                "ingress": {"type": "array", "items": _rule("from")},
+                "egress": {"type": "array", "items": _rule("to")},
+            },
+        },
+    },
+}
+
+
+def test_network_policies_are_well_formed() -> None:
+    policies = by_kind("NetworkPolicy")
+    assert policies
+    validator = jsonschema.Draft202012Validator(NETWORK_POLICY_SCHEMA)
+    for policy in policies:
+        errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(policy)]
+        assert not errors, (policy["metadata"]["name"], errors[:5])
+    broken = json.loads(json.dumps(policies[0]))
+    broken["spec"]["podSelector"]["matchLabel"] = {}
+    assert not validator.is_valid(broken)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert "matchExpressions" not in selector  # not used here; keep the check honest
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _pods() -> dict[str, dict[str, str]]:
+    """Every pod template of ours, by workload name: its labels."""
+    pods = {}
+    for kind in ("Deployment", "Job"):
+        for doc in by_kind(kind):
+            pods[doc["metadata"]["name"]] = doc["spec"]["template"]["metadata"]["labels"]
+    return pods
+
+
+def _allowed(labels: dict[str, str], direction: str) -> list[tuple[dict[str, Any], int | str]]:
+    """(peer or {} for anywhere, port) pairs the policies allow a pod with `labels`."""
+    key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    allowed = []
+    for policy in by_kind("NetworkPolicy"):
+        spec = policy["spec"]
+        if direction not in spec["policyTypes"] or not _selects(spec["podSelector"], labels):
+            continue
+        for rule in spec.get(key, []):
+            assert rule.get("ports"), f"{policy['metadata']['name']}: a rule without ports"
+            for peer in rule.get(peers) or [{}]:
+                for port in rule["ports"]:
+                    allowed.append((peer, port["port"]))
+    return allowed
+
+
+def test_network_policies_deny_by_default_and_open_only_what_is_needed() -> None:
+    """Default deny both ways for every pod of the namespace; then: only the API takes
+    traffic (its HTTP port), plus the workers' metrics from the monitoring namespace; workers
+    and the API reach DNS, Temporal and PostgreSQL; only the workers reach the payment
+    provider (HTTPS); the setup Job reaches DNS and Temporal only."""
+    deny = [
+        p
+        for p in by_kind("NetworkPolicy")
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert len(deny) == 1, "one default-deny policy for the whole namespace"
+    pods = _pods()
+    api_labels = pods[API]
+    (api_container,) = containers(one("Deployment", API))
+    api_port = api_container["ports"][0]
+    assert {port for _, port in _allowed(api_labels, "Ingress")} <= {
+        api_port["name"],
+        api_port["containerPort"],
+    }
+    assert _allowed(api_labels, "Ingress"), "the API must take its traffic"
+    worker_in = _allowed(pods[WORKER], "Ingress")
+    assert {port for _, port in worker_in} == {"metrics"}
+    assert all("namespaceSelector" in peer for peer, _ in worker_in), "metrics: the scraper only"
+    job = "order-cancellation-register-search-attributes"
+    assert not _allowed(pods[job], "Ingress")
+    needs = {
+        WORKER: {53, 7233, 5432, 443},
+        API: {53, 7233, 5432},
+        job: {53, 7233},
+    }
+    for name, ports in needs.items():
+        egress = _allowed(pods[name], "Egress")
+        assert {port for _, port in egress} == ports, name
+        for peer, port in egress:
+            if port == 53:
+                assert "namespaceSelector" in peer, f"{name}: DNS only to the cluster's DNS"
+            if port == 443:
+                cidr = peer["ipBlock"]
+                assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"} <= set(cidr["except"])

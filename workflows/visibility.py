@@ -59,6 +59,21 @@ STAGE_TEXT: dict[CancellationStatus, tuple[str, str]] = {
     CancellationStatus.COMPLETED: ("Completed", "nothing: the cancellation is done"),
 }
 
+
+def escape_markdown(text: str) -> str:
+    """`text` shown as itself in the Web UI, which renders details as Markdown: every ASCII
+    punctuation character backslash-escaped (CommonMark allows it for all of them, and it
+    breaks emphasis, links, images, raw HTML, headings, lists, tables and bare-URL autolinks),
+    line breaks and other control characters as spaces. For everything a buyer, a seller, an
+    operator or the provider wrote (issue 18)."""
+    return "".join(
+        "\\" + c
+        if c.isascii() and not c.isalnum() and c.isprintable() and c != " "
+        else (c if c.isprintable() else " ")
+        for c in text
+    )
+
+
 POLICY_TEXT: dict[TimeoutPolicy | None, str] = {
     None: "the timeout policy applies",
     TimeoutPolicy.AUTO_APPROVE: "approved automatically",
@@ -184,12 +199,18 @@ class Visibility:
             lines.append(
                 f"Refund: {refund.kind.value} of {refund.amount}, stage {refund.stage.value}"
                 f" ({refund.stage.dots}/3)"
-                + (f", provider ref {refund.provider_ref}" if refund.provider_ref else "")
+                + (
+                    f", provider ref {escape_markdown(refund.provider_ref)}"
+                    if refund.provider_ref
+                    else ""
+                )
             )
             if refund.eta is not None:
                 lines.append(f"ETA: {refund.eta.earliest:%Y-%m-%d} to {refund.eta.latest:%Y-%m-%d}")
         if self._coupon is not None:
-            lines.append(f"Coupon: {self._coupon.outcome.value} ({self._coupon.reason})")
+            lines.append(
+                f"Coupon: {self._coupon.outcome.value} ({escape_markdown(self._coupon.reason)})"
+            )
         if self._last_error and self._status is CancellationStatus.REFUND_FAILED:
-            lines.append(f"Last error: {self._last_error}")
+            lines.append(f"Last error: {escape_markdown(self._last_error)}")
         return "\n\n".join(lines)
