@@ -268,4 +268,3 @@ def servers_under(root: Path) -> list[str]:
             if str(root) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 found.append(cmdline)
     return found
-

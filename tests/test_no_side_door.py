@@ -303,9 +303,9 @@ async def test_an_absurd_signature_timestamp_is_a_4xx(api: Api, timestamp: str) 
         "/v1/payment-events",
         content=body.encode(),
         headers={
-            "Authorization": f"Bearer {api.stack.keys['payment-provider']}".encode(),
-            "Content-Type": b"application/json",
-            SIGNATURE_HEADER: header,
+            b"Authorization": f"Bearer {api.stack.keys['payment-provider']}".encode(),
+            b"Content-Type": b"application/json",
+            SIGNATURE_HEADER.encode(): header,
         },
     )
     assert 400 <= response.status_code < 500, response.text
