@@ -2,9 +2,11 @@
 for refunds that did not go through (R9, R10). The logic lives in `starter.refunds` and
 `starter.reconcile`; this module parses, prints and sets exit codes.
 
-Exit codes: 0 done (skips are not failures: a skipped cancellation is no longer parked), 1 some
-retries failed or the stack is unreachable, 2 bad arguments, 130 interrupted (run the same
-command again: it retries only what is still parked).
+Exit codes of `refunds retry`: 0 done (skips are not failures: a skipped cancellation is no
+longer parked, or was held back), 1 some retries failed, an id is unknown, or the stack is
+unreachable, 2 bad arguments, 130 interrupted (run the same command again: it retries only what
+is still parked). `reconcile`: 0 the ledger and the provider agree (or every finding was
+repaired by this --fix run), 1 findings remain.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from collections import Counter
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli import console as ui
 from cli.console import console, err_console
-from domain.models import RetryRefundRequest
+from domain.models import RefundStage, RetryRefundRequest
 from infra.stack import open_stack
 from starter.reconcile import ReconcileReport, reconcile
 from starter.refunds import (
@@ -30,6 +33,7 @@ from starter.refunds import (
     RetryOutcome,
     RetryResult,
     RetrySummary,
+    declined_for_good,
     failed_query,
     find_failed_ids,
     list_failed,
@@ -58,22 +62,48 @@ def _since(moment: Any) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment is not None else "?"
 
 
-def _failed_table(rows: list[FailedRefund]) -> Table:
-    table = Table(title=f"{len(rows)} cancellation(s) in refund_failed", title_justify="left")
-    for column in ("id", "order", "seller", "amount", "last error", "attempts", "since"):
+def _failed_table(rows: list[FailedRefund], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "id",
+        "order",
+        "seller",
+        "amount",
+        "stage",
+        "last error",
+        "attempts",
+        "since",
+    ):
         table.add_column(column, overflow="fold")
     for row in rows:
+        # Texts from the provider or a user are shown as text, never read as console markup.
         table.add_row(
-            row.cancellation_id,
-            row.order_id or "?",
-            row.seller_id or "?",
+            escape(row.cancellation_id),
+            escape(row.order_id or "?"),
+            escape(row.seller_id or "?"),
             str(row.amount) if row.amount is not None else "?",
-            (f"[{row.refund_stage}] " if row.refund_stage == "reversed" else "")
-            + (row.last_error or ""),
+            escape(row.refund_stage or "?"),
+            escape(row.last_error or ""),
             str(row.attempts),
             _since(row.failed_since),
         )
     return table
+
+
+def _print_failed(rows: list[FailedRefund]) -> None:
+    """Parked refunds the provider may take on a retry, and apart from them those it declined
+    for good (a retry makes a new refund under a new key; a bulk retry leaves them out)."""
+    declined = [r for r in rows if r.refund_stage == RefundStage.DECLINED.value]
+    retryable = [r for r in rows if r.refund_stage != RefundStage.DECLINED.value]
+    console.print(_failed_table(retryable, f"{len(retryable)} cancellation(s) in refund_failed"))
+    if declined:
+        console.print(
+            _failed_table(
+                declined,
+                f"{len(declined)} declined for good by the provider: a retry makes a new"
+                " refund (`refunds retry ID`, or `--all-failed --include-declined`)",
+            )
+        )
 
 
 @refunds_app.command("failed")
@@ -110,7 +140,7 @@ def failed(
     if as_json:
         sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in rows], indent=2) + "\n")
     else:
-        console.print(_failed_table(rows))
+        _print_failed(rows)
 
 
 def _summary_table(summary: RetrySummary) -> Table:
@@ -126,7 +156,9 @@ def _summary_table(summary: RetrySummary) -> Table:
         RetryOutcome.ERROR: "red",
     }
     for r in summary.results:
-        table.add_row(r.cancellation_id, f"[{style[r.outcome]}]{r.outcome.value}[/]", r.detail)
+        table.add_row(
+            escape(r.cancellation_id), f"[{style[r.outcome]}]{r.outcome.value}[/]", escape(r.detail)
+        )
     return table
 
 
@@ -191,6 +223,14 @@ def retry(
         str | None, typer.Option(help="Who retries (audit trail); default: your user name")
     ] = None,
     reason: Annotated[str, typer.Option(help="Why (audit trail)")] = "",
+    include_declined: Annotated[
+        bool,
+        typer.Option(
+            "--include-declined",
+            help="With --all-failed: also those the provider declined for good (each gets a"
+            " new refund under a new key)",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
 ) -> None:
     """Retry parked refunds with the same idempotency key (update `retry_refund`). Safe to run
@@ -199,6 +239,8 @@ def retry(
         raise ui.bad_argument("give cancellation ids, or --all-failed (not both)")
     if query and not all_failed:
         raise ui.bad_argument("--query goes with --all-failed")
+    if include_declined and not all_failed:
+        raise ui.bad_argument("--include-declined goes with --all-failed")
     try:
         per_second = parse_rate(rate)
         visibility = failed_query(query=query)
@@ -215,7 +257,12 @@ def retry(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("retried {task.fields[retried]} skipped {task.fields[skipped]}"),
+        TextColumn(
+            ("would retry" if dry_run else "retried")
+            + " {task.fields[retried]} "
+            + ("would skip" if dry_run else "skipped")
+            + " {task.fields[skipped]}"
+        ),
         TextColumn("errors {task.fields[errors]}"),
         TimeElapsedColumn(),
         console=err_console,
@@ -229,6 +276,13 @@ def retry(
             )
             if not targets:
                 return RetrySummary(dry_run=dry_run, results=[])
+            hold: dict[str, str] = {}
+            if all_failed and not include_declined:
+                for declined in await declined_for_good(stack.pool, targets):
+                    hold[declined] = (
+                        "declined for good by the provider: not retried in bulk (retry it by"
+                        " id, or pass --include-declined; it gets a new refund)"
+                    )
             task = progress.add_task(
                 "checking" if dry_run else "retrying",
                 total=len(dict.fromkeys(targets)),
@@ -266,6 +320,7 @@ def retry(
                     rate=per_second,
                     dry_run=dry_run,
                     on_result=on_result,
+                    hold=hold,
                 )
 
     try:
@@ -316,7 +371,8 @@ def reconcile_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report")] = False,
 ) -> None:
-    """Compare the ledger's refunds with the payment provider's records (finance's report)."""
+    """Compare the ledger's refunds with the payment provider's records (finance's report).
+    Exit 1 while a mismatch remains unrepaired."""
     from workers.worker import build_provider
 
     settings = ui.settings()
@@ -335,12 +391,16 @@ def reconcile_command(
     if as_json:
         payload = {**report.model_dump(mode="json"), "totals": report.totals()}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
-        return
-    if report.findings:
-        console.print(_reconcile_table(report))
-    totals = report.totals()
-    console.print(
-        "totals: "
-        + ", ".join(f"{k} {v}" for k, v in totals.items())
-        + ("" if report.findings else " — ledger and provider agree")
-    )
+    else:
+        if report.findings:
+            console.print(_reconcile_table(report))
+        totals = report.totals()
+        console.print(
+            f"{len(report.findings)} finding(s) over {report.ledger_refunds} ledger and"
+            f" {report.provider_refunds} provider refund(s): "
+            + ", ".join(f"{k} {v}" for k, v in totals.items())
+            + ("" if report.findings else " — ledger and provider agree")
+        )
+    # A scheduled run alerts on a mismatch nobody has repaired yet.
+    if report.unresolved:
+        raise typer.Exit(1)

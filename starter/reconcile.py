@@ -88,6 +88,12 @@ class ReconcileReport(Record):
     fix: bool
     findings: list[Finding]
 
+    @property
+    def unresolved(self) -> list[Finding]:
+        """Findings this run did not repair: finance's (no fix), and repairable ones that were
+        not sent (no --fix) or did not reach a cancellation."""
+        return [f for f in self.findings if f.fix_outcome not in ("delivered", "reopened")]
+
     def totals(self) -> dict[str, int]:
         counts = {kind.value: 0 for kind in FindingKind}
         for finding in self.findings:
@@ -95,6 +101,7 @@ class ReconcileReport(Record):
         counts["repairable"] = sum(1 for f in self.findings if f.fix_event is not None)
         counts["repaired"] = sum(1 for f in self.findings if f.fix_outcome is not None)
         counts["for_finance"] = sum(1 for f in self.findings if f.fix_event is None)
+        counts["unresolved"] = len(self.unresolved)
         return counts
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -30,6 +30,7 @@ from domain.models import (
     DecisionReceipt,
     Money,
     Record,
+    RefundStage,
     RetryRefundRequest,
 )
 from domain.rules import parse_duration
@@ -269,12 +270,8 @@ async def retry_one(
         )
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
-            # Unknown id, or the workflow has ended (a completed one cannot be updated).
-            return RetryResult(
-                cancellation_id=cancellation_id,
-                outcome=RetryOutcome.SKIPPED,
-                detail=f"not running: {err.message}",
-            )
+            # An ended workflow takes no update; an id Temporal never saw is a mistake.
+            return await _ended_or_unknown(client, cancellation_id)
         return RetryResult(
             cancellation_id=cancellation_id,
             outcome=RetryOutcome.ERROR,
@@ -283,6 +280,39 @@ async def retry_one(
     return RetryResult(
         cancellation_id=cancellation_id, outcome=RetryOutcome.RETRIED, detail=receipt.message
     )
+
+
+async def _ended_or_unknown(client: Client, cancellation_id: str) -> RetryResult:
+    try:
+        description = await client.get_workflow_handle(cancellation_id).describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return RetryResult(
+                cancellation_id=cancellation_id,
+                outcome=RetryOutcome.ERROR,
+                detail=f"no such cancellation {cancellation_id}",
+            )
+        raise
+    name = description.status.name.lower() if description.status else "ended"
+    return RetryResult(
+        cancellation_id=cancellation_id,
+        outcome=RetryOutcome.SKIPPED,
+        detail=f"not running ({name})",
+    )
+
+
+async def declined_for_good(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) -> set[str]:
+    """Those whose latest refund the provider declined for good (R10): a retry makes a new
+    refund under a new key, so a bulk retry holds them back unless asked."""
+    rows = await pool.fetch(
+        """
+        SELECT DISTINCT ON (cancellation_id) cancellation_id, stage
+        FROM refunds WHERE cancellation_id = ANY($1::text[])
+        ORDER BY cancellation_id, generation DESC
+        """,
+        list(cancellation_ids),
+    )
+    return {r["cancellation_id"] for r in rows if r["stage"] == RefundStage.DECLINED.value}
 
 
 async def check_one(client: Client, cancellation_id: str) -> RetryResult:
@@ -294,8 +324,8 @@ async def check_one(client: Client, cancellation_id: str) -> RetryResult:
         if err.status == RPCStatusCode.NOT_FOUND:
             return RetryResult(
                 cancellation_id=cancellation_id,
-                outcome=RetryOutcome.WOULD_SKIP,
-                detail="no such cancellation",
+                outcome=RetryOutcome.ERROR,
+                detail=f"no such cancellation {cancellation_id}",
             )
         return RetryResult(
             cancellation_id=cancellation_id, outcome=RetryOutcome.ERROR, detail=err.message
@@ -330,12 +360,13 @@ async def retry_refunds(
     rate: float | None = None,
     dry_run: bool = False,
     on_result: Callable[[RetryResult], None] | None = None,
+    hold: Mapping[str, str] | None = None,
 ) -> RetrySummary:
     """Retry (or, with `dry_run`, check) each cancellation once: at most `concurrency` in
     flight, at most `rate` per second. Every result is reported to `on_result` as it comes
     (a progress bar, or the partial summary of an interrupted run). Cancelling the call
     midway is safe: each cancellation either got its update or did not, and running again
-    retries only those still parked."""
+    retries only those still parked. `hold`: ids not to retry, with the reason (skipped)."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     ids = list(dict.fromkeys(cancellation_ids))
@@ -344,6 +375,16 @@ async def retry_refunds(
     results: dict[str, RetryResult] = {}
 
     async def one(cancellation_id: str) -> None:
+        if hold and cancellation_id in hold:
+            result = RetryResult(
+                cancellation_id=cancellation_id,
+                outcome=RetryOutcome.WOULD_SKIP if dry_run else RetryOutcome.SKIPPED,
+                detail=hold[cancellation_id],
+            )
+            results[cancellation_id] = result
+            if on_result is not None:
+                on_result(result)
+            return
         async with semaphore:
             if bucket is not None:
                 await bucket.acquire()

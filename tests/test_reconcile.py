@@ -119,7 +119,8 @@ async def test_each_planted_mismatch_is_found_and_status_ones_repaired_through_w
 
     # Finance's tooling reads the same through the CLI.
     ran = await run_command(ORDERCANCEL, "reconcile", "--json", env=stack.cli_env())
-    assert ran.returncode == 0, ran.stderr
+    # Mismatches found: a scheduled run must be able to alert on the exit code.
+    assert ran.returncode == 1, ran.stderr
     cli = json.loads(ran.stdout)
     assert {f["idempotency_key"]: f["kind"] for f in cli["findings"]} == {
         k: v[0][0].value for k, v in expected.items()
@@ -182,8 +183,10 @@ async def test_each_planted_mismatch_is_found_and_status_ones_repaired_through_w
         GHOST_KEY,
     }
     ran = await run_command(ORDERCANCEL, "reconcile", env=stack.cli_env())
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 1, ran.stderr
+    assert "3 finding(s) over" in ran.stdout
     assert "missing_at_provider 1, unknown_to_ledger 1, amount_mismatch 1" in ran.stdout
+    assert "unresolved 3" in ran.stdout
 
     # Clean up the parked ones (they would wait for an operator forever).
     await stack.provider.set_faults(lost_failed.payment_id, SimulatorFaults())

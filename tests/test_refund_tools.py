@@ -225,6 +225,8 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
     assert ran.returncode == 0, ran.stderr
     assert "would retry 1, would skip 1" in ran.stdout
     assert "Dry run: nothing was changed" in ran.stdout
+    # The progress line of a dry run says what it would do, not what it did.
+    assert "would retry 1 would skip 1" in ran.stderr and "retried 1" not in ran.stderr
     assert await ledger_snapshot(stack, [parked, waiting]) == before
     assert (await wait_for_status(parked.handle, CancellationStatus.REFUND_FAILED)).status is (
         CancellationStatus.REFUND_FAILED
@@ -239,8 +241,15 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
     assert "retried 0, skipped 1" in ran.stdout and "not_refund_failed" in ran.stdout
     view = await wait_for_status(waiting.handle, CancellationStatus.AWAITING_SELLER)
     assert not [e for e in view.audit if e.kind == "refund_retry"]
+    # A mistyped id is an error, not a skip: the SRE must see it.
     unknown = await retry_one(stack.client, "cancel-NOPE-S-0", SRE)
-    assert unknown.outcome is RetryOutcome.SKIPPED
+    assert unknown.outcome is RetryOutcome.ERROR and "no such cancellation" in unknown.detail
+    for dry in ((), ("--dry-run",)):
+        ran = await run_command(
+            ORDERCANCEL, "refunds", "retry", "cancel-NOPE-S-0", *dry, env=stack.cli_env()
+        )
+        assert ran.returncode == 1, (dry, ran.stdout, ran.stderr)
+        assert "no such cancellation cancel-NOPE-S-0" in ran.stdout
 
     # A retry while the provider is still down: accepted, tried again, parked again.
     assert (await retry_one(stack.client, parked.id, SRE)).outcome is RetryOutcome.RETRIED
@@ -387,3 +396,71 @@ async def test_token_bucket_paces_without_spinning() -> None:
         await bucket.acquire()
     elapsed = loop.time() - start
     assert 0.09 <= elapsed < 0.5, elapsed  # the first is free, five waits of 20 ms
+
+
+async def test_a_declined_refund_is_listed_apart_and_held_back_from_a_bulk_retry(
+    stack: RefundStack,
+) -> None:
+    """A refund the provider declined for good is not one more transient failure: `refunds
+    failed` lists it apart with its stage and error (provider texts shown as text, not console
+    markup), and `--all-failed` leaves it out unless `--include-declined` says otherwise."""
+    seller = unique("S")
+    (declined,) = await cancellations(
+        stack, 1, seller=seller, faults=SimulatorFaults(final_failure="[card_closed] by issuer")
+    )
+    (transient,) = await cancellations(stack, 1, seller=seller, faults=OUTAGE)
+    view = await wait_for_status(declined.handle, CancellationStatus.REFUND_FAILED)
+    assert view.refund is not None and view.refund.stage is RefundStage.DECLINED
+    await assert_listed_for(stack, seller, {declined.id, transient.id})
+
+    ran = await run_command(
+        ORDERCANCEL, "refunds", "failed", "--seller", seller, env=stack.cli_env()
+    )
+    assert ran.returncode == 0, ran.stderr
+    head, _, apart = ran.stdout.partition("declined for good by the provider")
+    assert transient.id in head and declined.id not in head
+    assert declined.id in apart and "[card_closed] by issuer" in apart and "declined" in apart
+
+    query = f'SellerId="{seller}"'
+    ran = await run_command(
+        ORDERCANCEL,
+        "refunds",
+        "retry",
+        "--all-failed",
+        "--query",
+        query,
+        "--dry-run",
+        env=stack.cli_env(),
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "would retry 1, would skip 1" in ran.stdout and "--include-declined" in ran.stdout
+
+    await stack.provider.set_faults(transient.payment_id, SimulatorFaults())
+    ran = await run_command(
+        ORDERCANCEL, "refunds", "retry", "--all-failed", "--query", query, env=stack.cli_env()
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "retried 1, skipped 1" in ran.stdout
+    assert (await asyncio.wait_for(transient.handle.result(), 30)).status is (
+        CancellationStatus.COMPLETED
+    )
+    held = await wait_for_status(declined.handle, CancellationStatus.REFUND_FAILED)
+    assert not [e for e in held.audit if e.kind == "refund_retry"]
+
+    # Asked for: it gets a new refund (the provider's fault cleared first).
+    await stack.provider.set_faults(declined.payment_id, SimulatorFaults())
+    ran = await run_command(
+        ORDERCANCEL,
+        "refunds",
+        "retry",
+        "--all-failed",
+        "--query",
+        query,
+        "--include-declined",
+        env=stack.cli_env(),
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "retried 1, skipped 0" in ran.stdout
+    assert (await asyncio.wait_for(declined.handle.result(), 30)).status is (
+        CancellationStatus.COMPLETED
+    )
