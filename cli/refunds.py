@@ -394,13 +394,15 @@ def reconcile_command(
     else:
         if report.findings:
             console.print(_reconcile_table(report))
-        totals = report.totals()
-        console.print(
-            f"{len(report.findings)} finding(s) over {report.ledger_refunds} ledger and"
-            f" {report.provider_refunds} provider refund(s): "
-            + ", ".join(f"{k} {v}" for k, v in totals.items())
-            + ("" if report.findings else " — ledger and provider agree")
-        )
+        scope = f"{report.ledger_refunds} ledger and {report.provider_refunds} provider refund(s)"
+        if report.findings:
+            console.print(
+                f"{len(report.findings)} finding(s) over {scope}: "
+                + ", ".join(f"{k} {v}" for k, v in report.totals().items()),
+                soft_wrap=True,
+            )
+        else:
+            console.print(f"ledger and provider agree: {scope}", soft_wrap=True)
     # A scheduled run alerts on a mismatch nobody has repaired yet.
     if report.unresolved:
         raise typer.Exit(1)

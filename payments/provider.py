@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from domain.errors import ProviderFinalError, ProviderTransientError
 from domain.models import Money, RefundKind
@@ -73,6 +74,18 @@ class SimulatorFaults(BaseModel):
     final_failure: str | None = None
     confirm_after_polls: int = 0
     fail_after_success: bool = False
+    # Every refund call for the payment answers this much later (a slow provider).
+    latency_ms: int = Field(default=0, ge=0)
+
+
+class SimulatorSettings(BaseModel):
+    """Provider-wide behaviour set at run time (`provider_sim.settings`): overrides the
+    worker's ORDERCANCEL_SIM_TRANSIENT_RATE and ORDERCANCEL_SIM_LATENCY within a second."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transient_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    latency_ms: int = Field(default=0, ge=0)
 
 
 class SimulatedProvider:
@@ -96,19 +109,74 @@ class SimulatedProvider:
         self._transient_rate = transient_rate
         self._confirm_after_polls = confirm_after_polls
         self._rng = rng or random.Random()
+        self._settings: SimulatorSettings | None = None
+        self._settings_read_at = float("-inf")
+
+    # --- rehearsal controls (`ordercancel provider ...`) ----------------------------------
+
+    async def set_settings(self, settings: SimulatorSettings | None) -> None:
+        """Provider-wide behaviour for every worker; None: back to their own settings."""
+        if settings is None:
+            await self._pool.execute("DELETE FROM provider_sim.settings")
+            return
+        await self._pool.execute(
+            """
+            INSERT INTO provider_sim.settings (singleton, transient_rate, latency_ms)
+            VALUES (true, $1, $2)
+            ON CONFLICT (singleton) DO UPDATE SET transient_rate = EXCLUDED.transient_rate,
+                latency_ms = EXCLUDED.latency_ms, updated_at = clock_timestamp()
+            """,
+            settings.transient_rate,
+            settings.latency_ms,
+        )
+
+    async def get_settings(self) -> SimulatorSettings | None:
+        row = await self._pool.fetchrow(
+            "SELECT transient_rate, latency_ms FROM provider_sim.settings"
+        )
+        return SimulatorSettings(**dict(row)) if row is not None else None
+
+    async def clear_faults(self, payment_id: str | None = None) -> int:
+        """Remove the faults of one payment, or of all (None). Returns how many were set."""
+        status = await self._pool.execute(
+            "DELETE FROM provider_sim.faults WHERE $1::text IS NULL OR payment_id = $1",
+            payment_id,
+        )
+        return int(status.split()[-1])
+
+    async def list_faults(self) -> dict[str, SimulatorFaults]:
+        rows = await self._pool.fetch("SELECT * FROM provider_sim.faults ORDER BY payment_id")
+        return {
+            row["payment_id"]: SimulatorFaults(
+                **{k: v for k, v in dict(row).items() if k != "payment_id"}
+            )
+            for row in rows
+        }
+
+    async def _current_settings(self) -> tuple[float, float]:
+        """(transient rate, latency seconds): the table's row when there is one (read at most
+        once a second), else this process's own."""
+        now = time.monotonic()
+        if now - self._settings_read_at >= 1.0:
+            self._settings = await self.get_settings()
+            self._settings_read_at = now
+        if self._settings is None:
+            return self._transient_rate, self._latency
+        return self._settings.transient_rate, self._settings.latency_ms / 1000
 
     async def set_faults(self, payment_id: str, faults: SimulatorFaults) -> None:
         await self._pool.execute(
             """
             INSERT INTO provider_sim.faults AS f (payment_id, transient_failures, lose_response,
-                final_failure, confirm_after_polls, fail_after_success)
-            VALUES ($1, $2, $3, $4, $5, $6)
+                final_failure, confirm_after_polls, fail_after_success, latency_ms)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
             ON CONFLICT (payment_id) DO UPDATE SET
                 transient_failures = EXCLUDED.transient_failures,
                 lose_response = EXCLUDED.lose_response,
                 final_failure = EXCLUDED.final_failure,
                 confirm_after_polls = EXCLUDED.confirm_after_polls,
-                fail_after_success = EXCLUDED.fail_after_success
+                fail_after_success = EXCLUDED.fail_after_success,
+                latency_ms = EXCLUDED.latency_ms
             """,
             payment_id,
             faults.transient_failures,
@@ -116,12 +184,14 @@ class SimulatedProvider:
             faults.final_failure,
             faults.confirm_after_polls,
             faults.fail_after_success,
+            faults.latency_ms,
         )
 
     async def _network(self) -> None:
-        if self._latency:
-            await asyncio.sleep(self._latency)
-        if self._transient_rate and self._rng.random() < self._transient_rate:
+        transient_rate, latency = await self._current_settings()
+        if latency:
+            await asyncio.sleep(latency)
+        if transient_rate and self._rng.random() < transient_rate:
             raise ProviderTransientError("simulated provider timeout")
 
     async def _log(
@@ -221,6 +291,9 @@ class SimulatedProvider:
                         "created" if inserted is not None else "replayed",
                     )
                     result = _to_refund(row)
+        if fault is not None and fault["latency_ms"]:
+            # A slow answer, with no lock or transaction held meanwhile.
+            await asyncio.sleep(fault["latency_ms"] / 1000)
         if fault is not None and fault["transient_failures"] > 0:
             raise ProviderTransientError("simulated provider unavailable (503)")
         if key_reused:
