@@ -23,7 +23,8 @@ from infra.logging import configure_logging
 from infra.settings import Settings
 
 api_app = typer.Typer(
-    help="The HTTP API (docs/api.md): serve it, make API keys, export the OpenAPI document.",
+    help="The HTTP API (docs/api.md). With no command: serve it (as below). Commands: make API"
+    " keys, export the OpenAPI document.",
     invoke_without_command=True,
 )
 

@@ -128,7 +128,7 @@ def decide(
 def withdraw(
     cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002-S-7")],
     buyer: Annotated[str, typer.Option(help="The buyer who asked")],
-    reason: Annotated[str, typer.Option()] = "",
+    reason: Annotated[str, typer.Option(help="Why (audit trail, told to the seller)")] = "",
 ) -> None:
     """The buyer withdraws a pending request (signal `withdraw`)."""
     settings = ui.settings()

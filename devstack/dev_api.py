@@ -148,4 +148,10 @@ async def start_dev_api(
         lines.append(
             f"  curl -H 'Authorization: Bearer {buyer}' {url}/v1/cancellations/cancel-O-2001-S-7"
         )
+        # The variables the README's curl examples use, ready to paste into a shell.
+        lines.append("For the README's curl examples, paste:")
+        lines.append(
+            f"  export API={url} BUYER_KEY={buyer} SRE_KEY={credentials.keys['sre']}"
+            f" SELLER_S1_KEY={credentials.keys['seller:S-1']}"
+        )
     return DevApi(url=url, banner="\n".join(lines), server=server, task=task)

@@ -177,9 +177,12 @@ def decide_coupon(
             outcome=CouponOutcomeKind.PARTIAL_REFUND,
             redemption_id=redemption_id,
             active_sub_orders=active,
-            reason="not restored: sub-orders of sellers "
-            + ", ".join(active)
-            + " are not cancelled and fully refunded",
+            reason=(
+                f"not restored: the sub-order of seller {active[0]} is"
+                if len(active) == 1
+                else f"not restored: the sub-orders of sellers {', '.join(active)} are"
+            )
+            + " not cancelled and fully refunded",
         )
     if expires_at is not None and expires_at <= now:
         return CouponOutcome(

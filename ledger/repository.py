@@ -388,6 +388,7 @@ class Ledger:
             generation = existing.view.generation + 1 if existing is not None else 1
             kind = refund_kind(CaptureState(sub["capture"]))
             eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
+            amount = Money(amount_minor=sub["cash_minor"], currency=sub["currency"].strip())
             try:
                 row = await conn.fetchrow(
                     _RESERVE_REFUND,
@@ -402,11 +403,11 @@ class Ledger:
                     generation,
                     CancellationStatus.REFUND_REQUESTED.value,
                     event_key,
-                    f"{kind.value} of {sub['cash_minor']} {sub['currency'].strip()} requested",
+                    f"{kind.value} of {amount} requested",
                 )
             except asyncpg.CheckViolationError as err:
                 raise RefundLimitExceeded(
-                    f"refunding {sub['cash_minor']} would exceed payment {sub['payment_id']}"
+                    f"refunding {amount} would exceed payment {sub['payment_id']}"
                 ) from err
             assert row is not None  # the payment row is locked: it exists
             return _refund_record(row)
@@ -882,8 +883,8 @@ def _coupon_outcome(row: asyncpg.Record) -> CouponOutcome:
     if row["outcome"] != CouponOutcomeKind.RESTORED and restored_by:
         return CouponOutcome(
             outcome=CouponOutcomeKind.RESTORED,
-            reason=f"given back when {restored_by} finished (when this cancellation finished:"
-            f" {row['reason']})",
+            reason=f"given back when {restored_by} finished; this cancellation had found it"
+            f" {row['reason']}",
             redemption_id=row["redemption_id"],
         )
     return CouponOutcome(

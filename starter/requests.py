@@ -1,4 +1,5 @@
-"""Starting cancellations and sending decisions: what the CLI (and later the API) calls."""
+"""Starting a cancellation (one workflow per sub-order, joined if it exists): what the API,
+the CLI and the tools call."""
 
 from __future__ import annotations
 

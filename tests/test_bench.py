@@ -33,7 +33,7 @@ ONE_S = timedelta(seconds=1)
 
 
 async def bench_json(*args: str) -> dict[str, Any]:
-    """`ordercancel bench ARGS --json`, which must succeed: its report."""
+    """`python -m tools.bench ARGS --json`, which must succeed: its report."""
     ran = await run_command(*BENCH, *args, "--json", timeout=240)
     assert ran.returncode == 0, ran.stderr[-3000:]
     parsed: dict[str, Any] = json.loads(ran.stdout)

@@ -463,6 +463,13 @@ async def test_request_refund_repeated_records_one_refund(pool: asyncpg.Pool) ->
     assert view.eta.earliest < view.eta.latest
     assert await pool.fetchval("SELECT count(*) FROM refunds WHERE cancellation_id = $1", cid) == 1
     assert await refunded(pool, "P-1002") == amount
+    # The buyer's story states the money in major units, as everywhere else.
+    detail = await pool.fetchval(
+        "SELECT detail FROM cancellation_events WHERE cancellation_id = $1"
+        " AND kind = 'refund_requested'",
+        cid,
+    )
+    assert detail == "refund of 65.89 EUR requested"
     assert await events(pool, cid) == [
         "requested",
         "awaiting_seller",

@@ -1,6 +1,6 @@
-"""`ordercancel bench parked`: many cancellations waiting for their sellers, then all decided.
+"""`python -m tools.bench parked`: many cancellations waiting for their sellers, then all decided.
 
-Product only, on its own dev server and worker process (as `ordercancel bench`). Each
+Product only, on its own dev server and worker process (as `python -m tools.bench`). Each
 cancellation is a request-path order whose seller has the configured window (48 h by default).
 
 Start phase: requests go out with bounded concurrency; at each checkpoint the driver stops
@@ -330,7 +330,7 @@ def parked_table(report: dict[str, Any]) -> list[Table]:
     opts = report["options"]
     start = Table(
         title=(
-            f"ordercancel bench parked: {opts['count']} cancellations, concurrency "
+            f"python -m tools.bench parked: {opts['count']} cancellations, concurrency "
             f"{opts['concurrency']}, max_cached_workflows {opts['max_cached_workflows']}"
         )
     )

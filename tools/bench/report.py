@@ -74,7 +74,7 @@ def bench_table(report: dict[str, Any]) -> Table:
     opts = report["options"]
     table = Table(
         title=(
-            f"ordercancel bench: {opts['count']} cancellations per side, concurrency "
+            f"python -m tools.bench: {opts['count']} cancellations per side, concurrency "
             f"{opts['concurrency']}, {opts.get('rounds', 1)} alternated round(s)"
             f" (run {report['run_id']})"
         ),

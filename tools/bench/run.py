@@ -1,4 +1,4 @@
-"""`ordercancel bench`: the product's cancellation mix and the engine's limit, side by side.
+"""`python -m tools.bench`: the product's cancellation mix and the engine's limit, side by side.
 
 1. PostgreSQL (embedded in a temporary directory, or DATABASE_URL) is migrated and the orders
    of the run are generated and loaded in bulk (unique ids per run).

@@ -1,7 +1,7 @@
-"""`ordercancel bench sweep`: the bench at several concurrencies, and a chart of throughput and
+"""`python -m tools.bench sweep`: the bench at several concurrencies, and a chart of throughput and
 p95 (seller window excluded) against concurrency for the limit and the product.
 
-Each level is a whole `ordercancel bench` run (fresh servers). The chart needs matplotlib
+Each level is a whole `python -m tools.bench` run (fresh servers). The chart needs matplotlib
 (the project's `chart` extra); without it `--chart` is refused before the sweep starts.
 """
 
@@ -49,7 +49,7 @@ async def run_sweep(
 def sweep_table(sweep: dict[str, Any]) -> Table:
     table = Table(
         title=(
-            f"ordercancel bench sweep: {sweep['count']} cancellations per side and level; "
+            f"python -m tools.bench sweep: {sweep['count']} cancellations per side and level; "
             f"the limit peaks at concurrency {sweep['limit_peaks_at']}"
         )
     )
@@ -101,7 +101,7 @@ def sweep_chart(sweep: dict[str, Any], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(
-        f"ordercancel bench: {sweep['count']} cancellations per side and level"
+        f"python -m tools.bench: {sweep['count']} cancellations per side and level"
         " (p95 without the silent seller's window)"
     )
     fig.tight_layout()

@@ -2,7 +2,7 @@
 what its buyer or seller will do, and the faults the payment provider injects per payment.
 
 Pure (no I/O): the same seed gives the same plan, so a failing run can be replayed with
-`ordercancel chaos --seed N --count M`.
+`python -m tools.chaos --seed N --count M`.
 """
 
 from __future__ import annotations

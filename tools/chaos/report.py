@@ -87,7 +87,7 @@ def markdown(report: ChaosReport) -> str:
     """The same tables in Markdown, for docs/reliability.md."""
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in report.phases.items())
     out = [
-        f"Run: `ordercancel chaos --count {report.count} --seed {report.seed}`,"
+        f"Run: `python -m tools.chaos --count {report.count} --seed {report.seed}`,"
         f" {report.seconds:.0f} s ({phases}),"
         f" {report.workflow_runs} workflow runs, **{len(report.violations)} violations**.",
         "",
