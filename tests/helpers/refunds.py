@@ -3,8 +3,8 @@ the product's worker with the provider simulator on the real dev server and a fr
 helpers that make cancellations park in `refund_failed` or complete.
 
 Each module gets its own dev server and database (`temporal_address`, `e2e_database_url` from
-tests/conftest.py); each test makes orders and sellers of its own, so visibility queries by seller see
-only that test's cancellations.
+tests/conftest.py); each test makes orders and sellers of its own, so visibility queries by
+seller see only that test's cancellations.
 """
 
 from __future__ import annotations
