@@ -32,14 +32,13 @@ import asyncpg
 from temporalio.client import Client
 
 from domain.models import (
-    Money,
     PaymentEvent,
     PaymentEventType,
     Record,
-    RefundKind,
     RefundStage,
 )
 from infra.settings import TASK_QUEUE
+from ledger.reports import LedgerRefund, all_refunds
 from ledger.repository import Ledger
 from payments.provider import PaymentProvider, ProviderRefund, ProviderRefundStatus
 from starter.payment_events import forward_payment_event
@@ -50,17 +49,6 @@ class FindingKind(StrEnum):
     UNKNOWN_TO_LEDGER = "unknown_to_ledger"
     AMOUNT_MISMATCH = "amount_mismatch"
     STATUS_MISMATCH = "status_mismatch"
-
-
-class LedgerRefund(Record):
-    idempotency_key: str
-    cancellation_id: str
-    generation: int
-    payment_id: str
-    kind: RefundKind
-    amount: Money
-    stage: RefundStage
-    provider_ref: str | None = None
 
 
 class Finding(Record):
@@ -158,26 +146,6 @@ def fix_event_id(idempotency_key: str, status: ProviderRefundStatus) -> str:
     return f"reconcile:{idempotency_key}:{status.value}"
 
 
-async def ledger_refunds(pool: asyncpg.Pool) -> list[LedgerRefund]:
-    rows = await pool.fetch(
-        "SELECT idempotency_key, cancellation_id, generation, payment_id, kind, amount_minor,"
-        " currency, stage, provider_ref FROM refunds ORDER BY requested_at, idempotency_key"
-    )
-    return [
-        LedgerRefund(
-            idempotency_key=r["idempotency_key"],
-            cancellation_id=r["cancellation_id"],
-            generation=r["generation"],
-            payment_id=r["payment_id"],
-            kind=RefundKind(r["kind"]),
-            amount=Money(amount_minor=r["amount_minor"], currency=r["currency"].strip()),
-            stage=RefundStage(r["stage"]),
-            provider_ref=r["provider_ref"],
-        )
-        for r in rows
-    ]
-
-
 def compare(ledger: list[LedgerRefund], provider: list[ProviderRefund]) -> list[Finding]:
     """The findings, pure: ledger rows and provider records in, mismatches out."""
     at_provider = {p.idempotency_key: p for p in provider}
@@ -261,7 +229,7 @@ async def reconcile(
     workflow as a synthetic payment event. Never writes the ledger itself."""
     if fix and client is None:
         raise ValueError("--fix needs a Temporal client")
-    ours = await ledger_refunds(pool)
+    ours = await all_refunds(pool)
     theirs = await provider.list_refunds()
     findings = compare(ours, theirs)
     if fix and client is not None:

@@ -34,6 +34,7 @@ from domain.models import (
     RetryRefundRequest,
 )
 from domain.rules import parse_duration
+from ledger.reports import latest_refunds
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
 
@@ -116,20 +117,6 @@ async def find_failed_ids(client: Client, query: str) -> list[str]:
     return list(seen)
 
 
-_LEDGER_DETAILS = """
-    SELECT DISTINCT ON (r.cancellation_id)
-        r.cancellation_id, c.order_id, c.seller_id, r.idempotency_key, r.stage,
-        r.amount_minor, r.currency, r.last_error,
-        CASE WHEN r.stage = 'reversed' THEN r.reversed_at ELSE r.failed_at END AS failed_since,
-        (SELECT count(*) FROM cancellation_events e
-         WHERE e.cancellation_id = r.cancellation_id
-           AND e.kind IN ('refund_failed', 'refund_reversed')) AS attempts
-    FROM refunds r JOIN cancellations c USING (cancellation_id)
-    WHERE r.cancellation_id = ANY($1::text[])
-    ORDER BY r.cancellation_id, r.generation DESC
-"""
-
-
 async def list_failed(
     client: Client,
     pool: asyncpg.Pool,
@@ -151,18 +138,17 @@ async def list_failed(
                 seller_id=attrs.get(sa.SELLER_ID),
             ),
         )
-    rows = await pool.fetch(_LEDGER_DETAILS, list(found)) if found else []
-    for row in rows:
-        found[row["cancellation_id"]] = FailedRefund(
-            cancellation_id=row["cancellation_id"],
-            order_id=row["order_id"],
-            seller_id=row["seller_id"],
-            amount=Money(amount_minor=row["amount_minor"], currency=row["currency"].strip()),
-            idempotency_key=row["idempotency_key"],
-            refund_stage=row["stage"],
-            last_error=row["last_error"],
-            attempts=row["attempts"],
-            failed_since=row["failed_since"],
+    for parked in await latest_refunds(pool, list(found)) if found else []:
+        found[parked.cancellation_id] = FailedRefund(
+            cancellation_id=parked.cancellation_id,
+            order_id=parked.order_id,
+            seller_id=parked.seller_id,
+            amount=parked.amount,
+            idempotency_key=parked.idempotency_key,
+            refund_stage=parked.stage.value,
+            last_error=parked.last_error,
+            attempts=parked.attempts,
+            failed_since=parked.failed_since,
         )
     listed = [
         f
@@ -304,15 +290,11 @@ async def _ended_or_unknown(client: Client, cancellation_id: str) -> RetryResult
 async def declined_for_good(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) -> set[str]:
     """Those whose latest refund the provider declined for good (R10): a retry makes a new
     refund under a new key, so a bulk retry holds them back unless asked."""
-    rows = await pool.fetch(
-        """
-        SELECT DISTINCT ON (cancellation_id) cancellation_id, stage
-        FROM refunds WHERE cancellation_id = ANY($1::text[])
-        ORDER BY cancellation_id, generation DESC
-        """,
-        list(cancellation_ids),
-    )
-    return {r["cancellation_id"] for r in rows if r["stage"] == RefundStage.DECLINED.value}
+    return {
+        r.cancellation_id
+        for r in await latest_refunds(pool, cancellation_ids)
+        if r.stage is RefundStage.DECLINED
+    }
 
 
 async def check_one(client: Client, cancellation_id: str) -> RetryResult:

@@ -32,10 +32,11 @@ from domain.models import (
 )
 from infra.settings import Settings
 from ledger.orders import load_orders, parse_orders_file
+from ledger.reports import LedgerRefund
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.payment_events import forward_payment_event
-from starter.reconcile import FindingKind, LedgerRefund, compare
+from starter.reconcile import FindingKind, compare
 from starter.requests import start_cancellation
 from tools.chaos.faults import FaultKind
 from tools.chaos.plan import Scenario, make_plan

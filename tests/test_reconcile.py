@@ -28,8 +28,9 @@ from helpers.wait import wait_for_status
 
 from domain.models import CancellationStatus, PaymentEventType, RefundKind, RefundStage
 from domain.rules import refund_idempotency_key
+from ledger.reports import LedgerRefund
 from payments.provider import ProviderRefundStatus, SimulatorFaults
-from starter.reconcile import Finding, FindingKind, LedgerRefund, compare, fix_event_id, reconcile
+from starter.reconcile import Finding, FindingKind, compare, fix_event_id, reconcile
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,98 @@
+"""Read-only views of the ledger for the operators' tools (`starter.refunds`,
+`starter.reconcile`): the refunds as the ledger has them. The pool is the caller's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+
+from domain.models import Money, Record, RefundKind, RefundStage
+
+
+class LedgerRefund(Record):
+    """One refund as the ledger records it (every generation), for reconciliation."""
+
+    idempotency_key: str
+    cancellation_id: str
+    generation: int
+    payment_id: str
+    kind: RefundKind
+    amount: Money
+    stage: RefundStage
+    provider_ref: str | None = None
+
+
+class ParkedRefund(Record):
+    """The latest refund of a cancellation, with what an operator needs to judge a retry."""
+
+    cancellation_id: str
+    order_id: str
+    seller_id: str
+    idempotency_key: str
+    stage: RefundStage
+    amount: Money
+    last_error: str | None = None
+    # Passes that ended parked (refund_failed and refund_reversed events).
+    attempts: int
+    # When it parked the last time: refunds.failed_at (reversed_at for a reversal).
+    failed_since: datetime | None = None
+
+
+def _money(row: asyncpg.Record) -> Money:
+    return Money(amount_minor=row["amount_minor"], currency=row["currency"].strip())
+
+
+async def all_refunds(pool: asyncpg.Pool) -> list[LedgerRefund]:
+    rows = await pool.fetch(
+        "SELECT idempotency_key, cancellation_id, generation, payment_id, kind, amount_minor,"
+        " currency, stage, provider_ref FROM refunds ORDER BY requested_at, idempotency_key"
+    )
+    return [
+        LedgerRefund(
+            idempotency_key=r["idempotency_key"],
+            cancellation_id=r["cancellation_id"],
+            generation=r["generation"],
+            payment_id=r["payment_id"],
+            kind=RefundKind(r["kind"]),
+            amount=_money(r),
+            stage=RefundStage(r["stage"]),
+            provider_ref=r["provider_ref"],
+        )
+        for r in rows
+    ]
+
+
+async def latest_refunds(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) -> list[ParkedRefund]:
+    """The latest refund generation of each of these cancellations (those that have one)."""
+    rows = await pool.fetch(
+        """
+        SELECT DISTINCT ON (r.cancellation_id)
+            r.cancellation_id, c.order_id, c.seller_id, r.idempotency_key, r.stage,
+            r.amount_minor, r.currency, r.last_error,
+            CASE WHEN r.stage = 'reversed' THEN r.reversed_at ELSE r.failed_at END
+                AS failed_since,
+            (SELECT count(*) FROM cancellation_events e
+             WHERE e.cancellation_id = r.cancellation_id
+               AND e.kind IN ('refund_failed', 'refund_reversed')) AS attempts
+        FROM refunds r JOIN cancellations c USING (cancellation_id)
+        WHERE r.cancellation_id = ANY($1::text[])
+        ORDER BY r.cancellation_id, r.generation DESC
+        """,
+        list(cancellation_ids),
+    )
+    return [
+        ParkedRefund(
+            cancellation_id=r["cancellation_id"],
+            order_id=r["order_id"],
+            seller_id=r["seller_id"],
+            idempotency_key=r["idempotency_key"],
+            stage=RefundStage(r["stage"]),
+            amount=_money(r),
+            last_error=r["last_error"],
+            attempts=r["attempts"],
+            failed_since=r["failed_since"],
+        )
+        for r in rows
+    ]
