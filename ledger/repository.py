@@ -617,9 +617,13 @@ class Ledger:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             # A retried attempt that overlaps the first one waits here and reads its decision.
+            # NO KEY UPDATE, not UPDATE: a reversal of a sibling holds the redemption and then
+            # writes this cancellation's `coupon_revoked` row, whose foreign key check takes KEY
+            # SHARE on this row; FOR UPDATE would block it while this waits for the redemption
+            # (a deadlock). NO KEY UPDATE still serialises two attempts of this decision.
             cancellation = await conn.fetchrow(
                 "SELECT order_id, seller_id FROM cancellations WHERE cancellation_id = $1"
-                " FOR UPDATE",
+                " FOR NO KEY UPDATE",
                 cancellation_id,
             )
             if cancellation is None:
