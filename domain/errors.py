@@ -78,3 +78,13 @@ class ProviderFinalError(ProviderError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class ProviderReadError(ProviderError):
+    """The provider did not tell us how a refund stands: an error *reading* it (a 4xx on the
+    read, an unknown reference, a refused API key). It says nothing about the refund itself,
+    which may still settle: never a decline (issue 18)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code

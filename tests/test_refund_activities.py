@@ -18,6 +18,7 @@ from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import (
     PROVIDER_UNAVAILABLE,
     REFUND_REJECTED,
+    REFUND_STATUS_UNREADABLE,
     RefundActivities,
 )
 from devstack.demo import DEMO_FILE
@@ -300,6 +301,70 @@ async def test_refund_that_fails_after_success_is_reported_by_the_provider(h: Ha
     # The confirm activity does not look again once the ledger says confirmed: finding these
     # is reconciliation's job.
     assert (await h.confirm(CID_1002)).stage is RefundStage.CONFIRMED
+
+
+async def test_a_refused_read_of_the_status_is_not_a_decline(h: Harness) -> None:
+    """Issue 18: a 4xx while *reading* a refund says nothing about the refund. The activity
+    says so with its own type (not RefundFailedAtProvider, which parks as declined), the
+    ledger keeps the refund submitted and reserved, and asking again under the same key
+    confirms the one refund the provider made."""
+    await h.approved_refund("O-1002", "S-7")
+    submitted = await h.submit(CID_1002)
+    await h.provider.set_faults("P-1002", SimulatorFaults(read_errors=1))
+
+    with pytest.raises(ApplicationError) as unreadable:
+        await h.confirm(CID_1002)
+
+    assert unreadable.value.type == REFUND_STATUS_UNREADABLE
+    assert unreadable.value.non_retryable is True
+    assert await h.stage(CID_1002) is RefundStage.SUBMITTED
+    assert (
+        await h.pool.fetchval("SELECT refunded_minor FROM payments WHERE payment_id = 'P-1002'")
+        == CASH_1002
+    )
+    assert (await h.calls(KEY_1002))[-1] == ("get_refund", "read_error")
+
+    confirmed = await h.confirm(CID_1002)
+
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert confirmed.idempotency_key == KEY_1002
+    assert confirmed.provider_ref == submitted.provider_ref
+    assert len(await h.provider_refunds(KEY_1002)) == 1
+
+
+async def test_an_unknown_refund_at_the_provider_is_unreadable_not_declined(h: Harness) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.submit(CID_1002)
+    await h.pool.execute(
+        "UPDATE refunds SET provider_ref = 're_gone' WHERE idempotency_key = $1", KEY_1002
+    )
+
+    with pytest.raises(ApplicationError) as unreadable:
+        await h.confirm(CID_1002)
+
+    assert unreadable.value.type == REFUND_STATUS_UNREADABLE
+    assert "resource_missing" in str(unreadable.value)
+    assert await h.stage(CID_1002) is RefundStage.SUBMITTED
+
+
+async def test_verify_reversal_ends_on_a_refused_read_instead_of_retrying_forever(
+    h: Harness,
+) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.submit(CID_1002)
+    await h.confirm(CID_1002)
+    await h.provider.set_faults("P-1002", SimulatorFaults(read_errors=1))
+
+    with pytest.raises(ApplicationError) as unreadable:
+        await h.refund_acts.verify_reversal(
+            RefundStepInput(
+                cancellation_id=CID_1002, idempotency_key=KEY_1002, event_key="refund_reversed"
+            )
+        )
+
+    assert unreadable.value.type == REFUND_STATUS_UNREADABLE
+    assert unreadable.value.non_retryable is True
+    assert await h.stage(CID_1002) is RefundStage.CONFIRMED
 
 
 async def test_steps_after_success_change_nothing_and_do_not_call_the_provider(
