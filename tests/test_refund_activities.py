@@ -22,7 +22,7 @@ from activities.refund_activities import (
     RefundActivities,
 )
 from devstack.demo import DEMO_FILE
-from domain.errors import ProviderFinalError
+from domain.errors import ProviderFinalError, ProviderReadError
 from domain.models import (
     CancellationPath,
     CancellationReason,
@@ -552,6 +552,7 @@ async def test_status_polls_follow_the_settlement_rules_and_are_logged(pool: asy
         ("get_refund", "failed"),
         ("get_refund", "failed"),
     ]
-    with pytest.raises(ProviderFinalError) as unknown:
+    # An unknown reference is an error reading, not a refund that failed (issue 18).
+    with pytest.raises(ProviderReadError) as unknown:
         await h.provider.get_refund(provider_ref="re_nope")
-    assert unknown.value.code == "no_such_refund"
+    assert unknown.value.code == "resource_missing"
