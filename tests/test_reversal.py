@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -22,6 +21,7 @@ from helpers.wait import wait_for_status
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from devstack.demo import DEMO_FILE
 from domain.models import (
     CancellationReason,
     CancellationStatus,
@@ -41,7 +41,7 @@ from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
 
-DEMO = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
+DEMO = DEMO_FILE
 
 
 @dataclass
