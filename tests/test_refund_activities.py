@@ -556,3 +556,54 @@ async def test_status_polls_follow_the_settlement_rules_and_are_logged(pool: asy
     with pytest.raises(ProviderReadError) as unknown:
         await h.provider.get_refund(provider_ref="re_nope")
     assert unknown.value.code == "resource_missing"
+
+
+async def test_a_retry_that_would_repeat_a_refusal_of_the_request_says_why_instead(
+    h: Harness,
+) -> None:
+    """Issue 18: the provider refuses the refund *as asked* (Stripe cannot void part of an
+    authorisation). The operator's retry must not send the same void again under a new key
+    forever: the next generation is refused by the ledger with a reason an operator can act
+    on, without calling the provider; once the payment is captured, it is a refund (R2)."""
+    cid = cancellation_id("O-1001", "S-7")
+    first = await h.approved_refund("O-1001", "S-7")
+    assert first.kind is RefundKind.VOID
+    await h.provider.set_faults("P-1001", SimulatorFaults(final_failure="partial_void_unsupported"))
+    step = RefundStepInput(
+        cancellation_id=cid, idempotency_key=first.idempotency_key, event_key="refund_submitted"
+    )
+    with pytest.raises(ApplicationError) as refused:
+        await h.refund_acts.submit_refund(step)
+    await h.ledger_acts.record_refund_failed(
+        RefundFailureInput(
+            cancellation_id=cid,
+            idempotency_key=first.idempotency_key,
+            error=f"{refused.value.type}: {refused.value.message}",
+            attempts=1,
+            event_key="refund_declined",
+            final=True,
+        )
+    )
+    calls_before = await h.pool.fetchval("SELECT count(*) FROM provider_sim.calls")
+
+    with pytest.raises(ApplicationError) as repeat:
+        await h.ledger_acts.request_refund(
+            RefundRequestInput(cancellation_id=cid, event_key="refund_requested-2")
+        )
+
+    assert repeat.value.type == "RefundWouldRepeatRefusal"
+    assert repeat.value.non_retryable is True
+    assert "partial_void_unsupported" in repeat.value.message
+    assert "capture" in repeat.value.message
+    assert await h.pool.fetchval("SELECT count(*) FROM provider_sim.calls") == calls_before
+    assert (
+        await h.pool.fetchval("SELECT count(*) FROM refunds WHERE cancellation_id = $1", cid) == 1
+    )
+
+    # The payment is captured since: the next generation changes kind and goes through.
+    await h.pool.execute("UPDATE payments SET capture = 'captured' WHERE payment_id = 'P-1001'")
+    await h.provider.set_faults("P-1001", SimulatorFaults())
+    second = await h.ledger_acts.request_refund(
+        RefundRequestInput(cancellation_id=cid, event_key="refund_requested-3")
+    )
+    assert (second.generation, second.kind) == (2, RefundKind.REFUND)
