@@ -58,6 +58,13 @@ class RefundLimitExceeded(LedgerError):
     error_type = "RefundLimitExceeded"
 
 
+class RefundWouldRepeatRefusal(LedgerError):
+    """The next generation of a declined refund would be the same request the provider refused
+    for what it is (e.g. a partial void Stripe cannot make): refused without asking again."""
+
+    error_type = "RefundWouldRepeatRefusal"
+
+
 class OrderConflict(LedgerError):
     """An order id is already loaded with different content."""
 

@@ -18,6 +18,7 @@ from domain.errors import (
     CancellationConflict,
     CancellationNotFound,
     RefundLimitExceeded,
+    RefundWouldRepeatRefusal,
     SubOrderAlreadyCancelled,
     SubOrderNotFound,
 )
@@ -42,7 +43,13 @@ from domain.models import (
     RequestCancellationInput,
     TransitionInput,
 )
-from domain.rules import decide_coupon, refund_eta, refund_idempotency_key, refund_kind
+from domain.rules import (
+    decide_coupon,
+    refund_eta,
+    refund_idempotency_key,
+    refund_kind,
+    repeated_refusal,
+)
 
 
 class SubOrderSnapshot(Record):
@@ -387,6 +394,8 @@ class Ledger:
                 return existing
             generation = existing.view.generation + 1 if existing is not None else 1
             kind = refund_kind(CaptureState(sub["capture"]))
+            if existing is not None and existing.view.stage is RefundStage.DECLINED:
+                _refuse_a_repeat(existing, kind, sub["cash_minor"])
             eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
             try:
                 row = await conn.fetchrow(
@@ -922,4 +931,20 @@ def _refund_record(row: asyncpg.Record) -> RefundRecord:
         requested_at=row["requested_at"],
         submitted_at=row["submitted_at"],
         confirmed_at=row["confirmed_at"],
+    )
+
+
+def _refuse_a_repeat(declined: RefundRecord, kind: RefundKind, amount_minor: int) -> None:
+    """Issue 18: an operator's retry must change something. A refund the provider refused for
+    what it is would be refused again under a new key: say why, and what would change it."""
+    refund = declined.view
+    code = repeated_refusal(
+        refund.last_error, (refund.kind, refund.amount.amount_minor), (kind, amount_minor)
+    )
+    if code is None:
+        return
+    raise RefundWouldRepeatRefusal(
+        f"generation {refund.generation} ({refund.kind.value} of {refund.amount}) was refused"
+        f" with {code}; the same {kind.value} would be refused again. Capture the payment (the"
+        " retry then refunds it, R2) or settle it with the provider by hand, then retry"
     )
