@@ -15,7 +15,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.ledger_activities import business_error
-from domain.errors import LedgerError, ProviderFinalError, ProviderTransientError
+from domain.errors import (
+    LedgerError,
+    ProviderFinalError,
+    ProviderReadError,
+    ProviderTransientError,
+)
 from domain.models import CancellationStatus, RefundStage, RefundStepInput, RefundView
 from domain.rules import DEFAULT_ETA_TABLE, refund_eta
 from infra.metrics import NO_METRICS, BusinessMetrics, seconds_between
@@ -26,6 +31,9 @@ from payments.provider import PaymentProvider, ProviderRefundStatus
 PROVIDER_UNAVAILABLE = "ProviderUnavailable"
 REFUND_REJECTED = "RefundRejected"
 REFUND_FAILED_AT_PROVIDER = "RefundFailedAtProvider"
+# The provider would not tell us how the refund stands (a 4xx on the read, an unknown
+# reference, our key refused): not a decline. The refund parks still reserved, under its key.
+REFUND_STATUS_UNREADABLE = "RefundStatusUnreadable"
 
 log = structlog.get_logger(__name__)
 
@@ -115,11 +123,11 @@ class RefundActivities:
         except ProviderTransientError as err:
             self._metrics.refund_call_failed(reason=PROVIDER_UNAVAILABLE, step="confirm")
             raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE) from err
-        except ProviderFinalError as err:
-            self._metrics.refund_call_failed(reason=REFUND_FAILED_AT_PROVIDER, step="confirm")
-            raise ApplicationError(
-                str(err), type=REFUND_FAILED_AT_PROVIDER, non_retryable=True
-            ) from err
+        except (ProviderReadError, ProviderFinalError) as err:
+            # An error reading the refund, not an answer about it: only a refund the provider
+            # reports failed (below) is dead.
+            self._metrics.refund_call_failed(reason=REFUND_STATUS_UNREADABLE, step="confirm")
+            raise _unreadable(record.view.provider_ref, err) from err
         if found.status is ProviderRefundStatus.PENDING:
             # Not a failure: the workflow asks again after its poll interval or a webhook.
             return record.view
@@ -169,6 +177,9 @@ class RefundActivities:
             found = await self._provider.get_refund(provider_ref=record.view.provider_ref)
         except ProviderTransientError as err:
             raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE) from err
+        except (ProviderReadError, ProviderFinalError) as err:
+            # Asking again gets the same refusal: the check ends here (the workflow says so).
+            raise _unreadable(record.view.provider_ref, err) from err
         if found.status is not ProviderRefundStatus.FAILED:
             return record.view
         record = await self._ledger.reverse_refund(
@@ -179,3 +190,11 @@ class RefundActivities:
         self._metrics.refund_reversed(kind=record.view.kind.value)
         log.warning("refund_reversed", provider_ref=found.provider_ref, code=found.failure_code)
         return record.view
+
+
+def _unreadable(provider_ref: str, err: Exception) -> ApplicationError:
+    return ApplicationError(
+        f"could not read refund {provider_ref} at the provider: {err}",
+        type=REFUND_STATUS_UNREADABLE,
+        non_retryable=True,
+    )

@@ -58,6 +58,13 @@ class RefundLimitExceeded(LedgerError):
     error_type = "RefundLimitExceeded"
 
 
+class RefundWouldRepeatRefusal(LedgerError):
+    """The next generation of a declined refund would be the same request the provider refused
+    for what it is (e.g. a partial void Stripe cannot make): refused without asking again."""
+
+    error_type = "RefundWouldRepeatRefusal"
+
+
 class OrderConflict(LedgerError):
     """An order id is already loaded with different content."""
 
@@ -74,6 +81,16 @@ class ProviderTransientError(ProviderError):
 
 class ProviderFinalError(ProviderError):
     """The provider will never accept this refund (card closed, refund rejected)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class ProviderReadError(ProviderError):
+    """The provider did not tell us how a refund stands: an error *reading* it (a 4xx on the
+    read, an unknown reference, a refused API key). It says nothing about the refund itself,
+    which may still settle: never a decline (issue 18)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

@@ -255,3 +255,22 @@ def refund_dots(refund: RefundView | None) -> list[RefundDot]:
         )
         for n, (stage, label) in enumerate(DOT_LABELS)
     ]
+
+
+# --- a retry that would be refused again (issue 18) ---------------------------------------------
+
+# Provider refusals of a refund *as asked* (its kind and amount on this payment), not of the
+# moment: the same request under a new key gets the same answer.
+REFUSALS_OF_THE_REQUEST = ("partial_void_unsupported", "payment_not_voidable")
+
+
+def repeated_refusal(
+    declined_error: str | None,
+    declined: tuple[RefundKind, int],
+    next_refund: tuple[RefundKind, int],
+) -> str | None:
+    """The refusal code a new generation would get again, or None when it may go through: the
+    declined refund was refused for what it is and the next one is the same (kind, amount)."""
+    if declined != next_refund or not declined_error:
+        return None
+    return next((code for code in REFUSALS_OF_THE_REQUEST if code in declined_error), None)

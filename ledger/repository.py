@@ -18,6 +18,7 @@ from domain.errors import (
     CancellationConflict,
     CancellationNotFound,
     RefundLimitExceeded,
+    RefundWouldRepeatRefusal,
     SubOrderAlreadyCancelled,
     SubOrderNotFound,
 )
@@ -42,7 +43,13 @@ from domain.models import (
     RequestCancellationInput,
     TransitionInput,
 )
-from domain.rules import decide_coupon, refund_eta, refund_idempotency_key, refund_kind
+from domain.rules import (
+    decide_coupon,
+    refund_eta,
+    refund_idempotency_key,
+    refund_kind,
+    repeated_refusal,
+)
 
 
 class SubOrderSnapshot(Record):
@@ -387,6 +394,8 @@ class Ledger:
                 return existing
             generation = existing.view.generation + 1 if existing is not None else 1
             kind = refund_kind(CaptureState(sub["capture"]))
+            if existing is not None and existing.view.stage is RefundStage.DECLINED:
+                _refuse_a_repeat(existing, kind, sub["cash_minor"])
             eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
             amount = Money(amount_minor=sub["cash_minor"], currency=sub["currency"].strip())
             try:
@@ -618,9 +627,13 @@ class Ledger:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             # A retried attempt that overlaps the first one waits here and reads its decision.
+            # NO KEY UPDATE, not UPDATE: a reversal of a sibling holds the redemption and then
+            # writes this cancellation's `coupon_revoked` row, whose foreign key check takes KEY
+            # SHARE on this row; FOR UPDATE would block it while this waits for the redemption
+            # (a deadlock). NO KEY UPDATE still serialises two attempts of this decision.
             cancellation = await conn.fetchrow(
                 "SELECT order_id, seller_id FROM cancellations WHERE cancellation_id = $1"
-                " FOR UPDATE",
+                " FOR NO KEY UPDATE",
                 cancellation_id,
             )
             if cancellation is None:
@@ -919,4 +932,20 @@ def _refund_record(row: asyncpg.Record) -> RefundRecord:
         requested_at=row["requested_at"],
         submitted_at=row["submitted_at"],
         confirmed_at=row["confirmed_at"],
+    )
+
+
+def _refuse_a_repeat(declined: RefundRecord, kind: RefundKind, amount_minor: int) -> None:
+    """Issue 18: an operator's retry must change something. A refund the provider refused for
+    what it is would be refused again under a new key: say why, and what would change it."""
+    refund = declined.view
+    code = repeated_refusal(
+        refund.last_error, (refund.kind, refund.amount.amount_minor), (kind, amount_minor)
+    )
+    if code is None:
+        return
+    raise RefundWouldRepeatRefusal(
+        f"generation {refund.generation} ({refund.kind.value} of {refund.amount}) was refused"
+        f" with {code}; the same {kind.value} would be refused again. Capture the payment (the"
+        " retry then refunds it, R2) or settle it with the provider by hand, then retry"
     )

@@ -19,7 +19,7 @@ from typing import Protocol
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from domain.errors import ProviderFinalError, ProviderTransientError
+from domain.errors import ProviderFinalError, ProviderReadError, ProviderTransientError
 from domain.models import Money, RefundKind
 
 
@@ -50,7 +50,9 @@ class PaymentProvider(Protocol):
         ...
 
     async def get_refund(self, *, provider_ref: str) -> ProviderRefund:
-        """The refund's current status at the provider."""
+        """The refund's current status at the provider. Raises ProviderTransientError (ask
+        again) or ProviderReadError (the read itself was refused: unknown reference, a 4xx,
+        our key refused); neither says anything about the refund."""
         ...
 
     async def find_refund(self, *, idempotency_key: str) -> ProviderRefund | None:
@@ -74,6 +76,8 @@ class SimulatorFaults(BaseModel):
     final_failure: str | None = None
     confirm_after_polls: int = 0
     fail_after_success: bool = False
+    # The next N status reads of this payment's refunds fail like a 4xx on the read.
+    read_errors: int = 0
     # Every refund call for the payment answers this much later (a slow provider).
     latency_ms: int = Field(default=0, ge=0)
 
@@ -168,15 +172,17 @@ class SimulatedProvider:
         await self._pool.execute(
             """
             INSERT INTO provider_sim.faults AS f (payment_id, transient_failures, lose_response,
-                final_failure, confirm_after_polls, fail_after_success, latency_ms)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
+                final_failure, confirm_after_polls, fail_after_success, latency_ms,
+                read_errors)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
             ON CONFLICT (payment_id) DO UPDATE SET
                 transient_failures = EXCLUDED.transient_failures,
                 lose_response = EXCLUDED.lose_response,
                 final_failure = EXCLUDED.final_failure,
                 confirm_after_polls = EXCLUDED.confirm_after_polls,
                 fail_after_success = EXCLUDED.fail_after_success,
-                latency_ms = EXCLUDED.latency_ms
+                latency_ms = EXCLUDED.latency_ms,
+                read_errors = EXCLUDED.read_errors
             """,
             payment_id,
             faults.transient_failures,
@@ -185,6 +191,7 @@ class SimulatedProvider:
             faults.confirm_after_polls,
             faults.fail_after_success,
             faults.latency_ms,
+            faults.read_errors,
         )
 
     async def _network(self) -> None:
@@ -308,7 +315,11 @@ class SimulatedProvider:
         await self._network()
         row = await self._pool.fetchrow(_POLL, provider_ref)
         if row is None:
-            raise ProviderFinalError("no_such_refund", f"unknown refund {provider_ref}")
+            raise ProviderReadError("resource_missing", f"no such refund: {provider_ref} (404)")
+        if row["read_error"]:
+            raise ProviderReadError(
+                "simulated_read_error", f"reading refund {provider_ref} was refused (400)"
+            )
         return _to_refund(row)
 
     async def find_refund(self, *, idempotency_key: str) -> ProviderRefund | None:
@@ -362,11 +373,18 @@ WITH faulted AS (
 SELECT found.*, call.outcome FROM found, call
 """
 
-# A status poll in one statement: the row lock, the settlement rules (a pending refund succeeds
+# A status poll in one statement: an injected read error (the read refused, the refund
+# untouched), the row lock, the settlement rules (a pending refund succeeds
 # after `confirm_after_polls` polls; one marked `fail_after_success` fails on the poll after its
-# success), the call log, the refund as it now is. No row: unknown refund.
+# success), the call log, the refund as it now is (`read_error` true: the read was refused).
+# No row: unknown refund.
 _POLL = """
-WITH polled AS (
+WITH read_error AS (
+    UPDATE provider_sim.faults f SET read_errors = f.read_errors - 1
+    FROM provider_sim.refunds r
+    WHERE r.provider_ref = $1 AND f.payment_id = r.payment_id AND f.read_errors > 0
+    RETURNING f.payment_id
+), polled AS (
     UPDATE provider_sim.refunds SET
         polls = polls + 1,
         status = CASE
@@ -380,13 +398,18 @@ WITH polled AS (
                 THEN 'card_closed_after_refund'
             ELSE failure_code
         END
-    WHERE provider_ref = $1
+    WHERE provider_ref = $1 AND NOT EXISTS (SELECT 1 FROM read_error)
     RETURNING *
 ), logged AS (
     INSERT INTO provider_sim.calls (operation, idempotency_key, payment_id, outcome)
     SELECT 'get_refund', idempotency_key, payment_id, status FROM polled
+    UNION ALL
+    SELECT 'get_refund', r.idempotency_key, r.payment_id, 'read_error'
+    FROM provider_sim.refunds r, read_error WHERE r.provider_ref = $1
 )
-SELECT * FROM polled
+SELECT polled.*, false AS read_error FROM polled
+UNION ALL
+SELECT r.*, true FROM provider_sim.refunds r, read_error WHERE r.provider_ref = $1
 """
 
 

@@ -19,7 +19,9 @@ Mapping (docs/runbook.md says the same for operators):
 * Errors: connection problems, timeouts, 429, 409 (a concurrent request on the same object),
   5xx, and 401/403 (a configuration problem an operator can fix) are `ProviderTransientError`;
   the other 4xx (payment unknown, already refunded, amount too large, ...) are
-  `ProviderFinalError` with Stripe's error code.
+  `ProviderFinalError` with Stripe's error code. Reading a refund's status is different: any
+  4xx there (unknown id, 401/403 included) is a `ProviderReadError`, which says nothing about
+  the refund and never declines it (issue 18).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import stripe
 
-from domain.errors import ProviderFinalError, ProviderTransientError
+from domain.errors import ProviderFinalError, ProviderReadError, ProviderTransientError
 from domain.models import Money, RefundKind
 from payments.provider import ProviderRefund, ProviderRefundStatus
 
@@ -118,10 +120,12 @@ class StripeProvider:
         return made
 
     async def get_refund(self, *, provider_ref: str) -> ProviderRefund:
+        """A 4xx here is Stripe refusing the *read* (unknown id, our key refused): a
+        ProviderReadError, never a decline of the refund, which may still settle."""
         if provider_ref.startswith("pi_"):
-            intent = await _call(self._client.v1.payment_intents.retrieve_async(provider_ref))
+            intent = await _read(self._client.v1.payment_intents.retrieve_async(provider_ref))
             return _void_of(intent)
-        refund = await _call(self._client.v1.refunds.retrieve_async(provider_ref))
+        refund = await _read(self._client.v1.refunds.retrieve_async(provider_ref))
         return _refund(refund)
 
     async def find_refund(self, *, idempotency_key: str) -> ProviderRefund | None:
@@ -215,6 +219,20 @@ async def _call(request: Awaitable[T]) -> T:
             raise ProviderTransientError(f"stripe error {status}: {err}") from err
         code = err.code or type(err).__name__
         raise ProviderFinalError(code, err.user_message or str(err)) from err
+
+
+async def _read(request: Awaitable[T]) -> T:
+    """A read of a refund's status. Timeouts, 5xx, 409 and 429 are worth asking again; any
+    other refusal (a 4xx, our key refused included) is an error reading, not an answer."""
+    try:
+        return await _call(request)
+    except ProviderFinalError as err:
+        raise ProviderReadError(err.code, str(err)) from err
+    except ProviderTransientError as err:
+        cause = err.__cause__
+        if isinstance(cause, (stripe.AuthenticationError, stripe.PermissionError)):
+            raise ProviderReadError(f"http_{cause.http_status}", str(err)) from cause
+        raise
 
 
 def _fields(obj: Any) -> dict[str, Any]:

@@ -965,3 +965,101 @@ async def test_a_declined_refund_releases_its_money_and_the_next_is_a_new_genera
     assert await refunded(pool, "P-1002") == amount
     # And asking once more returns that one, not a third.
     assert (await ask_refund(ledger, cid)).view.idempotency_key == second.view.idempotency_key
+
+
+# --- locks: a coupon decision and a reversal's revocation together (issue 18) -----------------
+
+
+async def _waiting_on_locks(pool: asyncpg.Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return count
+
+
+async def _until_waiting(pool: asyncpg.Pool, count: int) -> None:
+    for _ in range(500):
+        if await _waiting_on_locks(pool) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never saw {count} sessions waiting on a lock")
+
+
+async def _coupon_restored_by_the_first_sibling(ledger: Ledger, order_id: str) -> tuple[str, str]:
+    """Both sub-orders refunded; the first one decided (restored), the second not yet: the
+    moment a reversal of the first and the second's own decision can meet."""
+    a = await fully_refund(ledger, order_id, "S-7", "B-1")
+    b = await fully_refund(ledger, order_id, "S-8", "B-1")
+    assert (await decide(ledger, a)).outcome is CouponOutcomeKind.RESTORED
+    return a, b
+
+
+async def test_a_reversal_and_a_sibling_coupon_decision_queued_on_the_coupon_never_deadlock(
+    pool: asyncpg.Pool,
+) -> None:
+    """The interleaving that deadlocked: the sibling's decision holds its cancellation and waits
+    for the redemption; the reversal gets the redemption first and then writes the sibling's
+    `coupon_revoked` row, whose foreign key needs the sibling's cancellation. Made certain by
+    holding the redemption while both queue on it, the reversal first."""
+    order = fresh_order("LOCK-0", sellers=("S-7", "S-8"), coupon_expires=FUTURE)
+    await load_orders(pool, OrdersFile(orders=[order]))
+    ledger = Ledger(pool)
+    a, b = await _coupon_restored_by_the_first_sibling(ledger, order.order_id)
+
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT 1 FROM coupon_redemptions WHERE redemption_id = $1 FOR UPDATE",
+            "R" + order.order_id,
+        )
+        reversal = asyncio.create_task(
+            ledger.reverse_refund(cancellation_id=a, failure="card_closed", event_key="rev")
+        )
+        await _until_waiting(pool, 1)
+        decision = asyncio.create_task(decide(ledger, b))
+        await _until_waiting(pool, 2)
+        await tx.commit()
+        results = await asyncio.gather(reversal, decision, return_exceptions=True)
+
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert await pool.fetchval(
+        "SELECT restored_at IS NULL FROM coupon_redemptions WHERE redemption_id = $1",
+        "R" + order.order_id,
+    )
+    assert (await ledger.get_refund(cancellation_id=a)).view.stage is RefundStage.REVERSED
+
+
+async def test_reversals_and_sibling_coupon_decisions_run_together_many_times(
+    pool: asyncpg.Pool,
+) -> None:
+    """The same two writes at the same moment, 30 times: no deadlock error, and the coupon is
+    never left given back on a refund that was reversed, whichever went first."""
+    rounds = 30
+    orders = [
+        fresh_order(f"LOCKS-{n}", sellers=("S-7", "S-8"), coupon_expires=FUTURE)
+        for n in range(rounds)
+    ]
+    await load_orders(pool, OrdersFile(orders=orders))
+    ledger = Ledger(pool)
+    for order in orders:
+        a, b = await _coupon_restored_by_the_first_sibling(ledger, order.order_id)
+
+        results = await asyncio.gather(
+            ledger.reverse_refund(cancellation_id=a, failure="card_closed", event_key="rev"),
+            decide(ledger, b),
+            return_exceptions=True,
+        )
+
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert await pool.fetchval(
+            "SELECT restored_at IS NULL FROM coupon_redemptions WHERE redemption_id = $1",
+            "R" + order.order_id,
+        )
+        live = await pool.fetchval(
+            "SELECT count(*) FROM coupon_decisions WHERE redemption_id = $1"
+            " AND outcome = 'restored' AND superseded_at IS NULL",
+            "R" + order.order_id,
+        )
+        assert live == 0

@@ -18,10 +18,11 @@ from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import (
     PROVIDER_UNAVAILABLE,
     REFUND_REJECTED,
+    REFUND_STATUS_UNREADABLE,
     RefundActivities,
 )
 from devstack.demo import DEMO_FILE
-from domain.errors import ProviderFinalError
+from domain.errors import ProviderFinalError, ProviderReadError
 from domain.models import (
     CancellationPath,
     CancellationReason,
@@ -302,6 +303,70 @@ async def test_refund_that_fails_after_success_is_reported_by_the_provider(h: Ha
     assert (await h.confirm(CID_1002)).stage is RefundStage.CONFIRMED
 
 
+async def test_a_refused_read_of_the_status_is_not_a_decline(h: Harness) -> None:
+    """Issue 18: a 4xx while *reading* a refund says nothing about the refund. The activity
+    says so with its own type (not RefundFailedAtProvider, which parks as declined), the
+    ledger keeps the refund submitted and reserved, and asking again under the same key
+    confirms the one refund the provider made."""
+    await h.approved_refund("O-1002", "S-7")
+    submitted = await h.submit(CID_1002)
+    await h.provider.set_faults("P-1002", SimulatorFaults(read_errors=1))
+
+    with pytest.raises(ApplicationError) as unreadable:
+        await h.confirm(CID_1002)
+
+    assert unreadable.value.type == REFUND_STATUS_UNREADABLE
+    assert unreadable.value.non_retryable is True
+    assert await h.stage(CID_1002) is RefundStage.SUBMITTED
+    assert (
+        await h.pool.fetchval("SELECT refunded_minor FROM payments WHERE payment_id = 'P-1002'")
+        == CASH_1002
+    )
+    assert (await h.calls(KEY_1002))[-1] == ("get_refund", "read_error")
+
+    confirmed = await h.confirm(CID_1002)
+
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert confirmed.idempotency_key == KEY_1002
+    assert confirmed.provider_ref == submitted.provider_ref
+    assert len(await h.provider_refunds(KEY_1002)) == 1
+
+
+async def test_an_unknown_refund_at_the_provider_is_unreadable_not_declined(h: Harness) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.submit(CID_1002)
+    await h.pool.execute(
+        "UPDATE refunds SET provider_ref = 're_gone' WHERE idempotency_key = $1", KEY_1002
+    )
+
+    with pytest.raises(ApplicationError) as unreadable:
+        await h.confirm(CID_1002)
+
+    assert unreadable.value.type == REFUND_STATUS_UNREADABLE
+    assert "resource_missing" in str(unreadable.value)
+    assert await h.stage(CID_1002) is RefundStage.SUBMITTED
+
+
+async def test_verify_reversal_ends_on_a_refused_read_instead_of_retrying_forever(
+    h: Harness,
+) -> None:
+    await h.approved_refund("O-1002", "S-7")
+    await h.submit(CID_1002)
+    await h.confirm(CID_1002)
+    await h.provider.set_faults("P-1002", SimulatorFaults(read_errors=1))
+
+    with pytest.raises(ApplicationError) as unreadable:
+        await h.refund_acts.verify_reversal(
+            RefundStepInput(
+                cancellation_id=CID_1002, idempotency_key=KEY_1002, event_key="refund_reversed"
+            )
+        )
+
+    assert unreadable.value.type == REFUND_STATUS_UNREADABLE
+    assert unreadable.value.non_retryable is True
+    assert await h.stage(CID_1002) is RefundStage.CONFIRMED
+
+
 async def test_steps_after_success_change_nothing_and_do_not_call_the_provider(
     h: Harness,
 ) -> None:
@@ -487,6 +552,58 @@ async def test_status_polls_follow_the_settlement_rules_and_are_logged(pool: asy
         ("get_refund", "failed"),
         ("get_refund", "failed"),
     ]
-    with pytest.raises(ProviderFinalError) as unknown:
+    # An unknown reference is an error reading, not a refund that failed (issue 18).
+    with pytest.raises(ProviderReadError) as unknown:
         await h.provider.get_refund(provider_ref="re_nope")
-    assert unknown.value.code == "no_such_refund"
+    assert unknown.value.code == "resource_missing"
+
+
+async def test_a_retry_that_would_repeat_a_refusal_of_the_request_says_why_instead(
+    h: Harness,
+) -> None:
+    """Issue 18: the provider refuses the refund *as asked* (Stripe cannot void part of an
+    authorisation). The operator's retry must not send the same void again under a new key
+    forever: the next generation is refused by the ledger with a reason an operator can act
+    on, without calling the provider; once the payment is captured, it is a refund (R2)."""
+    cid = cancellation_id("O-1001", "S-7")
+    first = await h.approved_refund("O-1001", "S-7")
+    assert first.kind is RefundKind.VOID
+    await h.provider.set_faults("P-1001", SimulatorFaults(final_failure="partial_void_unsupported"))
+    step = RefundStepInput(
+        cancellation_id=cid, idempotency_key=first.idempotency_key, event_key="refund_submitted"
+    )
+    with pytest.raises(ApplicationError) as refused:
+        await h.refund_acts.submit_refund(step)
+    await h.ledger_acts.record_refund_failed(
+        RefundFailureInput(
+            cancellation_id=cid,
+            idempotency_key=first.idempotency_key,
+            error=f"{refused.value.type}: {refused.value.message}",
+            attempts=1,
+            event_key="refund_declined",
+            final=True,
+        )
+    )
+    calls_before = await h.pool.fetchval("SELECT count(*) FROM provider_sim.calls")
+
+    with pytest.raises(ApplicationError) as repeat:
+        await h.ledger_acts.request_refund(
+            RefundRequestInput(cancellation_id=cid, event_key="refund_requested-2")
+        )
+
+    assert repeat.value.type == "RefundWouldRepeatRefusal"
+    assert repeat.value.non_retryable is True
+    assert "partial_void_unsupported" in repeat.value.message
+    assert "capture the payment" in repeat.value.message.lower()
+    assert await h.pool.fetchval("SELECT count(*) FROM provider_sim.calls") == calls_before
+    assert (
+        await h.pool.fetchval("SELECT count(*) FROM refunds WHERE cancellation_id = $1", cid) == 1
+    )
+
+    # The payment is captured since: the next generation changes kind and goes through.
+    await h.pool.execute("UPDATE payments SET capture = 'captured' WHERE payment_id = 'P-1001'")
+    await h.provider.set_faults("P-1001", SimulatorFaults())
+    second = await h.ledger_acts.request_refund(
+        RefundRequestInput(cancellation_id=cid, event_key="refund_requested-3")
+    )
+    assert (second.generation, second.kind) == (2, RefundKind.REFUND)

@@ -269,6 +269,41 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
     assert (await waiting.handle.result()).status is CancellationStatus.REJECTED
 
 
+async def test_a_refused_status_read_parks_reserved_and_the_retry_asks_under_the_same_key(
+    stack: RefundStack,
+) -> None:
+    """Issue 18: the provider made the refund, then refuses the read of its status (a 4xx).
+    The cancellation parks with the refund `failed`, not `declined`: still reserved, same key.
+    The operator's retry asks again under that key and finds the one refund: no second one,
+    even though the first one may still settle."""
+    seller = unique("S")
+    (c,) = await cancellations(stack, 1, seller=seller, faults=SimulatorFaults(read_errors=1))
+    await assert_listed_for(stack, seller, {c.id})
+
+    rows = await list_failed(stack.client, stack.pool, seller=seller)
+    assert [(r.refund_stage, r.idempotency_key) for r in rows] == [
+        ("failed", f"{c.id}:refund-submit")
+    ]
+    assert rows[0].last_error is not None and "RefundStatusUnreadable" in rows[0].last_error
+    paid, refunded = await stack.pool.fetchrow(
+        "SELECT amount_minor, refunded_minor FROM payments WHERE payment_id = $1", c.payment_id
+    )
+    assert refunded == paid  # still reserved: the refund may settle
+
+    assert (await retry_one(stack.client, c.id, SRE)).outcome is RetryOutcome.RETRIED
+    await assert_refunded_once_with_coupon(stack, [c])
+    (result,) = await all_results([c])
+    assert result.refund is not None and result.refund.generation == 1
+    calls = await stack.pool.fetch(
+        "SELECT operation, outcome FROM provider_sim.calls WHERE payment_id = $1 ORDER BY call_id",
+        c.payment_id,
+    )
+    assert [tuple(r) for r in calls if r["operation"] == "create_refund"] == [
+        ("create_refund", "created"),
+        ("create_refund", "replayed"),
+    ]
+
+
 async def test_an_interrupted_bulk_retry_run_again_finishes_the_rest(stack: RefundStack) -> None:
     seller = unique("S")
     made = await park(stack, 6, seller)

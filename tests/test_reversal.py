@@ -9,6 +9,7 @@ idempotency key. Nothing is refunded twice; the coupon is never given back twice
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -217,6 +218,39 @@ async def test_a_stale_reversal_event_changes_nothing(stack: Stack) -> None:
     assert tuple(row) == ("completed", "confirmed")
 
 
+async def test_a_reversal_the_provider_will_not_let_us_read_ends_the_check(stack: Stack) -> None:
+    """Issue 18: the provider refuses the read that would verify a reversal (a 4xx). The check
+    ends instead of retrying forever or failing the run: the refund stays confirmed, the
+    cancellation completes again, and the story says the reversal could not be verified
+    (`ordercancel reconcile` is the backstop)."""
+    cid = await cancel(stack, "O-1002", "S-7", "B-502")
+    refund = await stack.ledger.get_refund(cancellation_id=cid)
+    assert refund.view.provider_ref is not None
+    await stack.provider.set_faults(stack.id("P-1002"), SimulatorFaults(read_errors=1))
+
+    forwarded = await forward_payment_event(
+        stack.client,
+        stack.ledger,
+        reversal(stack, refund.view.provider_ref),
+        task_queue=stack.task_queue,
+    )
+
+    assert forwarded.outcome is ForwardOutcome.REOPENED
+    handle = stack.client.get_workflow_handle_for(OrderCancellation.run, cid)
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result.status is CancellationStatus.COMPLETED
+    assert result.refund is not None and result.refund.stage is RefundStage.CONFIRMED
+    story = await stack.ledger.audit_trail(cancellation_id=cid)
+    unverified = [e for e in story if e.kind == "reversal_not_verified"]
+    assert len(unverified) == 1 and "RefundStatusUnreadable" in unverified[0].detail
+    row = await stack.pool.fetchrow(
+        "SELECT c.status, r.stage FROM cancellations c JOIN refunds r USING (cancellation_id)"
+        " WHERE cancellation_id = $1",
+        cid,
+    )
+    assert tuple(row) == ("completed", "confirmed")
+
+
 async def test_events_are_handled_once_and_unknown_refunds_are_said_so(stack: Stack) -> None:
     cid = await cancel(stack, "O-1002", "S-7", "B-502")
     refund = await stack.ledger.get_refund(cancellation_id=cid)
@@ -247,4 +281,56 @@ async def test_events_are_handled_once_and_unknown_refunds_are_said_so(stack: St
     info = (await stack.client.get_workflow_handle(cid).describe()).raw_description
     assert (
         info.workflow_execution_info.execution.run_id == info.workflow_execution_info.first_run_id
+    )
+
+
+async def test_a_refund_the_ledger_refuses_to_record_parks_instead_of_failing(
+    stack: Stack,
+) -> None:
+    """Issue 18: a non-retryable ledger error while recording the refund (here the payment is
+    already counted as fully refunded: RefundLimitExceeded) parks the cancellation in
+    refund_failed for an operator instead of failing the workflow; once the cause is fixed,
+    the operator's retry records and makes the refund, once."""
+    payment = stack.id("P-1002")
+    await stack.pool.execute(
+        "UPDATE payments SET refunded_minor = amount_minor WHERE payment_id = $1", payment
+    )
+    handle = await start_cancellation(
+        stack.client,
+        RequestCancellationInput(
+            order_id=stack.id("O-1002"),
+            seller_id="S-7",
+            buyer_id="B-502",
+            reason=CancellationReason.CANNOT_SHIP,
+        ),
+        task_queue=stack.task_queue,
+    )
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.execute_update(
+        OrderCancellation.decide, {"seller_id": "S-7", "decision": "accept"}
+    )
+
+    parked = await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
+
+    assert parked.last_error is not None and "RefundLimitExceeded" in parked.last_error
+    assert (
+        await stack.pool.fetchval(
+            "SELECT status FROM cancellations WHERE cancellation_id = $1", handle.id
+        )
+        == "refund_failed"
+    )
+    await stack.pool.execute(
+        "UPDATE payments SET refunded_minor = 0 WHERE payment_id = $1", payment
+    )
+    await handle.execute_update(
+        OrderCancellation.retry_refund, {"operator_id": "sre-1", "reason": "ledger fixed"}
+    )
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result.status is CancellationStatus.COMPLETED
+    assert result.refund is not None and result.refund.generation == 1
+    assert (
+        await stack.pool.fetchval(
+            "SELECT count(*) FROM provider_sim.refunds WHERE payment_id = $1", payment
+        )
+        == 1
     )

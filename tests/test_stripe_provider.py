@@ -22,7 +22,7 @@ import stripe
 from aiohttp import web
 
 from devstack.embedded import free_port
-from domain.errors import ProviderFinalError, ProviderTransientError
+from domain.errors import ProviderFinalError, ProviderReadError, ProviderTransientError
 from domain.models import Money, RefundKind
 from infra.settings import Settings
 from payments.provider import ProviderRefundStatus
@@ -306,6 +306,12 @@ async def test_stripe_errors_map_to_transient_or_final(
         )
     assert reused.value.code == "idempotency_key_reused"
     assert len(await refunds_of(stripe_client, intent.id)) == 1
+    # A 4xx while reading a refund says nothing about the refund: an error reading, never a
+    # decline (issue 18).
+    with pytest.raises(ProviderReadError):
+        await provider.get_refund(provider_ref="re_doesnotexist")
+    with pytest.raises(ProviderReadError):
+        await provider.get_refund(provider_ref="pi_doesnotexist")
     # Nobody listening: worth retrying with the same key.
     down = StripeProvider.connect(API_KEY, api_base=f"http://127.0.0.1:{free_port()}", timeout=2)
     with pytest.raises(ProviderTransientError):

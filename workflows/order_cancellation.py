@@ -214,15 +214,18 @@ class OrderCancellation(CancellationInbox):
 
     async def _refund_money(self, opened: OpenCancellationResult) -> None:
         """R7-R10: requested -> submitted -> confirmed; park in refund_failed, never fail."""
-        await self._request_refund(opened)
         passes = 0
+        requested = False
         while True:
             passes += 1
-            assert self._refund is not None
-            if self._refund.stage.is_dead:
-                # Declined for good under its key: the operator's retry needs a new refund.
-                await self._request_refund(opened)
             try:
+                # Dot 1 once per run, and again when the refund is dead under its key (declined
+                # for good: the operator's retry needs a new refund) or was never recorded
+                # (the ledger refused it: parked like any failure, issue 18).
+                if not requested or self._refund is None or self._refund.stage.is_dead:
+                    await self._request_refund(opened)
+                    requested = True
+                assert self._refund is not None
                 if self._refund.stage in (RefundStage.REQUESTED, RefundStage.FAILED):
                     # Dot 2, retried under the same idempotency key (R9).
                     step = self._refund_step("refund_submitted")
@@ -290,18 +293,23 @@ class OrderCancellation(CancellationInbox):
         """R10: retries exhausted, or the provider refused for good (declined: the operator's
         retry makes a new refund with a new key); refund_failed until an operator acts."""
         cause = err.cause
-        message = str(cause) if cause is not None else str(err)
-        if isinstance(cause, ApplicationError) and cause.type:
-            message = f"{cause.type}: {cause.message}"
+        message = _failure_text(err)
         self._last_error = message
         final = isinstance(cause, ApplicationError) and cause.type in (
             REFUND_REJECTED,
             REFUND_FAILED_AT_PROVIDER,
         )
-        self._refund = await steps.record_refund_failed(
-            self._refund_step("refund_failed"), message, attempts=passes, final=final
-        )
-        self._set_status(CancellationStatus.REFUND_FAILED, "system", "refund_failed", message)
+        if self._refund is None or self._refund.stage.is_dead:
+            # The ledger refused to record the refund (e.g. RefundLimitExceeded): there is no
+            # live refund to mark failed; the cancellation itself parks (issue 18).
+            await self._transition(
+                CancellationStatus.REFUND_FAILED, "system", "refund_failed", message
+            )
+        else:
+            self._refund = await steps.record_refund_failed(
+                self._refund_step("refund_failed"), message, attempts=passes, final=final
+            )
+            self._set_status(CancellationStatus.REFUND_FAILED, "system", "refund_failed", message)
         workflow.logger.warning("refund parked in refund_failed: %s", message)
         await self._wait_for_operator()
 
@@ -324,7 +332,17 @@ class OrderCancellation(CancellationInbox):
         whose retry makes a new refund with its own idempotency key."""
         event, self._reversal = self._reversal, None
         assert event is not None
-        self._refund = await steps.verify_reversal(self._refund_step("refund_reversed"))
+        try:
+            self._refund = await steps.verify_reversal(self._refund_step("refund_reversed"))
+        except ActivityError as err:
+            # The provider would not say (a refused read, or still unreachable after the
+            # check's attempts): the check ends, the refund stays as the ledger has it, and
+            # reconciliation is the backstop (issue 18).
+            self._last_error = _failure_text(err)
+            await self._record_note(
+                "system", "reversal_not_verified", f"event {event.event_id}: {self._last_error}"
+            )
+            return
         if self._refund.stage is not RefundStage.REVERSED:
             self._note(
                 "system",
@@ -342,6 +360,11 @@ class OrderCancellation(CancellationInbox):
         )
         workflow.logger.warning("refund reversed by the provider: %s", self._refund.last_error)
         await self._wait_for_operator()
+
+    async def _record_note(self, actor: str, kind: str, detail: str) -> None:
+        """An audit row with no status change, here and in the ledger (R12)."""
+        self._note(actor, kind, detail)
+        await steps.record_event(self._id, actor, kind, detail, event_key=self._key(kind))
 
     def _refund_step(self, kind: str) -> RefundStepInput:
         assert self._refund is not None
@@ -414,3 +437,11 @@ class OrderCancellation(CancellationInbox):
             event_key=self._key(kind),
             cancel_sub_order=cancel_sub_order,
         )
+
+
+def _failure_text(err: ActivityError) -> str:
+    """`Type: message` of an activity's failure, as operators read it (last_error)."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type:
+        return f"{cause.type}: {cause.message}"
+    return str(cause) if cause is not None else str(err)

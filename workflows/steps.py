@@ -16,6 +16,7 @@ from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import (
     REFUND_FAILED_AT_PROVIDER,
     REFUND_REJECTED,
+    REFUND_STATUS_UNREADABLE,
     RefundActivities,
 )
 from domain.models import (
@@ -43,6 +44,8 @@ LEDGER_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
 )
 PROVIDER_TIMEOUT = timedelta(seconds=60)
+# About 20 minutes of asking (1 s doubling to 5 min) before a reversal check gives up.
+VERIFY_REVERSAL_MAX_ATTEMPTS = 10
 
 # --- the ledger --------------------------------------------------------------------------------
 
@@ -183,8 +186,13 @@ async def verify_reversal(step: RefundStepInput) -> RefundView:
         RefundActivities.verify_reversal,
         step,
         start_to_close_timeout=PROVIDER_TIMEOUT,
+        # Bounded (issue 18): a provider that will not say ends the check instead of retrying
+        # forever; a refused read ends it at once.
         retry_policy=RetryPolicy(
-            initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=5)
+            initial_interval=timedelta(seconds=1),
+            maximum_interval=timedelta(minutes=5),
+            maximum_attempts=VERIFY_REVERSAL_MAX_ATTEMPTS,
+            non_retryable_error_types=[REFUND_STATUS_UNREADABLE],
         ),
         summary="Check with the provider that the refund was reversed",
     )
