@@ -1,0 +1,325 @@
+"""Hostile clients (issue 18) on the real servers: a Temporal dev server, a real PostgreSQL, the
+product's own worker and the HTTP API in-process, the `temporal` CLI as a subprocess.
+
+Each test is one defect class (docs/reliability.md, "Hostile clients"):
+
+- control characters in any free text or identifier are refused where they enter (the API's
+  422, the update validator's `invalid_payload`, a refused signal recorded), never handed to
+  PostgreSQL, which would refuse them for ever; the cancellation then ends as the contract
+  says, refund included;
+- (more classes below, one section each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.stacks import ApiStack, api_stack, run_command
+from helpers.wait import eventually, wait_for_status
+from temporalio.client import WorkflowHandle
+
+from devstack.embedded import temporal_binary
+from domain.models import (
+    CancellationReason,
+    CancellationStatus,
+    RefundStage,
+    RequestCancellationInput,
+)
+from domain.rules import cancellation_id
+from ledger.orders import load_orders, parse_orders_file
+from ledger.repository import Ledger
+from starter.requests import start_cancellation
+from tools.chaos.checks import workflow_task_failures
+
+pytestmark = pytest.mark.e2e
+
+SELLER, BUYER = "S-H1", "B-H1"
+SECRET = "whsec_test_" + "h" * 32
+PRINCIPALS = ("buyer-service", f"seller:{SELLER}", "sre", "payment-provider")
+
+
+@dataclass
+class Env:
+    stack: ApiStack
+    address: str
+    task_queue: str
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.stack.pool
+
+    def headers(self, principal: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.stack.keys[principal]}"}
+
+
+@pytest.fixture(scope="module")
+async def env(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Env]:
+    settings = fast_refund_settings(
+        task_queue=f"hostile-clients-{uuid.uuid4().hex[:8]}",
+        api_instant_wait=timedelta(seconds=10),
+    )
+    async with api_stack(
+        temporal_address,
+        e2e_database_url,
+        settings,
+        principals=PRINCIPALS,
+        webhook_secret=SECRET,
+    ) as stack:
+        yield Env(stack, temporal_address, settings.task_queue)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+async def new_order(env: Env, *, validated: bool = True, coupon: bool = False) -> str:
+    order_id = unique("H")
+    order = one_seller_order(
+        order_id, buyer_id=BUYER, seller_id=SELLER, validated=validated, coupon=coupon
+    )
+    report = await load_orders(env.pool, parse_orders_file(orders_file(order)))
+    assert report.loaded == [order_id]
+    return order_id
+
+
+def request_for(order_id: str, *, buyer: str = BUYER, text: str = "") -> RequestCancellationInput:
+    return RequestCancellationInput(
+        order_id=order_id,
+        seller_id=SELLER,
+        buyer_id=buyer,
+        reason=CancellationReason.OUT_OF_STOCK,
+        reason_text=text,
+    )
+
+
+async def pending(env: Env) -> WorkflowHandle[Any, Any]:
+    """A cancellation awaiting its seller, started as the API and the CLI start one."""
+    order_id = await new_order(env)
+    handle = await start_cancellation(
+        env.stack.client, request_for(order_id), task_queue=env.task_queue
+    )
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    return handle
+
+
+async def cli(env: Env, *args: str) -> tuple[int, str]:
+    ran = await run_command(
+        temporal_binary(), *args, "--address", env.address, "--namespace", "default", timeout=60
+    )
+    return ran.returncode, ran.stdout + ran.stderr
+
+
+async def cli_signal(env: Env, workflow_id: str, name: str, payload: Any) -> None:
+    code, out = await cli(
+        env, "workflow", "signal", "-w", workflow_id, "--name", name, "--input", json.dumps(payload)
+    )
+    assert code == 0, out
+
+
+async def ledger_status(env: Env, cid: str) -> str | None:
+    status: str | None = await env.pool.fetchval(
+        "SELECT status FROM cancellations WHERE cancellation_id = $1", cid
+    )
+    return status
+
+
+async def audit_kinds(env: Env, cid: str) -> list[tuple[str, str]]:
+    trail = await Ledger(env.pool).audit_trail(cancellation_id=cid)
+    return [(e.kind, e.detail) for e in trail]
+
+
+async def provider_refunds(env: Env, cid: str) -> int:
+    count: int = await env.pool.fetchval(
+        "SELECT count(*) FROM provider_sim.refunds WHERE idempotency_key LIKE $1 || ':%'"
+        " AND status = 'succeeded'",
+        cid,
+    )
+    return count
+
+
+async def assert_completed_with_one_refund(env: Env, handle: WorkflowHandle[Any, Any]) -> None:
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result.status is CancellationStatus.COMPLETED, result
+    assert result.refund is not None and result.refund.stage is RefundStage.CONFIRMED
+    assert await ledger_status(env, handle.id) == "completed"
+    assert await provider_refunds(env, handle.id) == 1
+    failures = workflow_task_failures(await handle.fetch_history())
+    assert not failures, failures
+
+
+# --- 1. control characters never reach PostgreSQL ---------------------------------------------
+
+# A NUL (PostgreSQL refuses it in text), another C0 control, a C1 control, a lone surrogate
+# (not encodable as UTF-8 at all).
+CONTROL = ["\x00", "\x1b[31m", "\x85", "\ud800"]
+
+
+@pytest.mark.parametrize("bad", CONTROL, ids=["nul", "escape", "c1", "surrogate"])
+async def test_control_characters_through_the_api_are_422_and_change_nothing(
+    env: Env, bad: str
+) -> None:
+    http = env.stack.http
+    order_id = await new_order(env)
+    body = request_for(order_id).model_dump(mode="json")
+    refused = await http.post(
+        "/v1/cancellations",
+        content=json.dumps({**body, "reason_text": f"broken{bad}"}),
+        headers={**env.headers("buyer-service"), "Content-Type": "application/json"},
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "invalid_payload"
+    assert "reason_text" in refused.text
+    assert await ledger_status(env, cancellation_id(order_id, SELLER)) is None
+
+    started = await http.post("/v1/cancellations", json=body, headers=env.headers("buyer-service"))
+    assert started.status_code == 202, started.text
+    cid = started.json()["cancellation_id"]
+    handle = env.stack.client.get_workflow_handle(cid)
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    decision = {"seller_id": SELLER, "decision": "accept", "reason": f"ok{bad}"}
+    refused = await http.post(
+        f"/v1/cancellations/{cid}/seller-decision",
+        content=json.dumps(decision),
+        headers={**env.headers(f"seller:{SELLER}"), "Content-Type": "application/json"},
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "invalid_payload"
+    assert await ledger_status(env, cid) == "awaiting_seller"
+
+    accepted = await http.post(
+        f"/v1/cancellations/{cid}/seller-decision",
+        json={**decision, "reason": "out of stock\n\tsorry"},
+        headers=env.headers(f"seller:{SELLER}"),
+    )
+    assert accepted.status_code == 200, accepted.text
+    await assert_completed_with_one_refund(env, handle)
+
+
+async def test_control_characters_in_any_field_of_a_plain_signal_are_refused_and_recorded(
+    env: Env,
+) -> None:
+    """Through `temporal workflow signal`: each message below is refused (recorded in the
+    ledger's audit trail with `invalid_payload`, or `wrong_*` for an identity that cannot be
+    ours), the cancellation still waits for its seller in the workflow and in the ledger, and
+    the seller's valid decision, sent the same way, completes it with its refund."""
+    handle = await pending(env)
+    cid = handle.id
+    hostile = [
+        ("seller_decision", {"seller_id": SELLER, "decision": "accept", "reason": "ok\x00"}),
+        ("seller_decision", {"seller_id": SELLER + "\x00", "decision": "accept"}),
+        ("seller_decision", {"seller_id": SELLER, "decision": "accept", "\x00": "x"}),
+        ("withdraw", {"buyer_id": BUYER, "reason": "changed my mind\x00"}),
+        ("withdraw", {"buyer_id": BUYER + "\x00"}),
+        (
+            "payment_event",
+            {"event_id": "evt\x00", "type": "refund_confirmed", "provider_ref": "re_x"},
+        ),
+        (
+            "payment_event",
+            {"event_id": "evt-1", "type": "refund_confirmed", "provider_ref": "re\x00"},
+        ),
+    ]
+    for name, payload in hostile:
+        await cli_signal(env, cid, name, payload)
+
+    async def all_refusals_recorded() -> None:
+        refused = [(k, d) for k, d in await audit_kinds(env, cid) if k.endswith("_refused")]
+        assert len(refused) == len(hostile), refused
+        assert all(d.split(":", 1)[0] == "invalid_payload" for _, d in refused), refused
+
+    await eventually(all_refusals_recorded, timeout=30)
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    assert await ledger_status(env, cid) == "awaiting_seller"
+
+    await cli_signal(
+        env, cid, "seller_decision", {"seller_id": SELLER, "decision": "accept", "reason": "ok"}
+    )
+    await assert_completed_with_one_refund(env, handle)
+
+
+async def test_control_characters_in_an_update_are_refused_by_its_validator(env: Env) -> None:
+    handle = await pending(env)
+    code, out = await cli(
+        env,
+        "workflow",
+        "update",
+        "execute",
+        "-w",
+        handle.id,
+        "--name",
+        "decide",
+        "--input",
+        json.dumps({"seller_id": SELLER, "decision": "accept", "reason": "ok\x00"}),
+    )
+    assert code != 0 and "invalid_payload" in out, out
+    assert await ledger_status(env, handle.id) == "awaiting_seller"
+    code, out = await cli(
+        env,
+        "workflow",
+        "update",
+        "execute",
+        "-w",
+        handle.id,
+        "--name",
+        "decide",
+        "--input",
+        json.dumps({"seller_id": SELLER, "decision": "accept", "reason": "ok"}),
+    )
+    assert code == 0, out
+    await assert_completed_with_one_refund(env, handle)
+
+
+async def test_a_ledger_write_postgresql_refuses_for_its_data_is_final_not_retried(
+    env: Env,
+) -> None:
+    """Defence in depth: should text PostgreSQL refuses ever reach a ledger activity, the
+    activity fails for good with a typed error (no retry for ever), and nothing is written."""
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.ledger_activities import LEDGER_DATA_REFUSED, LedgerActivities
+    from domain.models import EventInput, RefundPolicy, TimeoutPolicy, TransitionInput
+
+    handle = await pending(env)
+    activities = LedgerActivities(
+        Ledger(env.pool),
+        response_window=timedelta(hours=1),
+        timeout_policy=TimeoutPolicy.AUTO_APPROVE,
+        refund_policy=RefundPolicy(),
+    )
+    calls = [
+        (
+            activities.record_transition,
+            TransitionInput(
+                cancellation_id=handle.id,
+                status=CancellationStatus.APPROVED,
+                actor="seller:x",
+                kind="approved",
+                detail="nul\x00",
+                event_key="t-1",
+                cancel_sub_order=True,
+            ),
+        ),
+        (
+            activities.record_event,
+            EventInput(
+                cancellation_id=handle.id, actor="a\ud800", kind="k", detail="", event_key="t-2"
+            ),
+        ),
+    ]
+    for call, arg in calls:
+        with pytest.raises(ApplicationError) as caught:
+            await ActivityEnvironment().run(call, arg)
+        assert caught.value.type == LEDGER_DATA_REFUSED and caught.value.non_retryable
+    assert await ledger_status(env, handle.id) == "awaiting_seller"
+    assert [k for k, _ in await audit_kinds(env, handle.id)] == ["requested", "awaiting_seller"]
+    await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "reject"})
+    assert (await asyncio.wait_for(handle.result(), 30)).status is CancellationStatus.REJECTED
