@@ -7,21 +7,58 @@ Money is always integer minor units plus an ISO 4217 code.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-# Identifiers come from other systems; keep them to a safe, readable alphabet so they can be
-# embedded in workflow ids, idempotency keys and log lines without escaping.
-Identifier = Annotated[
+# R20: text from outside is printable Unicode. C0 and C1 control characters are refused (NUL,
+# which PostgreSQL cannot store, among them), and so are lone surrogates (not encodable as
+# UTF-8 at all); long free text may hold line breaks and tabs, nothing else of the kind. Every
+# identifier and every free-text field is one of the annotated types below, so the API (422
+# `invalid_payload`), the update validators and the signal handlers (`invalid_payload`) refuse
+# the same thing before it reaches the ledger.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+FREE_TEXT_MAX = 2000
+
+
+def _refuse_control(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        found = pattern.search(value)
+        if found is not None:
+            raise ValueError(
+                f"control character U+{ord(found.group()):04X} at position {found.start()}:"
+                " text must be printable Unicode"
+            )
+        return value
+
+    return check
+
+
+# One line, no control character at all: tokens from other systems (event ids, references).
+PrintableLine = Annotated[str, AfterValidator(_refuse_control(_CONTROL))]
+# Free text a person wrote: printable, line breaks (\n) and tabs allowed, bounded.
+FreeText = Annotated[
     str,
+    StringConstraints(max_length=FREE_TEXT_MAX),
+    AfterValidator(_refuse_control(_CONTROL_BUT_LINES)),
+]
+# Identifiers come from other systems; keep them to a safe, readable alphabet so they can be
+# embedded in workflow ids, idempotency keys and log lines without escaping (printable by
+# construction). `~` is not in it: it separates the order from the seller in a workflow id
+# (`domain.rules.cancellation_id`), which is therefore one-to-one.
+Identifier = Annotated[
+    PrintableLine,
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"),
 ]
+# A provider's token (event id, reference, failure code): printable, one line, bounded.
+ProviderToken = Annotated[PrintableLine, StringConstraints(min_length=1, max_length=255)]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 MinorUnits = Annotated[int, Field(ge=0, le=10**15)]
-FreeText = Annotated[str, StringConstraints(max_length=2000)]
 
 
 class Strict(BaseModel):
@@ -239,12 +276,12 @@ class PaymentEvent(Strict):
     It only wakes the workflow up: the workflow then asks the provider itself, so a forged or
     stale event can change nothing."""
 
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    event_id: ProviderToken
     type: PaymentEventType
-    provider_ref: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    provider_ref: ProviderToken | None = None
     # Our idempotency key, as providers echo it back (refund metadata).
-    refund_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    failure_code: Annotated[str, StringConstraints(max_length=255)] | None = None
+    refund_key: ProviderToken | None = None
+    failure_code: Annotated[PrintableLine, StringConstraints(max_length=255)] | None = None
     occurred_at: datetime | None = None
 
 

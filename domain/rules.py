@@ -197,6 +197,18 @@ def decide_coupon(
 # --- identifiers and keys ------------------------------------------------------------------------
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def safe_text(text: str, limit: int = 500) -> str:
+    """Text this service writes about a message it refused (an audit row, a log line): control
+    characters and lone surrogates escaped (`\\x00`, `\\ud800`), so that PostgreSQL always
+    takes it, and at most `limit` characters. The message itself was refused: nothing of it is
+    stored as it came."""
+    escaped = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
+
+
 def cancellation_id(order_id: str, seller_id: str) -> str:
     """The workflow id: public contract `cancel-{order_id}-{seller_id}`."""
     return f"cancel-{order_id}-{seller_id}"

@@ -74,7 +74,7 @@ class CancellationInbox:
 
     async def _refuse(self, actor: str, kind: str, err: DecisionRefused) -> None:
         """A signal cannot be refused to its sender: record the refusal and change nothing."""
-        detail = f"{err.code.value}: {err.message}"
+        detail = rules.safe_text(f"{err.code.value}: {err.message}")
         self._note(actor, kind, detail)
         workflow.logger.warning("%s refused: %s", kind, detail)
         event_key = self._key(kind)

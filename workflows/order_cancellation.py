@@ -308,14 +308,16 @@ class OrderCancellation(CancellationInbox):
     async def _wait_for_operator(self) -> None:
         """R10: parked, durably, for as long as it takes, until update `retry_refund`."""
         await workflow.wait_condition(lambda: self._retry is not None)
-        assert self._retry is not None
-        retry, self._retry = self._retry, None
+        retry = self._retry
+        assert retry is not None
+        # Still scheduled while it is recorded: a second retry meanwhile is refused.
         await self._transition(
             CancellationStatus.REFUND_REQUESTED,
             f"operator:{retry.operator_id}",
             "refund_retry",
             retry.reason,
         )
+        self._retry = None
 
     async def _handle_reversal(self) -> None:
         """The provider's event says the confirmed refund failed after all. The provider is
@@ -403,14 +405,33 @@ class OrderCancellation(CancellationInbox):
         *,
         cancel_sub_order: bool = False,
     ) -> None:
-        # `record_transition` logs the change once it is recorded.
+        """Record the change in the ledger, then show it: the workflow never says a status the
+        ledger did not record. Text the ledger refuses for its data (it cannot come from a
+        message, whose models refuse it: defence in depth) is recorded escaped; a transition
+        the ledger refuses for good fails the workflow with the status as the ledger has it."""
+        event_key = self._key(kind)
+        try:
+            await steps.record_transition(
+                self._id,
+                status,
+                actor,
+                kind,
+                detail,
+                event_key=event_key,
+                cancel_sub_order=cancel_sub_order,
+            )
+        except ActivityError as err:
+            if not steps.data_refused(err):
+                raise
+            actor, detail = rules.safe_text(actor, 200), rules.safe_text(detail, 2000)
+            await steps.record_transition(
+                self._id,
+                status,
+                actor,
+                kind,
+                detail,
+                event_key=event_key,
+                cancel_sub_order=cancel_sub_order,
+            )
+        # `record_transition` logged the change once it was recorded.
         self._set_status(status, actor, kind, detail, logged_by_activity=True)
-        await steps.record_transition(
-            self._id,
-            status,
-            actor,
-            kind,
-            detail,
-            event_key=self._key(kind),
-            cancel_sub_order=cancel_sub_order,
-        )
