@@ -324,3 +324,80 @@ async def test_a_ledger_write_postgresql_refuses_for_its_data_is_final_not_retri
     assert [k for k, _ in await audit_kinds(env, handle.id)] == ["requested", "awaiting_seller"]
     await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "reject"})
     assert (await asyncio.wait_for(handle.result(), 30)).status is CancellationStatus.REJECTED
+
+
+# --- 2. workflow ids are one-to-one -------------------------------------------------------------
+
+
+def test_the_workflow_id_is_one_to_one_and_reads_back() -> None:
+    from domain.rules import parse_cancellation_id
+
+    assert cancellation_id("A-B", "C") != cancellation_id("A", "B-C")
+    assert cancellation_id("O-1002", "S-7") == "cancel-O-1002~S-7"
+    for order, seller in [("A-B", "C"), ("A", "B-C"), ("O.1:2", "S_7"), ("x", "y")]:
+        assert parse_cancellation_id(cancellation_id(order, seller)) == (order, seller)
+    for other in ["cancel-O-1-S-1", "cancel-~S", "cancel-O~", "cancel-O~S~T", "O~S", "cancel-O\x00~S"]:
+        assert parse_cancellation_id(other) is None, other
+
+
+async def test_two_sub_orders_whose_ids_concatenate_alike_are_two_cancellations(env: Env) -> None:
+    """Order `U-A` of seller `B` and order `U` of seller `A-B`, two buyers: each buyer gets a
+    cancellation of their own (the old `cancel-{order}-{seller}` joined the second buyer to
+    the first buyer's cancellation)."""
+    base = unique("U")
+    orders = [
+        one_seller_order(f"{base}-A", buyer_id="B-first", seller_id="B"),
+        one_seller_order(base, buyer_id="B-second", seller_id="A-B"),
+    ]
+    await load_orders(env.pool, parse_orders_file(orders_file(*orders)))
+    handles = []
+    for order, seller, buyer in [(f"{base}-A", "B", "B-first"), (base, "A-B", "B-second")]:
+        request = RequestCancellationInput(
+            order_id=order, seller_id=seller, buyer_id=buyer, reason=CancellationReason.OTHER
+        )
+        handles.append(
+            await start_cancellation(env.stack.client, request, task_queue=env.task_queue)
+        )
+    assert handles[0].id != handles[1].id
+    for handle, buyer in zip(handles, ["B-first", "B-second"], strict=True):
+        view = await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+        assert view.buyer_id == buyer
+        row = await env.pool.fetchrow(
+            "SELECT buyer_id FROM cancellations WHERE cancellation_id = $1", handle.id
+        )
+        assert row is not None and row["buyer_id"] == buyer
+        await handle.signal(
+            "seller_decision", {"seller_id": view.seller_id, "decision": "reject"}
+        )
+        assert (await asyncio.wait_for(handle.result(), 30)).status is CancellationStatus.REJECTED
+
+
+async def test_a_start_whose_workflow_id_names_another_sub_order_is_refused(env: Env) -> None:
+    """Any client can pick a workflow id: one that is not the request's own sub-order's fails
+    at once, and nothing is written."""
+    order_id = await new_order(env)
+    request = request_for(order_id).model_dump(mode="json")
+    wrong_id = cancellation_id(order_id + "-X", SELLER)
+    code, out = await cli(
+        env,
+        "workflow",
+        "start",
+        "--type",
+        "OrderCancellation",
+        "--task-queue",
+        env.task_queue,
+        "--workflow-id",
+        wrong_id,
+        "--input",
+        json.dumps(request),
+    )
+    assert code == 0, out
+    handle = env.stack.client.get_workflow_handle(wrong_id)
+    from temporalio.client import WorkflowFailureError
+
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 30)
+    cause = failed.value.cause
+    assert getattr(cause, "type", None) == "CancellationIdMismatch", cause
+    assert await ledger_status(env, wrong_id) is None
+    assert await ledger_status(env, cancellation_id(order_id, SELLER)) is None
