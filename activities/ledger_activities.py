@@ -11,7 +11,7 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from domain.errors import LedgerError
+from domain.errors import CancellationIdMismatch, LedgerError
 from domain.models import (
     CancellationStatus,
     CouponInput,
@@ -27,7 +27,7 @@ from domain.models import (
     TimeoutPolicy,
     TransitionInput,
 )
-from domain.rules import DEFAULT_ETA_TABLE, safe_text
+from domain.rules import DEFAULT_ETA_TABLE, cancellation_id, safe_text
 from infra.metrics import NO_METRICS, BusinessMetrics, decided_by, failure_reason, seconds_between
 from ledger.repository import Ledger
 
@@ -82,7 +82,14 @@ class LedgerActivities:
 
     @activity.defn
     async def open_cancellation(self, params: OpenCancellationInput) -> OpenCancellationResult:
+        request = params.request
         with ledger_call():
+            if params.cancellation_id != cancellation_id(request.order_id, request.seller_id):
+                # One cancellation per sub-order, under its own id, whatever a client started.
+                raise CancellationIdMismatch(
+                    f"{params.cancellation_id} is not the cancellation of order"
+                    f" {request.order_id} / seller {request.seller_id}"
+                )
             snapshot = await self._ledger.open_cancellation(
                 cancellation_id=params.cancellation_id, request=params.request
             )

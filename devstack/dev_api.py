@@ -146,6 +146,6 @@ async def start_dev_api(
             lines.append(f"  webhook secret    {secret}")
         buyer = credentials.keys["buyer-service"]
         lines.append(
-            f"  curl -H 'Authorization: Bearer {buyer}' {url}/v1/cancellations/cancel-O-2001-S-7"
+            f"  curl -H 'Authorization: Bearer {buyer}' {url}/v1/cancellations/cancel-O-2001~S-7"
         )
     return DevApi(url=url, banner="\n".join(lines), server=server, task=task)

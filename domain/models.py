@@ -40,7 +40,8 @@ def _refuse_control(pattern: re.Pattern[str]) -> Callable[[str], str]:
 
 
 # One line, no control character at all: tokens from other systems (event ids, references).
-PrintableLine = Annotated[str, AfterValidator(_refuse_control(_CONTROL))]
+# (Placed after the length and pattern constraints, so that those stay in the JSON Schema.)
+_ONE_LINE = AfterValidator(_refuse_control(_CONTROL))
 # Free text a person wrote: printable, line breaks (\n) and tabs allowed, bounded.
 FreeText = Annotated[
     str,
@@ -52,11 +53,10 @@ FreeText = Annotated[
 # construction). `~` is not in it: it separates the order from the seller in a workflow id
 # (`domain.rules.cancellation_id`), which is therefore one-to-one.
 Identifier = Annotated[
-    PrintableLine,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"),
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"), _ONE_LINE
 ]
 # A provider's token (event id, reference, failure code): printable, one line, bounded.
-ProviderToken = Annotated[PrintableLine, StringConstraints(min_length=1, max_length=255)]
+ProviderToken = Annotated[str, StringConstraints(min_length=1, max_length=255), _ONE_LINE]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 MinorUnits = Annotated[int, Field(ge=0, le=10**15)]
 
@@ -281,7 +281,7 @@ class PaymentEvent(Strict):
     provider_ref: ProviderToken | None = None
     # Our idempotency key, as providers echo it back (refund metadata).
     refund_key: ProviderToken | None = None
-    failure_code: Annotated[PrintableLine, StringConstraints(max_length=255)] | None = None
+    failure_code: Annotated[str, StringConstraints(max_length=255), _ONE_LINE] | None = None
     occurred_at: datetime | None = None
 
 

@@ -336,7 +336,14 @@ def test_the_workflow_id_is_one_to_one_and_reads_back() -> None:
     assert cancellation_id("O-1002", "S-7") == "cancel-O-1002~S-7"
     for order, seller in [("A-B", "C"), ("A", "B-C"), ("O.1:2", "S_7"), ("x", "y")]:
         assert parse_cancellation_id(cancellation_id(order, seller)) == (order, seller)
-    for other in ["cancel-O-1-S-1", "cancel-~S", "cancel-O~", "cancel-O~S~T", "O~S", "cancel-O\x00~S"]:
+    for other in [
+        "cancel-O-1-S-1",
+        "cancel-~S",
+        "cancel-O~",
+        "cancel-O~S~T",
+        "O~S",
+        "cancel-O\x00~S",
+    ]:
         assert parse_cancellation_id(other) is None, other
 
 
@@ -366,9 +373,7 @@ async def test_two_sub_orders_whose_ids_concatenate_alike_are_two_cancellations(
             "SELECT buyer_id FROM cancellations WHERE cancellation_id = $1", handle.id
         )
         assert row is not None and row["buyer_id"] == buyer
-        await handle.signal(
-            "seller_decision", {"seller_id": view.seller_id, "decision": "reject"}
-        )
+        await handle.signal("seller_decision", {"seller_id": view.seller_id, "decision": "reject"})
         assert (await asyncio.wait_for(handle.result(), 30)).status is CancellationStatus.REJECTED
 
 

@@ -88,6 +88,16 @@ class OrderCancellation(CancellationInbox):
 
     @workflow.run
     async def run(self, request: RequestCancellationInput) -> CancellationResult:
+        if rules.cancellation_id(request.order_id, request.seller_id) != self._id:
+            # Any client picks the workflow id it starts (R20): one that is not this request's
+            # sub-order's would open a second cancellation of it, or merge two. Nothing is
+            # written; the ledger refuses the same (CancellationIdMismatch).
+            raise ApplicationError(
+                f"workflow id {self._id} is not the cancellation of order {request.order_id}"
+                f" / seller {request.seller_id}",
+                type="CancellationIdMismatch",
+                non_retryable=True,
+            )
         opened = await self._open(request)
         resumed_at = opened.ledger_status
         if resumed_at in (CancellationStatus.REJECTED, CancellationStatus.WITHDRAWN):
