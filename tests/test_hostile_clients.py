@@ -40,6 +40,7 @@ from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from starter.requests import start_cancellation
 from tools.chaos.checks import workflow_task_failures
+from workflows import search_attributes as sa
 
 pytestmark = pytest.mark.e2e
 
@@ -406,3 +407,112 @@ async def test_a_start_whose_workflow_id_names_another_sub_order_is_refused(env:
     assert getattr(cause, "type", None) == "CancellationIdMismatch", cause
     assert await ledger_status(env, wrong_id) is None
     assert await ledger_status(env, cancellation_id(order_id, SELLER)) is None
+
+
+# --- 3. the contract holds for every client ----------------------------------------------------
+
+
+async def ledger_footprint(env: Env, cid: str) -> tuple[Any, ...]:
+    """Everything a cancellation left in the ledger: its row, audit trail, refunds, coupon
+    decisions and the provider's refunds."""
+    row = await env.pool.fetchrow(
+        "SELECT buyer_id, status, path FROM cancellations WHERE cancellation_id = $1", cid
+    )
+    audit = await audit_kinds(env, cid)
+    refunds = await env.pool.fetch(
+        "SELECT idempotency_key, stage, generation FROM refunds WHERE cancellation_id = $1"
+        " ORDER BY generation",
+        cid,
+    )
+    coupons = await env.pool.fetch(
+        "SELECT outcome, round, performed_restore, superseded_at FROM coupon_decisions"
+        " WHERE cancellation_id = $1 ORDER BY decision_id",
+        cid,
+    )
+    return (
+        tuple(row) if row else None,
+        audit,
+        [tuple(r) for r in refunds],
+        [tuple(c) for c in coupons],
+        await provider_refunds(env, cid),
+    )
+
+
+async def cli_start(env: Env, workflow_id: str, request: dict[str, Any]) -> tuple[int, str]:
+    return await cli(
+        env,
+        "workflow",
+        "start",
+        "--type",
+        "OrderCancellation",
+        "--task-queue",
+        env.task_queue,
+        "--workflow-id",
+        workflow_id,
+        "--input",
+        json.dumps(request),
+    )
+
+
+async def test_a_second_start_of_an_ended_cancellation_changes_nothing(env: Env) -> None:
+    """`temporal workflow start` of a completed cancellation's id (its own request, then
+    another buyer's): no refund, no coupon decision, no audit row, the buyer unchanged."""
+    order_id = await new_order(env, coupon=True)
+    handle = await start_cancellation(
+        env.stack.client, request_for(order_id), task_queue=env.task_queue
+    )
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "accept"})
+    await assert_completed_with_one_refund(env, handle)
+    before = await ledger_footprint(env, handle.id)
+    assert before[3] and before[3][0][0] == "restored"
+
+    for buyer in (BUYER, "B-intruder"):
+        code, out = await cli_start(
+            env, handle.id, request_for(order_id, buyer=buyer).model_dump(mode="json")
+        )
+        assert code == 0, out
+        run = env.stack.client.get_workflow_handle(handle.id)
+        try:
+            await asyncio.wait_for(run.result(), 30)
+        except Exception as err:  # another buyer's run fails as "not found"
+            assert buyer != BUYER, err
+            assert "SubOrderNotFound" in repr(err.__cause__) or "not" in str(err), err
+        assert await ledger_footprint(env, handle.id) == before, buyer
+        history = await run.fetch_history()
+        assert not workflow_task_failures(history)
+        # The new run asks the ledger where the cancellation stands, and nothing else: no
+        # coupon decided again, no transition written.
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert scheduled == ["open_cancellation"], (buyer, scheduled)
+        # Whatever the intruder's run shows, it never names the intruder as the buyer.
+        attrs = (await run.describe()).typed_search_attributes
+        assert attrs.get(sa.BUYER_ID) in (None, BUYER), buyer
+    # Asked again as the API and `ordercancel request` ask: the same cancellation, as it ended.
+    again = await start_cancellation(
+        env.stack.client, request_for(order_id), task_queue=env.task_queue
+    )
+    assert (await asyncio.wait_for(again.result(), 30)).status is CancellationStatus.COMPLETED
+    assert await ledger_footprint(env, handle.id) == before
+
+
+async def test_another_buyer_cannot_adopt_a_running_cancellation(env: Env) -> None:
+    handle = await pending(env)
+    view = await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    intruder = request_for(view.order_id, buyer="B-intruder")
+    from domain.errors import SubOrderNotFound
+
+    with pytest.raises(SubOrderNotFound):
+        await start_cancellation(env.stack.client, intruder, task_queue=env.task_queue)
+    code, out = await cli_start(env, handle.id, intruder.model_dump(mode="json"))
+    assert code != 0 and "already" in out.lower(), out
+    view = await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    assert view.buyer_id == BUYER
+    desc = await handle.describe()
+    assert desc.typed_search_attributes.get(sa.BUYER_ID) == BUYER
+    await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "reject"})
+    assert (await asyncio.wait_for(handle.result(), 30)).status is CancellationStatus.REJECTED
