@@ -105,6 +105,7 @@ class LedgerActivities:
             refund_policy=self._refund_policy,
             ledger_status=snapshot.status,
             refund=snapshot.refund,
+            coupon=snapshot.coupon,
         )
 
     @activity.defn

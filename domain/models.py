@@ -393,6 +393,8 @@ class OpenCancellationResult(Record):
     # reversed refund reopens it) resumes there instead of asking the seller again.
     ledger_status: CancellationStatus | None = None
     refund: RefundView | None = None
+    # The coupon outcome of a cancellation the ledger has as completed (a later run reports it).
+    coupon: CouponOutcome | None = None
 
 
 class TransitionInput(Record):

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -22,6 +21,7 @@ from helpers.wait import wait_for_status
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from devstack.demo import DEMO_FILE as DEMO
 from domain.models import (
     CancellationReason,
     CancellationStatus,
@@ -40,8 +40,6 @@ from starter.payment_events import ForwardOutcome, forward_payment_event
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
-
-DEMO = Path(__file__).resolve().parent.parent / "demo" / "orders.json"
 
 
 @dataclass

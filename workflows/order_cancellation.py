@@ -104,6 +104,11 @@ class OrderCancellation(CancellationInbox):
             # A new run of a request that ended: nothing is left to do.
             self._set_status(resumed_at, "system", "resumed", "the request had already ended")
             return await self._finish()
+        if resumed_at is CancellationStatus.COMPLETED and not await self._reopened(opened):
+            # Another start of a completed cancellation (any client may start one): it
+            # reports the outcome the ledger has and changes nothing (R20).
+            self._set_status(resumed_at, "system", "resumed", "the cancellation had completed")
+            return await self._finish()
         if opened.path is CancellationPath.INSTANT and opened.refund is None:
             self._set_status(
                 CancellationStatus.APPROVED,
@@ -124,9 +129,11 @@ class OrderCancellation(CancellationInbox):
         return await self._finish()
 
     async def _open(self, request: RequestCancellationInput) -> OpenCancellationResult:
-        """R1: the ledger reads the sub-order and chooses the instant or the request path."""
-        self._visible.start(request)
+        """R1: the ledger reads the sub-order and chooses the instant or the request path.
+        The attributes naming the order, seller and buyer are shown once the ledger has taken
+        the request (another buyer's start of an existing cancellation is refused there)."""
         opened = await steps.open_cancellation(self._id, request)
+        self._visible.start(request)
         self._opened = opened
         self._visible.opened(opened)
         self._note(
@@ -135,6 +142,16 @@ class OrderCancellation(CancellationInbox):
             f"reason {request.reason.value} ({request.reason.fault.value} fault)",
         )
         return opened
+
+    async def _reopened(self, opened: OpenCancellationResult) -> bool:
+        """A run that finds its cancellation completed works only for the provider's reversal
+        of the refund, which reopens it with the `payment_event` that starts the run
+        (starter.payment_events): that event is judged, against the refund the ledger has,
+        before anything else happens."""
+        self._refund = opened.refund
+        self._coupon = opened.coupon
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._reversal is not None
 
     async def _seller_decides(self, opened: OpenCancellationResult) -> bool:
         """R3-R5: wait on a durable timer for the seller (escalated: for an operator); the
