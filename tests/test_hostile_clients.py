@@ -518,3 +518,57 @@ async def test_another_buyer_cannot_adopt_a_running_cancellation(env: Env) -> No
     assert desc.typed_search_attributes.get(sa.BUYER_ID) == BUYER
     await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "reject"})
     assert (await asyncio.wait_for(handle.result(), 30)).status is CancellationStatus.REJECTED
+
+
+# --- 6. hostile volume ---------------------------------------------------------------------------
+
+FLOOD = 10_000
+HISTORY_LIMIT = 51_200  # Temporal terminates a run whose history reaches this many events
+
+
+async def test_ten_thousand_refused_signals_neither_end_nor_block_a_cancellation(
+    env: Env,
+) -> None:
+    """10,000 refused signals (another seller's decisions) against one cancellation, sent
+    concurrently; then the seller's valid decision completes it with one refund. Every run's
+    history stays far below Temporal's limit, and the audit trail records the first refusals
+    and how many there were, not every one."""
+    handle = await pending(env)
+    gate = asyncio.Semaphore(64)
+    noise = {"seller_id": "S-intruder", "decision": "accept", "reason": "x" * 200}
+
+    async def one() -> None:
+        async with gate:
+            await handle.signal("seller_decision", noise)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.gather(*(one() for _ in range(FLOOD)))
+    sent_in = loop.time() - started
+
+    async def counted() -> None:
+        view = await handle.query("status", result_type=dict)
+        assert view["refused_messages"] == FLOOD, view.get("refused_messages")
+
+    await eventually(counted, timeout=120, interval=1)
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "accept"})
+    await assert_completed_with_one_refund(env, handle)
+
+    runs = [wf.run_id async for wf in env.stack.client.list_workflows(f'WorkflowId="{handle.id}"')]
+    lengths = []
+    for run_id in runs:
+        history = await env.stack.client.get_workflow_handle(
+            handle.id, run_id=run_id
+        ).fetch_history()
+        lengths.append(len(history.events))
+        assert not workflow_task_failures(history)
+    print(
+        f"\n{FLOOD} refused signals sent in {sent_in:.0f}s:"
+        f" {len(runs)} runs, history lengths {lengths}"
+    )
+    assert max(lengths) < HISTORY_LIMIT // 4, lengths
+    refused = [k for k, _ in await audit_kinds(env, handle.id) if k.endswith("_refused")]
+    assert 0 < len(refused) <= 20, len(refused)
+    counts = [d for k, d in await audit_kinds(env, handle.id) if k == "refusals_counted"]
+    assert counts and str(FLOOD) in counts[-1], counts
