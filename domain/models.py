@@ -349,6 +349,8 @@ class CancellationView(Record):
     coupon: CouponOutcome | None = None
     last_error: str | None = None
     audit: list[AuditEntry] = Field(default_factory=list)
+    # Messages refused so far (R20): the audit trail holds only the first few of them.
+    refused_messages: int = 0
 
 
 class CancellationResult(Record):
@@ -395,6 +397,28 @@ class OpenCancellationResult(Record):
     refund: RefundView | None = None
     # The coupon outcome of a cancellation the ledger has as completed (a later run reports it).
     coupon: CouponOutcome | None = None
+
+
+class CarriedState(Record):
+    """What a run hands the next one when it continues as new (a history kept short, R20):
+    where it waits (`phase`: `seller`, `parked`, `settle`) and all it knows. Only a run that
+    Temporal started by continue-as-new reads it; a client's second argument is ignored."""
+
+    phase: str
+    status: CancellationStatus
+    opened: OpenCancellationResult
+    deadline: datetime | None = None
+    decision: Decision | None = None
+    decided_by: str = ""
+    decision_reason: str = ""
+    withdrawal: WithdrawRequest | None = None
+    refund: RefundView | None = None
+    coupon: CouponOutcome | None = None
+    last_error: str | None = None
+    reversal: PaymentEvent | None = None
+    audit: list[AuditEntry] = Field(default_factory=list)
+    refused: int = 0
+    seq: int = 1
 
 
 class TransitionInput(Record):

