@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from domain.errors import LedgerError
+from domain.errors import CancellationIdMismatch, LedgerError
 from domain.models import (
     CancellationStatus,
     CouponInput,
@@ -25,16 +27,39 @@ from domain.models import (
     TimeoutPolicy,
     TransitionInput,
 )
-from domain.rules import DEFAULT_ETA_TABLE
+from domain.rules import DEFAULT_ETA_TABLE, cancellation_id, safe_text
 from infra.metrics import NO_METRICS, BusinessMetrics, decided_by, failure_reason, seconds_between
 from ledger.repository import Ledger
 
 log = structlog.get_logger(__name__)
 
 
+# PostgreSQL refused the data itself (a NUL in a text, a string it cannot encode): retrying
+# the same write cannot succeed, so it fails for good with this type instead of for ever.
+LEDGER_DATA_REFUSED = "LedgerDataRefused"
+
+
 def business_error(err: LedgerError) -> ApplicationError:
     """Ledger refusals are facts, not glitches: retrying cannot change them."""
     return ApplicationError(str(err), type=err.error_type, non_retryable=True)
+
+
+@contextmanager
+def ledger_call() -> Iterator[None]:
+    """A ledger write: business refusals and data PostgreSQL refuses (the `DataError` family,
+    SQLSTATE class 22, e.g. `CharacterNotInRepertoireError`; or text the driver cannot encode)
+    are final, typed and not retried; anything else (a restart, the network) is retried."""
+    try:
+        yield
+    except LedgerError as err:
+        raise business_error(err) from err
+    except (asyncpg.DataError, UnicodeEncodeError) as err:
+        log.warning("ledger_data_refused", error=type(err).__name__)
+        raise ApplicationError(
+            f"the ledger refused the data: {type(err).__name__}: {safe_text(str(err), 200)}",
+            type=LEDGER_DATA_REFUSED,
+            non_retryable=True,
+        ) from err
 
 
 class LedgerActivities:
@@ -57,12 +82,17 @@ class LedgerActivities:
 
     @activity.defn
     async def open_cancellation(self, params: OpenCancellationInput) -> OpenCancellationResult:
-        try:
+        request = params.request
+        with ledger_call():
+            if params.cancellation_id != cancellation_id(request.order_id, request.seller_id):
+                # One cancellation per sub-order, under its own id, whatever a client started.
+                raise CancellationIdMismatch(
+                    f"{params.cancellation_id} is not the cancellation of order"
+                    f" {request.order_id} / seller {request.seller_id}"
+                )
             snapshot = await self._ledger.open_cancellation(
                 cancellation_id=params.cancellation_id, request=params.request
             )
-        except LedgerError as err:
-            raise business_error(err) from err
         log.info("cancellation_opened", path=snapshot.path.value)
         self._metrics.cancellation_started(path=snapshot.path.value)
         return OpenCancellationResult(
@@ -75,14 +105,13 @@ class LedgerActivities:
             refund_policy=self._refund_policy,
             ledger_status=snapshot.status,
             refund=snapshot.refund,
+            coupon=snapshot.coupon,
         )
 
     @activity.defn
     async def record_transition(self, params: TransitionInput) -> None:
-        try:
+        with ledger_call():
             created_at = await self._ledger.record_transition(params)
-        except LedgerError as err:
-            raise business_error(err) from err
         log.info(
             "transition_recorded", status=params.status.value, actor=params.actor, kind=params.kind
         )
@@ -104,19 +133,18 @@ class LedgerActivities:
 
     @activity.defn
     async def record_event(self, params: EventInput) -> None:
-        await self._ledger.record_event(params)
+        with ledger_call():
+            await self._ledger.record_event(params)
 
     @activity.defn
     async def request_refund(self, params: RefundRequestInput) -> RefundView:
-        try:
+        with ledger_call():
             record = await self._ledger.request_refund(
                 cancellation_id=params.cancellation_id,
                 event_key=params.event_key,
                 now=datetime.now(UTC),
                 eta_table=self._eta_table,
             )
-        except LedgerError as err:
-            raise business_error(err) from err
         if record.view.stage is RefundStage.REQUESTED:
             # The status change the workflow makes of it (its one log line, see
             # `OrderCancellation._set_status`).
@@ -131,27 +159,23 @@ class LedgerActivities:
 
     @activity.defn
     async def restore_coupon(self, params: CouponInput) -> CouponOutcome:
-        try:
+        with ledger_call():
             outcome = await self._ledger.decide_coupon(
                 cancellation_id=params.cancellation_id, event_key=params.event_key
             )
-        except LedgerError as err:
-            raise business_error(err) from err
         log.info("coupon_decided", outcome=outcome.outcome.value)
         self._metrics.coupon_decided(outcome=outcome.outcome.value)
         return outcome
 
     @activity.defn
     async def record_refund_failed(self, params: RefundFailureInput) -> RefundView:
-        try:
+        with ledger_call():
             record = await self._ledger.record_refund_failed(
                 cancellation_id=params.cancellation_id,
                 error=f"{params.error} (attempt {params.attempts})",
                 event_key=params.event_key,
                 final=params.final,
             )
-        except LedgerError as err:
-            raise business_error(err) from err
         log.warning("refund_parked", error=params.error, passes=params.attempts)
         self._metrics.refund_parked(reason=failure_reason(params.error))
         return record.view

@@ -22,6 +22,7 @@ from api.errors import ApiError, FieldError, validation_refusal
 from api.keys import KeyStore, Principal, Role
 from api.service import CancellationService
 from api.stores import IdempotencyStore
+from domain.rules import parse_cancellation_id
 from infra.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -160,15 +161,14 @@ def refuse_control_characters(body: BaseModel) -> None:
         raise ApiError(422, "invalid_payload", f"invalid fields: {where}", errors=errors)
 
 
-# Workflow ids are `cancel-{order_id}-{seller_id}` with identifiers of a safe alphabet; anything
-# else cannot exist and is not worth a round trip to Temporal.
-_IDENTIFIER = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"  # domain.models.Identifier
-_CANCELLATION_ID = re.compile(rf"^cancel-{_IDENTIFIER}-{_IDENTIFIER}$")
+# Workflow ids are `cancel-{order_id}~{seller_id}` with identifiers of a safe alphabet
+# (domain.rules.parse_cancellation_id); anything else cannot exist and is not worth a round
+# trip to Temporal.
 
 
 def checked_id(cancellation_id: str) -> str:
-    if not _CANCELLATION_ID.fullmatch(cancellation_id):
-        raise ApiError(404, "not_found", "no such cancellation (ids read cancel-<order>-<seller>)")
+    if parse_cancellation_id(cancellation_id) is None:
+        raise ApiError(404, "not_found", "no such cancellation (ids read cancel-<order>~<seller>)")
     return cancellation_id
 
 

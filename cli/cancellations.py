@@ -94,7 +94,7 @@ def request(
 
 @app.command()
 def decide(
-    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002-S-7")],
+    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002~S-7")],
     decision: Annotated[Decision, typer.Argument(help="accept or reject")],
     seller: Annotated[str, typer.Option(help="The seller deciding")],
     reason: Annotated[str, typer.Option(help="Reason shown to the buyer")] = "",
@@ -126,7 +126,7 @@ def decide(
 
 @app.command()
 def withdraw(
-    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002-S-7")],
+    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002~S-7")],
     buyer: Annotated[str, typer.Option(help="The buyer who asked")],
     reason: Annotated[str, typer.Option(help="Why (audit trail, told to the seller)")] = "",
 ) -> None:
@@ -147,7 +147,7 @@ def withdraw(
 
 @app.command()
 def status(
-    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002-S-7")],
+    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002~S-7")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show a cancellation: the three dots, ETA, coupon outcome and the audit trail."""

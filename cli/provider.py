@@ -34,7 +34,7 @@ provider_app = typer.Typer(
 )
 
 Target = Annotated[
-    str, typer.Argument(help="A payment id (P-1002) or a cancellation id (cancel-O-1002-S-7)")
+    str, typer.Argument(help="A payment id (P-1002) or a cancellation id (cancel-O-1002~S-7)")
 ]
 
 

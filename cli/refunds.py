@@ -203,7 +203,7 @@ def _print_summary(summary: RetrySummary, *, as_json: bool, interrupted: bool = 
 @refunds_app.command("retry")
 def retry(
     ids: Annotated[
-        list[str] | None, typer.Argument(help="Cancellation ids, e.g. cancel-O-1002-S-7")
+        list[str] | None, typer.Argument(help="Cancellation ids, e.g. cancel-O-1002~S-7")
     ] = None,
     all_failed: Annotated[
         bool, typer.Option("--all-failed", help="Every cancellation in refund_failed")

@@ -40,10 +40,10 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             f"\n[bold green]Serving.[/bold green] Temporal Web UI: {ui}\n"
             + (f"Worker metrics (Prometheus): {metrics_url}\n" if metrics_url else "")
             + "Try (in another terminal, after `source .venv/bin/activate`):\n"
-            "  ordercancel status cancel-O-2001-S-7\n"
+            "  ordercancel status cancel-O-2001~S-7\n"
             "  ordercancel orders load devstack/demo-data/try-it.json\n"
             "  ordercancel request O-3001 S-1 --buyer B-3001 --reason out_of_stock\n"
-            "  ordercancel decide cancel-O-3001-S-1 accept --seller S-1 --reason sorry\n"
+            "  ordercancel decide cancel-O-3001~S-1 accept --seller S-1 --reason sorry\n"
             "Ctrl-C stops everything; data stays in .data/ for the next start."
         )
         console.print(api.banner, markup=False, highlight=False)

@@ -146,7 +146,7 @@ async def start_dev_api(
             lines.append(f"  webhook secret    {secret}")
         buyer = credentials.keys["buyer-service"]
         lines.append(
-            f"  curl -H 'Authorization: Bearer {buyer}' {url}/v1/cancellations/cancel-O-2001-S-7"
+            f"  curl -H 'Authorization: Bearer {buyer}' {url}/v1/cancellations/cancel-O-2001~S-7"
         )
         # The variables the README's curl examples use, ready to paste into a shell.
         lines.append("For the README's curl examples, paste:")

@@ -48,6 +48,13 @@ class CancellationConflict(LedgerError):
     error_type = "CancellationConflict"
 
 
+class CancellationIdMismatch(LedgerError):
+    """The workflow id is not the one of the request's sub-order (`cancel-{order}~{seller}`):
+    a client picked another sub-order's id, or an id of no sub-order at all (R20)."""
+
+    error_type = "CancellationIdMismatch"
+
+
 class CancellationNotFound(LedgerError):
     error_type = "CancellationNotFound"
 

@@ -7,21 +7,58 @@ Money is always integer minor units plus an ISO 4217 code.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-# Identifiers come from other systems; keep them to a safe, readable alphabet so they can be
-# embedded in workflow ids, idempotency keys and log lines without escaping.
-Identifier = Annotated[
+# R20: text from outside is printable Unicode. C0 and C1 control characters are refused (NUL,
+# which PostgreSQL cannot store, among them), and so are lone surrogates (not encodable as
+# UTF-8 at all); long free text may hold line breaks and tabs, nothing else of the kind. Every
+# identifier and every free-text field is one of the annotated types below, so the API (422
+# `invalid_payload`), the update validators and the signal handlers (`invalid_payload`) refuse
+# the same thing before it reaches the ledger.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+FREE_TEXT_MAX = 2000
+
+
+def _refuse_control(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        found = pattern.search(value)
+        if found is not None:
+            raise ValueError(
+                f"control character U+{ord(found.group()):04X} at position {found.start()}:"
+                " text must be printable Unicode"
+            )
+        return value
+
+    return check
+
+
+# One line, no control character at all: tokens from other systems (event ids, references).
+# (Placed after the length and pattern constraints, so that those stay in the JSON Schema.)
+_ONE_LINE = AfterValidator(_refuse_control(_CONTROL))
+# Free text a person wrote: printable, line breaks (\n) and tabs allowed, bounded.
+FreeText = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"),
+    StringConstraints(max_length=FREE_TEXT_MAX),
+    AfterValidator(_refuse_control(_CONTROL_BUT_LINES)),
 ]
+# Identifiers come from other systems; keep them to a safe, readable alphabet so they can be
+# embedded in workflow ids, idempotency keys and log lines without escaping (printable by
+# construction). `~` is not in it: it separates the order from the seller in a workflow id
+# (`domain.rules.cancellation_id`), which is therefore one-to-one.
+Identifier = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"), _ONE_LINE
+]
+# A provider's token (event id, reference, failure code): printable, one line, bounded.
+ProviderToken = Annotated[str, StringConstraints(min_length=1, max_length=255), _ONE_LINE]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 MinorUnits = Annotated[int, Field(ge=0, le=10**15)]
-FreeText = Annotated[str, StringConstraints(max_length=2000)]
 
 
 class Strict(BaseModel):
@@ -239,12 +276,12 @@ class PaymentEvent(Strict):
     It only wakes the workflow up: the workflow then asks the provider itself, so a forged or
     stale event can change nothing."""
 
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    event_id: ProviderToken
     type: PaymentEventType
-    provider_ref: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    provider_ref: ProviderToken | None = None
     # Our idempotency key, as providers echo it back (refund metadata).
-    refund_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    failure_code: Annotated[str, StringConstraints(max_length=255)] | None = None
+    refund_key: ProviderToken | None = None
+    failure_code: Annotated[str, StringConstraints(max_length=255), _ONE_LINE] | None = None
     occurred_at: datetime | None = None
 
 
@@ -312,6 +349,8 @@ class CancellationView(Record):
     coupon: CouponOutcome | None = None
     last_error: str | None = None
     audit: list[AuditEntry] = Field(default_factory=list)
+    # Messages refused so far (R20): the audit trail holds only the first few of them.
+    refused_messages: int = 0
 
 
 class CancellationResult(Record):
@@ -356,6 +395,30 @@ class OpenCancellationResult(Record):
     # reversed refund reopens it) resumes there instead of asking the seller again.
     ledger_status: CancellationStatus | None = None
     refund: RefundView | None = None
+    # The coupon outcome of a cancellation the ledger has as completed (a later run reports it).
+    coupon: CouponOutcome | None = None
+
+
+class CarriedState(Record):
+    """What a run hands the next one when it continues as new (a history kept short, R20):
+    where it waits (`phase`: `seller`, `parked`, `settle`) and all it knows. Only a run that
+    Temporal started by continue-as-new reads it; a client's second argument is ignored."""
+
+    phase: str
+    status: CancellationStatus
+    opened: OpenCancellationResult
+    deadline: datetime | None = None
+    decision: Decision | None = None
+    decided_by: str = ""
+    decision_reason: str = ""
+    withdrawal: WithdrawRequest | None = None
+    refund: RefundView | None = None
+    coupon: CouponOutcome | None = None
+    last_error: str | None = None
+    reversal: PaymentEvent | None = None
+    audit: list[AuditEntry] = Field(default_factory=list)
+    refused: int = 0
+    seq: int = 1
 
 
 class TransitionInput(Record):

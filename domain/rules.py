@@ -200,9 +200,38 @@ def decide_coupon(
 # --- identifiers and keys ------------------------------------------------------------------------
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def safe_text(text: str, limit: int = 500) -> str:
+    """Text this service writes about a message it refused (an audit row, a log line): control
+    characters and lone surrogates escaped (`\\x00`, `\\ud800`), so that PostgreSQL always
+    takes it, and at most `limit` characters. The message itself was refused: nothing of it is
+    stored as it came."""
+    escaped = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
+
+
+# The workflow id is `cancel-{order_id}~{seller_id}`. Identifiers never hold `~` (their
+# alphabet is `[A-Za-z0-9_.:-]`, domain.models.Identifier), so the id is one-to-one: order
+# `A-B` of seller `C` and order `A` of seller `B-C` are two cancellations (with `-` as the
+# separator they were one).
+ID_PREFIX = "cancel-"
+ID_SEPARATOR = "~"
+_ID_PART = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+CANCELLATION_ID_PATTERN = rf"cancel-(?P<order>{_ID_PART})~(?P<seller>{_ID_PART})"
+_CANCELLATION_ID = re.compile(CANCELLATION_ID_PATTERN)
+
+
 def cancellation_id(order_id: str, seller_id: str) -> str:
-    """The workflow id: public contract `cancel-{order_id}-{seller_id}`."""
-    return f"cancel-{order_id}-{seller_id}"
+    """The workflow id: public contract `cancel-{order_id}~{seller_id}`."""
+    return f"{ID_PREFIX}{order_id}{ID_SEPARATOR}{seller_id}"
+
+
+def parse_cancellation_id(workflow_id: str) -> tuple[str, str] | None:
+    """`(order_id, seller_id)` of a workflow id, None if it is not one."""
+    match = _CANCELLATION_ID.fullmatch(workflow_id)
+    return (match["order"], match["seller"]) if match else None
 
 
 def refund_idempotency_key(cancellation_id: str, generation: int = 1) -> str:

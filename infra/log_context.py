@@ -6,7 +6,7 @@ each workflow run, signal and update:
 
 - activities: `workflow_id`, `run_id`, `activity`, `attempt` from `activity.info()`, and
   `order_id`, `seller_id`, `buyer_id` from a header the workflow side puts on every activity it
-  schedules (the workflow id `cancel-{order}-{seller}` cannot be split back: ids contain `-`);
+  schedules (the workflow id `cancel-{order}~{seller}` is not split back here);
 - workflows: the same ids, read from the workflow input (or, before the run has started, from
   the search attributes the starter set). `workflow.logger` adds `workflow_id` and `run_id`
   itself through its `extra`, which `infra.logging` turns into fields.

@@ -62,6 +62,8 @@ class SubOrderSnapshot(Record):
     # Where the cancellation stands in the ledger (a later run of an ended one resumes there).
     status: CancellationStatus
     refund: RefundView | None = None
+    # A completed cancellation's coupon outcome: a later run reports it, never decides again.
+    coupon: CouponOutcome | None = None
 
 
 class RefundRecord(Record):
@@ -258,6 +260,7 @@ class Ledger:
         )
         assert row is not None  # the function always returns one row
         sub_order = f"{request.order_id}/{request.seller_id}"
+        coupon: CouponOutcome | None = None
         match row["outcome"]:
             case "not_found":
                 raise SubOrderNotFound(
@@ -281,8 +284,21 @@ class Ledger:
                 view = None
             case "existing":
                 async with self._pool.acquire() as conn:
+                    buyer = await conn.fetchval(
+                        "SELECT buyer_id FROM cancellations WHERE cancellation_id = $1",
+                        cancellation_id,
+                    )
+                    if buyer != request.buyer_id:
+                        # Another buyer cannot adopt the cancellation (whatever a client
+                        # started): the same answer as for a sub-order that is not theirs.
+                        raise SubOrderNotFound(
+                            f"order {request.order_id} has no sub-order of seller "
+                            f"{request.seller_id} for buyer {request.buyer_id}"
+                        )
                     refund = await self._refund_row(conn, cancellation_id=cancellation_id)
                 view = refund.view if refund is not None else None
+                if row["status"] == CancellationStatus.COMPLETED.value:
+                    coupon = await self.coupon_outcome(cancellation_id=cancellation_id)
             case other:
                 raise AssertionError(f"unknown outcome {other!r} of ledger_open_cancellation")
         return SubOrderSnapshot(
@@ -292,6 +308,7 @@ class Ledger:
             capture=CaptureState(row["capture"]),
             status=CancellationStatus(row["status"]),
             refund=view,
+            coupon=coupon,
         )
 
     async def sub_order_amount(

@@ -3,9 +3,16 @@ the CLI and the tools call."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -13,10 +20,13 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
+from domain.errors import SubOrderNotFound
 from domain.models import (
     CancellationResult,
     CancellationStatus,
+    CancellationView,
     Money,
     PaymentMethod,
     RequestCancellationInput,
@@ -77,7 +87,7 @@ async def start_cancellation(
         else None
     )
     try:
-        return await client.start_workflow(
+        handle = await client.start_workflow(
             OrderCancellation.run,
             request,
             id=workflow_id,
@@ -94,4 +104,34 @@ async def start_cancellation(
             ),
         )
     except WorkflowAlreadyStartedError:
-        return client.get_workflow_handle(workflow_id, result_type=CancellationResult)
+        handle = client.get_workflow_handle(workflow_id, result_type=CancellationResult)
+    else:
+        response = getattr(handle, "_start_workflow_response", None)
+        if response is not None and getattr(response, "started", False):
+            return handle  # ours, with this request
+    # Joined a running cancellation or found an ended one: only its own buyer may (R20).
+    owner = await _buyer_of(handle)
+    if owner is not None and owner != request.buyer_id:
+        raise SubOrderNotFound(
+            f"order {request.order_id} has no sub-order of seller {request.seller_id}"
+            f" for buyer {request.buyer_id}"
+        )
+    return handle
+
+
+async def _buyer_of(handle: WorkflowHandle[Any, CancellationResult]) -> str | None:
+    """The buyer of an existing cancellation: its `BuyerId` attribute (set with the start, or by
+    the workflow once the ledger took the request), else its own status query."""
+    description = await handle.describe()
+    buyer = description.typed_search_attributes.get(sa.BUYER_ID)
+    if buyer is not None:
+        return buyer
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return None
+    try:
+        view: CancellationView = await handle.query(
+            OrderCancellation.status, rpc_timeout=timedelta(seconds=5)
+        )
+    except (WorkflowQueryFailedError, WorkflowQueryRejectedError, RPCError):
+        return None
+    return view.buyer_id

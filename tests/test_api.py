@@ -37,6 +37,7 @@ from temporalio.worker import (
 
 from api.keys import generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
+from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
@@ -342,7 +343,7 @@ async def test_instant_path_answers_with_the_final_outcome(api: Api) -> None:
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    cancellation_id = f"cancel-{order_id}-{OWN}"
+    cancellation_id = workflow_id_of(order_id, OWN)
     assert body["cancellation_id"] == cancellation_id
     assert response.headers["location"] == f"/v1/cancellations/{cancellation_id}"
     assert (body["status"], body["path"], body["final"]) == ("completed", "instant", True)
@@ -409,7 +410,7 @@ async def test_coupon_given_back_by_the_last_sibling_shows_on_both(api: Api) -> 
     )
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     for seller in (OWN, OTHER):
-        coupon = (await api.get(f"cancel-{order_id}-{seller}"))["coupon"]
+        coupon = (await api.get(workflow_id_of(order_id, seller)))["coupon"]
         assert coupon["outcome"] == "restored", coupon
         assert coupon["redemption_id"] == f"R-{order_id}"
 
@@ -456,7 +457,9 @@ async def test_idempotency_key_replays_and_refuses_reuse(api: Api) -> None:
     )
     problem = assert_problem(other, 422, "idempotency_key_reused")
     assert first.json()["cancellation_id"] in problem["detail"]
-    missing = await api.call("GET", f"/v1/cancellations/cancel-{order_id}-{OTHER}", "buyer-service")
+    missing = await api.call(
+        "GET", f"/v1/cancellations/{workflow_id_of(order_id, OTHER)}", "buyer-service"
+    )
     assert_problem(missing, 404, "not_found")
     bad = await api.call(
         "POST",
@@ -478,7 +481,9 @@ async def test_a_request_that_cannot_succeed_starts_nothing(api: Api) -> None:
         response = await api.call("POST", "/v1/cancellations", "buyer-service", json=body)
         assert_problem(response, 404, "sub_order_not_found")
     assert_problem(
-        await api.call("GET", f"/v1/cancellations/cancel-{order_id}-{OWN}", "buyer-service"),
+        await api.call(
+            "GET", f"/v1/cancellations/{workflow_id_of(order_id, OWN)}", "buyer-service"
+        ),
         404,
         "not_found",
     )
@@ -564,7 +569,7 @@ async def test_authorization_matrix(api: Api, endpoint: str) -> None:
             assert (after["status"], after["audit"]) == (before["status"], before["audit"])  # type: ignore[index]
         if endpoint == "request" and principal not in allowed:
             missing = await api.call(
-                "GET", f"/v1/cancellations/cancel-{body['order_id']}-{OWN}", "sre"
+                "GET", f"/v1/cancellations/{workflow_id_of(body['order_id'], OWN)}", "sre"
             )
             assert missing.status_code == 404
         if endpoint == "payment_event" and principal not in allowed:
@@ -733,13 +738,15 @@ async def test_request_fields_are_validated(api: Api) -> None:
         response = await api.call("POST", "/v1/cancellations", "buyer-service", json=body)
         problem = assert_problem(response, 422, "invalid_payload")
         assert problem["errors"][0]["loc"] == loc, problem
-    missing = await api.call("GET", f"/v1/cancellations/cancel-{order_id}-{OWN}", "buyer-service")
+    missing = await api.call(
+        "GET", f"/v1/cancellations/{workflow_id_of(order_id, OWN)}", "buyer-service"
+    )
     assert missing.status_code == 404
 
 
 async def test_oversized_bodies_are_413(api: Api) -> None:
     big = json.dumps({"seller_id": OWN, "decision": "accept", "reason": "x" * 70_000}).encode()
-    path = "/v1/cancellations/cancel-X-1-S-41/seller-decision"
+    path = "/v1/cancellations/cancel-X-1~S-41/seller-decision"
     declared = await api.call(
         "POST", path, f"seller:{OWN}", content=big, headers={"Content-Type": "application/json"}
     )
@@ -758,12 +765,17 @@ async def test_oversized_bodies_are_413(api: Api) -> None:
 
 
 async def test_unknown_cancellations_and_routes(api: Api) -> None:
-    for cancellation_id in ("cancel-O-404-S-404", "not-a-cancellation", "cancel-" + "x" * 300):
+    for cancellation_id in (
+        "cancel-O-404~S-404",
+        "cancel-O-404-S-404",
+        "not-a-cancellation",
+        "cancel-" + "x" * 300,
+    ):
         response = await api.call("GET", f"/v1/cancellations/{cancellation_id}", "sre")
         assert_problem(response, 404, "not_found")
     decision = await api.call(
         "POST",
-        "/v1/cancellations/cancel-O-404-S-41/seller-decision",
+        "/v1/cancellations/cancel-O-404~S-41/seller-decision",
         f"seller:{OWN}",
         json={"seller_id": OWN, "decision": "accept"},
     )

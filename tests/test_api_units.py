@@ -192,7 +192,7 @@ async def test_before_start_not_ready_and_an_unexpected_error_is_a_logged_500() 
         assert (await c.get("/healthz")).status_code == 200
         ready = await c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
-        early = await c.get("/v1/cancellations/cancel-O-1-S-1", headers={"Authorization": "x"})
+        early = await c.get("/v1/cancellations/cancel-O-1~S-1", headers={"Authorization": "x"})
         assert early.status_code == 503 and early.json()["code"] == "not_ready"
         with structlog.testing.capture_logs() as logs:
             failed = await c.get("/boom")

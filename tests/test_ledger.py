@@ -390,11 +390,11 @@ async def test_unknown_sub_order_and_wrong_buyer_are_not_found_and_write_nothing
 
     with pytest.raises(SubOrderNotFound):
         await ledger.open_cancellation(
-            cancellation_id="cancel-O-1001-S-99", request=request("O-1001", "S-99", "B-501")
+            cancellation_id="cancel-O-1001~S-99", request=request("O-1001", "S-99", "B-501")
         )
     with pytest.raises(SubOrderNotFound):
         await ledger.open_cancellation(
-            cancellation_id="cancel-O-9999-S-7", request=request("O-9999", "S-7", "B-501")
+            cancellation_id="cancel-O-9999~S-7", request=request("O-9999", "S-7", "B-501")
         )
     # Another buyer's order: not found, and the unvalidated sub-order is not cancelled.
     with pytest.raises(SubOrderNotFound) as refused:

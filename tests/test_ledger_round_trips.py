@@ -179,11 +179,12 @@ async def test_each_stage_is_one_round_trip_and_metrics_read_nothing(counted: Co
     assert [labels.get("stage") for _, labels in metrics.seen[1:]] == ["submitted", "confirmed"]
 
 
-async def test_opening_is_one_round_trip_and_reopening_two(counted: Counted) -> None:
+async def test_opening_is_one_round_trip_and_reopening_three(counted: Counted) -> None:
     """One call of `ledger_open_cancellation` (migration 005): the sub-order locked, the
     cancellation looked up under that lock, the cancellation and both opening audit rows, in one
     transaction (11 round trips before issue 7, then 6). A retried or later run gets the stored
-    status from it and reads the refund instead of writing."""
+    status from it, checks the buyer is the cancellation's own (issue 18: no other buyer adopts
+    it) and reads the refund instead of writing."""
     counted.reset()
     await open_request(counted.ledger)
     assert await counted.ledger_totals() == (1, 1)
@@ -197,7 +198,7 @@ async def test_opening_is_one_round_trip_and_reopening_two(counted: Counted) -> 
     )
     counted.reset()
     again = await counted.ledger.open_cancellation(cancellation_id=CID, request=REQUEST)
-    assert await counted.ledger_totals() == (2, 2)
+    assert await counted.ledger_totals() == (3, 3)
     assert (again.path, again.status, again.refund) == (
         CancellationPath.REQUEST,
         CancellationStatus.APPROVED,

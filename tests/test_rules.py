@@ -359,7 +359,7 @@ def test_void_before_refund_and_deterministic_keys() -> None:
     assert refund_kind(CaptureState.AUTHORIZED) is RefundKind.VOID
     assert refund_kind(CaptureState.CAPTURED) is RefundKind.REFUND
     cid = cancellation_id("O-2001", "S-7")
-    assert cid == "cancel-O-2001-S-7"
+    assert cid == "cancel-O-2001~S-7"
     assert refund_idempotency_key(cid) == refund_idempotency_key(cid) == f"{cid}:refund-submit"
 
 

@@ -43,8 +43,8 @@ class GuardedChange(OrderCancellation):
     """The next version, done right: the new command only where the history has none."""
 
     @workflow.run
-    async def run(self, request: RequestCancellationInput) -> CancellationResult:
-        return await super().run(request)
+    async def run(self, *args: Any) -> CancellationResult:
+        return await super().run(*args)
 
     async def _open(self, request: RequestCancellationInput) -> OpenCancellationResult:
         opened = await super()._open(request)
@@ -58,8 +58,8 @@ class UnguardedChange(OrderCancellation):
     """The same change made carelessly: the new command unconditionally."""
 
     @workflow.run
-    async def run(self, request: RequestCancellationInput) -> CancellationResult:
-        return await super().run(request)
+    async def run(self, *args: Any) -> CancellationResult:
+        return await super().run(*args)
 
     async def _open(self, request: RequestCancellationInput) -> OpenCancellationResult:
         opened = await super()._open(request)

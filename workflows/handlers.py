@@ -40,6 +40,9 @@ from domain.models import (
 )
 from workflows import messages, steps
 
+# Refused signals written to the audit trail, per cancellation; the rest are counted.
+REFUSALS_RECORDED = 20
+
 
 class CancellationInbox:
     _request: RequestCancellationInput
@@ -60,6 +63,7 @@ class CancellationInbox:
     _provider_news: bool
     _reversal: PaymentEvent | None
     _audit: list[AuditEntry]
+    _refused: int
 
     def _answered(self) -> bool:
         """Decided, or withdrawn by the buyer: whichever came first stands (R3, R5)."""
@@ -73,8 +77,14 @@ class CancellationInbox:
         self._audit.append(AuditEntry(at=workflow.now(), actor=actor, kind=kind, detail=detail))
 
     async def _refuse(self, actor: str, kind: str, err: DecisionRefused) -> None:
-        """A signal cannot be refused to its sender: record the refusal and change nothing."""
-        detail = f"{err.code.value}: {err.message}"
+        """A signal cannot be refused to its sender: record the refusal and change nothing.
+        Only the first `REFUSALS_RECORDED` are written down (audit trail, log); the others are
+        counted (`refused_messages` in the status; one row with the count at the end), so that
+        a flood costs one history event per signal and nothing else (R20)."""
+        self._refused += 1
+        if self._refused > REFUSALS_RECORDED:
+            return
+        detail = rules.safe_text(f"{err.code.value}: {err.message}")
         self._note(actor, kind, detail)
         workflow.logger.warning("%s refused: %s", kind, detail)
         event_key = self._key(kind)
@@ -221,4 +231,5 @@ class CancellationInbox:
             coupon=self._coupon,
             last_error=self._last_error,
             audit=list(self._audit),
+            refused_messages=self._refused,
         )

@@ -7,6 +7,7 @@ at fault (R20), never an exception that fails the workflow task and blocks the c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from domain.models import (
 )
 
 M = TypeVar("M", bound=BaseModel)
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # domain.models.Identifier
 
 
 def one(args: tuple[Any, ...]) -> Any:
@@ -45,10 +47,15 @@ def parse(model: type[M], payload: Any) -> M:
     try:
         return model.model_validate(payload)
     except ValidationError as err:
+        # The field names are the client's (an unknown field is named as sent): escaped and
+        # bounded, like everything of a refused message that is written down.
         fields = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in err.errors()
+            f"{rules.safe_text('.'.join(str(p) for p in e['loc']), 80) or 'payload'}: {e['msg']}"
+            for e in err.errors()[:5]
         )
-        raise DecisionRefused(RefusalCode.INVALID_PAYLOAD, f"invalid payload: {fields}") from err
+        raise DecisionRefused(
+            RefusalCode.INVALID_PAYLOAD, rules.safe_text(f"invalid payload: {fields}")
+        ) from err
 
 
 def parse_one(model: type[M], args: tuple[Any, ...]) -> M:
@@ -58,10 +65,11 @@ def parse_one(model: type[M], args: tuple[Any, ...]) -> M:
 
 def claimed(args: tuple[Any, ...], field: str) -> str:
     """Who a refused signal says it comes from, for the audit row: the `field` of its payload
-    if there is one, `?` otherwise (a refusal is recorded even for a payload that is garbage)."""
+    if it is a well-formed identifier, `?` otherwise (a refusal is recorded even for a payload
+    that is garbage, and garbage is never written down as an actor)."""
     payload = args[0] if len(args) == 1 else None
     value = payload.get(field) if isinstance(payload, dict) else None
-    return str(value) if value else "?"
+    return value if isinstance(value, str) and _IDENTIFIER.fullmatch(value) else "?"
 
 
 def seller_decision(

@@ -14,7 +14,9 @@ replayable: docs/workflow-changes.md.
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -22,11 +24,14 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.refund_activities import REFUND_FAILED_AT_PROVIDER, REFUND_REJECTED
     from domain import rules
+    from domain.errors import DecisionRefused, RefusalCode
     from domain.models import (
         AuditEntry,
         CancellationPath,
+        CancellationReason,
         CancellationResult,
         CancellationStatus,
+        CarriedState,
         CouponOutcome,
         Decision,
         OpenCancellationResult,
@@ -38,8 +43,8 @@ with workflow.unsafe.imports_passed_through():
         RetryRefundRequest,
         WithdrawRequest,
     )
-    from workflows import steps
-    from workflows.handlers import CancellationInbox
+    from workflows import messages, steps
+    from workflows.handlers import REFUSALS_RECORDED, CancellationInbox
     from workflows.visibility import Visibility
 
 # Statuses a cancellation has before the seller's decision; a run that finds the ledger past
@@ -51,14 +56,43 @@ _BEFORE_DECISION = (
 )
 
 
+# A run continues as new when Temporal suggests it, or past these (Temporal's own limits are
+# 51,200 events and 50 MB, with warnings from 10,240 events and 10 MB).
+HISTORY_EVENTS = 2_000
+HISTORY_EVENTS_MIN = 500
+HISTORY_BYTES = 2 * 1024 * 1024
+
+
+def _read_input(args: tuple[Any, ...]) -> tuple[RequestCancellationInput, Any, str | None]:
+    """The request, the carried state (or None) and what is wrong with the input (or None)."""
+    try:
+        if not 1 <= len(args) <= 2:
+            raise DecisionRefused(
+                RefusalCode.INVALID_PAYLOAD,
+                f"invalid payload: expected one RequestCancellationInput, got {len(args)}"
+                " arguments",
+            )
+        request = messages.parse(RequestCancellationInput, args[0])
+    except DecisionRefused as err:
+        placeholder = RequestCancellationInput.model_construct(
+            order_id="?", seller_id="?", buyer_id="?", reason=CancellationReason.OTHER
+        )
+        return placeholder, None, err.message
+    return request, args[1] if len(args) == 2 else None, None
+
+
 @workflow.defn(name="OrderCancellation")
 class OrderCancellation(CancellationInbox):
     """The story of one cancellation; its handlers are in `CancellationInbox`."""
 
     @workflow.init
-    def __init__(self, request: RequestCancellationInput) -> None:
+    def __init__(self, *args: Any) -> None:
         # Validators can run before `run` (an update sent right after start): everything they
-        # read is set here.
+        # read is set here. The input is read here rather than by the SDK's decoder, so that
+        # a start with a malformed input (any client can start one) fails the run with
+        # `invalid_payload` instead of failing its workflow task for ever; and so that a run
+        # continued as new gets its carried state as a second argument.
+        request, carried, self._bad_input = _read_input(args)
         self._request = request
         self._id = workflow.info().workflow_id
         self._status = CancellationStatus.OPENING
@@ -83,16 +117,45 @@ class OrderCancellation(CancellationInbox):
         # 000-requested and 001-path are written once, by the first `open_cancellation`.
         self._seq = 1
         self._run_id = workflow.info().run_id
+        self._refused = 0
+        # A run Temporal started by continue-as-new carries on from where the last one waited
+        # (`_continue_as_new`); any other start (a client's extra argument) begins afresh.
+        self._phase: str | None = None
+        if carried is not None and workflow.info().continued_run_id is not None:
+            self._restore(CarriedState.model_validate(carried))
 
     # --- the story: open -> the seller decides -> refund -> coupon -> complete --------------
 
     @workflow.run
-    async def run(self, request: RequestCancellationInput) -> CancellationResult:
+    async def run(self, *args: Any) -> CancellationResult:
+        """Input: one `RequestCancellationInput` (a run continued as new: and its state)."""
+        if self._bad_input is not None:
+            raise ApplicationError(
+                self._bad_input, type=RefusalCode.INVALID_PAYLOAD.value, non_retryable=True
+            )
+        request = self._request
+        if self._phase is not None:
+            return await self._carry_on(self._phase)
+        if rules.cancellation_id(request.order_id, request.seller_id) != self._id:
+            # Any client picks the workflow id it starts (R20): one that is not this request's
+            # sub-order's would open a second cancellation of it, or merge two. Nothing is
+            # written; the ledger refuses the same (CancellationIdMismatch).
+            raise ApplicationError(
+                f"workflow id {self._id} is not the cancellation of order {request.order_id}"
+                f" / seller {request.seller_id}",
+                type="CancellationIdMismatch",
+                non_retryable=True,
+            )
         opened = await self._open(request)
         resumed_at = opened.ledger_status
         if resumed_at in (CancellationStatus.REJECTED, CancellationStatus.WITHDRAWN):
             # A new run of a request that ended: nothing is left to do.
             self._set_status(resumed_at, "system", "resumed", "the request had already ended")
+            return await self._finish()
+        if resumed_at is CancellationStatus.COMPLETED and not await self._reopened(opened):
+            # Another start of a completed cancellation (any client may start one): it
+            # reports the outcome the ledger has and changes nothing (R20).
+            self._set_status(resumed_at, "system", "resumed", "the cancellation had completed")
             return await self._finish()
         if opened.path is CancellationPath.INSTANT and opened.refund is None:
             self._set_status(
@@ -114,9 +177,11 @@ class OrderCancellation(CancellationInbox):
         return await self._finish()
 
     async def _open(self, request: RequestCancellationInput) -> OpenCancellationResult:
-        """R1: the ledger reads the sub-order and chooses the instant or the request path."""
-        self._visible.start(request)
+        """R1: the ledger reads the sub-order and chooses the instant or the request path.
+        The attributes naming the order, seller and buyer are shown once the ledger has taken
+        the request (another buyer's start of an existing cancellation is refused there)."""
         opened = await steps.open_cancellation(self._id, request)
+        self._visible.start(request)
         self._opened = opened
         self._visible.opened(opened)
         self._note(
@@ -126,35 +191,48 @@ class OrderCancellation(CancellationInbox):
         )
         return opened
 
+    async def _reopened(self, opened: OpenCancellationResult) -> bool:
+        """A run that finds its cancellation completed works only for the provider's reversal
+        of the refund, which reopens it with the `payment_event` that starts the run
+        (starter.payment_events): that event is judged, against the refund the ledger has,
+        before anything else happens."""
+        self._refund = opened.refund
+        self._coupon = opened.coupon
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._reversal is not None
+
     async def _seller_decides(self, opened: OpenCancellationResult) -> bool:
         """R3-R5: wait on a durable timer for the seller (escalated: for an operator); the
         buyer may withdraw meanwhile. True when the cancellation is approved."""
-        self._deadline = workflow.now() + opened.response_window
-        self._set_status(
-            CancellationStatus.AWAITING_SELLER,
-            "system",
-            "awaiting_seller",
-            f"seller {self._request.seller_id} has until {self._deadline.isoformat()}",
-        )
-        try:
-            await workflow.wait_condition(
-                self._answered,
-                timeout=opened.response_window,
-                timeout_summary="Seller response window",
+        if self._deadline is None:
+            self._deadline = workflow.now() + opened.response_window
+            self._set_status(
+                CancellationStatus.AWAITING_SELLER,
+                "system",
+                "awaiting_seller",
+                f"seller {self._request.seller_id} has until {self._deadline.isoformat()}",
             )
-        except TimeoutError:
-            # A decision accepted in the same task as the timer fired still counts: the seller
-            # answered in time.
-            if not self._answered():
-                self._on_timeout(opened)
+        if self._status is CancellationStatus.AWAITING_SELLER:
+            # What is left of the window (all of it, unless a previous run waited already).
+            window = self._deadline - workflow.now()
+            try:
+                if window <= timedelta(0):
+                    raise TimeoutError
+                await self._wait(
+                    self._answered, "seller", timeout=window, summary="Seller response window"
+                )
+            except TimeoutError:
+                # A decision accepted in the same task as the timer fired still counts: the
+                # seller answered in time.
+                if not self._answered() and self._on_timeout(opened):
+                    await self._transition(
+                        CancellationStatus.ESCALATED,
+                        "timer",
+                        "escalated",
+                        "seller did not answer in time; an operator decides (resolve_escalation)",
+                    )
         if self._status is CancellationStatus.ESCALATED:
-            await self._transition(
-                CancellationStatus.ESCALATED,
-                "timer",
-                "escalated",
-                "seller did not answer in time; an operator decides (resolve_escalation)",
-            )
-            await workflow.wait_condition(self._answered)
+            await self._wait(self._answered, "seller")
 
         if self._withdrawal is not None and self._decision is None:
             await self._transition(
@@ -178,18 +256,19 @@ class OrderCancellation(CancellationInbox):
         )
         return True
 
-    def _on_timeout(self, opened: OpenCancellationResult) -> None:
+    def _on_timeout(self, opened: OpenCancellationResult) -> bool:
         """R4: the policy decides for a silent seller. Synchronous, so no decision can slip in
-        between the timer firing and the status changing."""
+        between the timer firing and the status changing. True: escalated to operators."""
         outcome = rules.timeout_outcome(opened.timeout_policy)
         if outcome is None:
             self._status = CancellationStatus.ESCALATED
-            return
+            return True
         self._decision = outcome
         self._decided_by = "timer"
         self._decision_reason = (
             f"seller did not answer within {opened.response_window}: {opened.timeout_policy.value}"
         )
+        return False
 
     async def _settle(self, opened: OpenCancellationResult) -> None:
         """Refund, coupon, done; and if the provider reverses the refund after success, park
@@ -280,10 +359,11 @@ class OrderCancellation(CancellationInbox):
             self._refund = refund
             self._visible.next_check(refund, workflow.now() + wait)
             try:
-                await workflow.wait_condition(
+                await self._wait(
                     lambda: self._provider_news,
+                    "settle",
                     timeout=wait,
-                    timeout_summary="Wait for the provider (poll interval, or its webhook)",
+                    summary="Wait for the provider (poll interval, or its webhook)",
                 )
             except TimeoutError:
                 pass
@@ -315,15 +395,17 @@ class OrderCancellation(CancellationInbox):
 
     async def _wait_for_operator(self) -> None:
         """R10: parked, durably, for as long as it takes, until update `retry_refund`."""
-        await workflow.wait_condition(lambda: self._retry is not None)
-        assert self._retry is not None
-        retry, self._retry = self._retry, None
+        await self._wait(lambda: self._retry is not None, "parked")
+        retry = self._retry
+        assert retry is not None
+        # Still scheduled while it is recorded: a second retry meanwhile is refused.
         await self._transition(
             CancellationStatus.REFUND_REQUESTED,
             f"operator:{retry.operator_id}",
             "refund_retry",
             retry.reason,
         )
+        self._retry = None
 
     async def _handle_reversal(self) -> None:
         """The provider's event says the confirmed refund failed after all. The provider is
@@ -366,6 +448,99 @@ class OrderCancellation(CancellationInbox):
         self._note(actor, kind, detail)
         await steps.record_event(self._id, actor, kind, detail, event_key=self._key(kind))
 
+    # --- a history kept short: continue as new where the run waits (R20) -------------------
+
+    def _history_full(self) -> bool:
+        info = workflow.info()
+        length = info.get_current_history_length()
+        # Never on a short history, whatever is suggested: a fresh run must not continue as
+        # new again at once (the time-skipping test server, for one, suggests it throughout).
+        return length > HISTORY_EVENTS_MIN and (
+            info.is_continue_as_new_suggested()
+            or length > HISTORY_EVENTS
+            or info.get_current_history_size() > HISTORY_BYTES
+        )
+
+    async def _wait(
+        self,
+        done: Callable[[], bool],
+        phase: str,
+        *,
+        timeout: timedelta | None = None,
+        summary: str | None = None,
+    ) -> None:
+        """`workflow.wait_condition(done, timeout)` (TimeoutError included), except that when
+        messages grew the history too long meanwhile, the run drains its handlers and
+        continues as new from `phase`, its whole state carried: whatever clients send, no run
+        comes near Temporal's history limits."""
+        await workflow.wait_condition(
+            lambda: done() or self._history_full(), timeout=timeout, timeout_summary=summary
+        )
+        if done():
+            return
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if done():
+            return
+        workflow.continue_as_new(args=[self._request, self._carry(phase)])
+
+    def _carry(self, phase: str) -> CarriedState:
+        assert self._opened is not None
+        return CarriedState(
+            phase=phase,
+            status=self._status,
+            opened=self._opened,
+            deadline=self._deadline,
+            decision=self._decision,
+            decided_by=self._decided_by,
+            decision_reason=self._decision_reason,
+            withdrawal=self._withdrawal,
+            refund=self._refund,
+            coupon=self._coupon,
+            last_error=self._last_error,
+            reversal=self._reversal,
+            audit=self._audit,
+            refused=self._refused,
+            seq=self._seq,
+        )
+
+    def _restore(self, carried: CarriedState) -> None:
+        self._phase = carried.phase
+        self._status = carried.status
+        self._opened = carried.opened
+        self._deadline = carried.deadline
+        self._decision = carried.decision
+        self._decided_by = carried.decided_by
+        self._decision_reason = carried.decision_reason
+        self._withdrawal = carried.withdrawal
+        self._refund = carried.refund
+        self._coupon = carried.coupon
+        self._last_error = carried.last_error
+        self._reversal = carried.reversal
+        self._audit = list(carried.audit)
+        self._refused = carried.refused
+        self._seq = carried.seq
+
+    async def _carry_on(self, phase: str) -> CancellationResult:
+        """The story from where the previous run continued as new: waiting for the seller
+        (or an operator, escalated), parked for an operator's retry, or refunding."""
+        opened = self._opened
+        assert opened is not None
+        self._visible.resumed(opened)
+        self._visible.show(
+            self._status,
+            self._refund,
+            self._coupon,
+            deadline=self._deadline,
+            last_error=self._last_error,
+        )
+        if phase == "seller":
+            if not await self._seller_decides(opened):
+                return await self._finish()
+        elif phase == "parked":
+            await self._wait_for_operator()
+        await self._settle(opened)
+        return await self._finish()
+
     def _refund_step(self, kind: str) -> RefundStepInput:
         assert self._refund is not None
         return RefundStepInput(
@@ -378,6 +553,15 @@ class OrderCancellation(CancellationInbox):
         # Refused signals may still be writing their audit rows.
         await workflow.wait_condition(workflow.all_handlers_finished)
         assert self._opened is not None
+        if self._refused > REFUSALS_RECORDED:
+            detail = (
+                f"{self._refused} messages were refused in all; the first"
+                f" {REFUSALS_RECORDED} are recorded"
+            )
+            self._note("system", "refusals_counted", detail)
+            await steps.record_event(
+                self._id, "system", "refusals_counted", detail, event_key=self._key("refusals")
+            )
         return CancellationResult(
             cancellation_id=self._id,
             status=self._status,
@@ -426,17 +610,36 @@ class OrderCancellation(CancellationInbox):
         *,
         cancel_sub_order: bool = False,
     ) -> None:
-        # `record_transition` logs the change once it is recorded.
+        """Record the change in the ledger, then show it: the workflow never says a status the
+        ledger did not record. Text the ledger refuses for its data (it cannot come from a
+        message, whose models refuse it: defence in depth) is recorded escaped; a transition
+        the ledger refuses for good fails the workflow with the status as the ledger has it."""
+        event_key = self._key(kind)
+        try:
+            await steps.record_transition(
+                self._id,
+                status,
+                actor,
+                kind,
+                detail,
+                event_key=event_key,
+                cancel_sub_order=cancel_sub_order,
+            )
+        except ActivityError as err:
+            if not steps.data_refused(err):
+                raise
+            actor, detail = rules.safe_text(actor, 200), rules.safe_text(detail, 2000)
+            await steps.record_transition(
+                self._id,
+                status,
+                actor,
+                kind,
+                detail,
+                event_key=event_key,
+                cancel_sub_order=cancel_sub_order,
+            )
+        # `record_transition` logged the change once it was recorded.
         self._set_status(status, actor, kind, detail, logged_by_activity=True)
-        await steps.record_transition(
-            self._id,
-            status,
-            actor,
-            kind,
-            detail,
-            event_key=self._key(kind),
-            cancel_sub_order=cancel_sub_order,
-        )
 
 
 def _failure_text(err: ActivityError) -> str:

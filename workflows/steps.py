@@ -11,8 +11,9 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
-from activities.ledger_activities import LedgerActivities
+from activities.ledger_activities import LEDGER_DATA_REFUSED, LedgerActivities
 from activities.refund_activities import (
     REFUND_FAILED_AT_PROVIDER,
     REFUND_REJECTED,
@@ -48,6 +49,12 @@ PROVIDER_TIMEOUT = timedelta(seconds=60)
 VERIFY_REVERSAL_MAX_ATTEMPTS = 10
 
 # --- the ledger --------------------------------------------------------------------------------
+
+
+def data_refused(err: ActivityError) -> bool:
+    """The ledger refused the data of a write for good (`LEDGER_DATA_REFUSED`)."""
+    cause = err.cause
+    return isinstance(cause, ApplicationError) and cause.type == LEDGER_DATA_REFUSED
 
 
 async def open_cancellation(

@@ -117,6 +117,10 @@ class Visibility:
         if missing:
             workflow.upsert_search_attributes(missing)
 
+    def resumed(self, opened: OpenCancellationResult) -> None:
+        """A run continued as new: the memo and the attributes came with it."""
+        self._policy = opened.timeout_policy
+
     def opened(self, opened: OpenCancellationResult) -> None:
         """The memo: the money at stake, readable in the list without opening anything."""
         self._policy = opened.timeout_policy

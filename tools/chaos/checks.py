@@ -23,6 +23,7 @@ from temporalio.client import (
 )
 
 from domain.models import CancellationStatus
+from domain.rules import cancellation_id
 from payments.provider import SimulatedProvider
 from starter.reconcile import reconcile
 from tools.chaos.driver import persist
@@ -346,8 +347,9 @@ async def check_run(
                 coupons.fail(f"{coupon.redemption_id}: not in the ledger")
                 continue
             footprint_done = all(
-                confirmed_cash.get(f"cancel-{order.order_id}-{seller}", False)
-                and ledger_rows[f"cancel-{order.order_id}-{seller}"]["sub_status"] == "cancelled"
+                confirmed_cash.get(cancellation_id(order.order_id, seller), False)
+                and ledger_rows[cancellation_id(order.order_id, seller)]["sub_status"]
+                == "cancelled"
                 for seller in coupon.footprint
             )
             due = footprint_done and not coupon.expired
@@ -358,9 +360,9 @@ async def check_run(
                     f" {footprint_done}, expired {coupon.expired}"
                 )
             busy = any(
-                finals[f"cancel-{order.order_id}-{s}"].parked
+                finals[cancellation_id(order.order_id, s)].parked
                 for s in coupon.footprint
-                if f"cancel-{order.order_id}-{s}" in finals
+                if cancellation_id(order.order_id, s) in finals
             )
             if not busy and restored != coupon.expect_restored:
                 coupons.fail(
