@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from api.signing import SIGNATURE_HEADER, SignatureRefused, signature_header, verify_signature
 from cli.main import app as cli
 from domain.models import TimeoutPolicy
+from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
 from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
@@ -237,7 +238,7 @@ async def test_retry_refund_takes_the_operator_from_the_key(api: Api) -> None:
 
 async def test_another_sellers_cancellation_looks_like_none(api: Api) -> None:
     cancellation_id = await request(api, await new_order(api, seller=OWN))
-    absent = f"cancel-SD-absent-{OWN}"
+    absent = workflow_id_of("SD-absent", OWN)
     seller = f"seller:{OTHER}"
     read_other = await api.call("GET", f"/v1/cancellations/{cancellation_id}", seller)
     read_none = await api.call("GET", f"/v1/cancellations/{absent}", seller)
