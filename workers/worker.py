@@ -108,6 +108,7 @@ def build_worker(
     ledger_activities = LedgerActivities(
         ledger,
         response_window=settings.seller_response_window,
+        window_floor=settings.seller_response_window_floor,
         timeout_policy=settings.timeout_policy,
         refund_policy=settings.refund_policy(),
         metrics=metrics,

@@ -205,7 +205,9 @@ class OrderCancellation(CancellationInbox):
         """R3-R5: wait on a durable timer for the seller (escalated: for an operator); the
         buyer may withdraw meanwhile. True when the cancellation is approved."""
         if self._deadline is None:
-            self._deadline = workflow.now() + opened.response_window
+            # R19: the deadline the ledger recorded when the request path opened (the policy's
+            # window from then); from the window itself only in histories from before that.
+            self._deadline = opened.seller_deadline or workflow.now() + opened.response_window
             self._set_status(
                 CancellationStatus.AWAITING_SELLER,
                 "system",
