@@ -134,6 +134,7 @@ async def cancellations(
                 handle, order["order_id"], payment_id, order["coupons"][0]["redemption_id"]
             )
         )
+
     # Opened under this policy before a later call sets another for the same seller.
     async def all_opened() -> None:
         ids = [c.id for c in made]
