@@ -396,6 +396,15 @@ class RefundPolicy(Record):
     poll_max_interval: timedelta = timedelta(hours=1)
 
 
+class SignalsBeforeInput(Record):
+    """Input of activity `signals_before` (R19: was a decision received in time?)."""
+
+    workflow_id: str
+    run_id: str
+    signal_name: str
+    deadline: datetime
+
+
 class OpenCancellationResult(Record):
     """The sub-order as the ledger saw it, and which path the atomic transition chose (R1)."""
 
