@@ -5,11 +5,14 @@ Real PostgreSQL, a real Temporal dev server, the product's worker and the API (o
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -322,3 +325,63 @@ async def test_stuck_requests_through_the_api_and_an_operator_decides_one(api: A
     assert approval["detail"] == "seller unreachable"
     after = await api.call("GET", "/v1/stuck", "sre")
     assert cid not in {s["cancellation_id"] for s in after.json()}
+
+
+def test_one_off_commands_on_the_dev_stack_use_its_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ordercancel dev` lowers the floor for the demo and records it; `ordercancel sellers
+    policy` against that stack checks the same floor, unless one is configured."""
+    from infra.stack import dev_stack_file, window_floor
+
+    monkeypatch.delenv("ORDERCANCEL_SELLER_RESPONSE_WINDOW_FLOOR", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("ORDERCANCEL_DATABASE_URL", raising=False)
+    settings = Settings(data_dir=tmp_path)
+    assert window_floor(settings) == timedelta(hours=1)  # no dev stack: the default
+    dev_stack_file(settings).write_text(
+        json.dumps({"database_url": "postgresql://x", "window_floor_seconds": 2.0})
+    )
+    assert window_floor(settings) == timedelta(seconds=2)
+    monkeypatch.setenv("ORDERCANCEL_SELLER_RESPONSE_WINDOW_FLOOR", "30m")
+    assert window_floor(Settings(data_dir=tmp_path)) == timedelta(minutes=30)
+
+
+def test_the_stuck_command_lists_oldest_first_as_json(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.main import app
+
+    async def open_two() -> list[str]:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            ids = []
+            for _ in range(2):
+                seller = unique("S-CLI")
+                order_id = await new_order(pool, seller)
+                cid = f"cancel-{order_id}~{seller}"
+                await Ledger(pool).open_cancellation(
+                    cancellation_id=cid, request=RequestCancellationInput(**body(order_id, seller))
+                )
+                ids.append(cid)
+            await pool.execute(
+                "UPDATE cancellations SET created_at = created_at - interval '2 days'"
+                " WHERE cancellation_id = $1",
+                ids[0],
+            )
+            return ids
+        finally:
+            await pool.close()
+
+    ids = asyncio.run(open_two())
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    result = CliRunner().invoke(app, ["stuck", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = [row["cancellation_id"] for row in json.loads(result.output)]
+    assert listed == ids  # oldest first
+    old = CliRunner().invoke(app, ["stuck", "--older-than", "24h", "--json"])
+    rows = json.loads(old.output)
+    assert [r["cancellation_id"] for r in rows] == [ids[0]]
+    assert rows[0]["waited_seconds"] >= 2 * 86400 and rows[0]["left_seconds"] > 0
+    table = CliRunner().invoke(app, ["stuck"])
+    assert table.exit_code == 0 and "2 request(s)" in table.output, table.output
