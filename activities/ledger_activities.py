@@ -69,6 +69,7 @@ class LedgerActivities:
         *,
         response_window: timedelta,
         timeout_policy: TimeoutPolicy,
+        window_floor: timedelta = timedelta(0),
         refund_policy: RefundPolicy,
         eta_table: Mapping[str, tuple[int, int, bool]] = DEFAULT_ETA_TABLE,
         metrics: BusinessMetrics = NO_METRICS,
@@ -76,6 +77,7 @@ class LedgerActivities:
         self._ledger = ledger
         self._metrics = metrics
         self._window = response_window
+        self._floor = window_floor
         self._timeout_policy = timeout_policy
         self._refund_policy = refund_policy
         self._eta_table = eta_table
@@ -90,8 +92,14 @@ class LedgerActivities:
                     f"{params.cancellation_id} is not the cancellation of order"
                     f" {request.order_id} / seller {request.seller_id}"
                 )
+            # R19: the window is the seller's policy (else the default), never below the floor,
+            # never the request's; the ledger records it with the deadline.
             snapshot = await self._ledger.open_cancellation(
-                cancellation_id=params.cancellation_id, request=params.request
+                cancellation_id=params.cancellation_id,
+                request=params.request,
+                default_window=self._window,
+                floor=self._floor,
+                default_policy=self._timeout_policy,
             )
         log.info("cancellation_opened", path=snapshot.path.value)
         self._metrics.cancellation_started(path=snapshot.path.value)
@@ -100,8 +108,9 @@ class LedgerActivities:
             amount=snapshot.amount,
             payment_method=snapshot.payment_method,
             capture=snapshot.capture,
-            response_window=params.request.response_window or self._window,
-            timeout_policy=self._timeout_policy,
+            response_window=snapshot.response_window or max(self._window, self._floor),
+            timeout_policy=snapshot.timeout_policy or self._timeout_policy,
+            seller_deadline=snapshot.seller_deadline,
             refund_policy=self._refund_policy,
             ledger_status=snapshot.status,
             refund=snapshot.refund,

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
 
 from api.deps import Context, allow, checked_id, checked_idempotency_key, json_body
@@ -27,6 +27,7 @@ from api.service import details, not_found, workflow_id_for
 from api.signing import SIGNATURE_HEADER, SignatureRefused, verify_signature
 from api.stores import request_hash
 from domain.models import (
+    WINDOW_NOT_ALLOWED,
     DecisionReceipt,
     OperatorDecision,
     PaymentEvent,
@@ -35,6 +36,8 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
+from domain.rules import parse_duration
+from ledger.stuck import StuckCancellation
 from starter.cancellations import Located
 from starter.payment_events import ForwardResult
 
@@ -78,6 +81,7 @@ Reader = Annotated[
 ]
 Sre = Annotated[Principal, Depends(allow(Role.SRE, action="retry refunds"))]
 SreOperator = Annotated[Principal, Depends(allow(Role.SRE, action="resolve escalations"))]
+SreReader = Annotated[Principal, Depends(allow(Role.SRE, action="list stuck requests"))]
 Provider = Annotated[
     Principal, Depends(allow(Role.PAYMENT_PROVIDER, action="deliver payment events"))
 ]
@@ -107,6 +111,22 @@ def _operator_id(principal: Principal, claimed: str | None) -> str:
     return principal.operator_id
 
 
+_request_body = json_body(RequestCancellationInput)
+
+
+async def request_body(request: Request) -> RequestCancellationInput:
+    """R19: a request that names its own seller window is refused with a code of its own (422
+    `window_not_allowed`): the window is the seller's policy. Nothing is started or written."""
+    try:
+        return await _request_body(request)
+    except ApiError as err:
+        if err.status == 422 and any(WINDOW_NOT_ALLOWED in e.msg for e in err.errors):
+            raise ApiError(
+                422, "window_not_allowed", WINDOW_NOT_ALLOWED, errors=err.errors
+            ) from None
+        raise
+
+
 # --- cancellations ------------------------------------------------------------------------------
 
 
@@ -131,7 +151,7 @@ def _operator_id(principal: Principal, claimed: str | None) -> str:
 async def request_cancellation(
     ctx: Context,
     principal: BuyerService,
-    request: Annotated[RequestCancellationInput, Depends(json_body(RequestCancellationInput))],
+    request: Annotated[RequestCancellationInput, Depends(request_body)],
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -262,12 +282,16 @@ async def retry_refund(
 @router.post(
     "/v1/cancellations/{cancellation_id}/escalation-decision",
     response_model=DecisionReceipt,
-    summary="An operator decides an escalated request (update `resolve_escalation`)",
+    summary=(
+        "An operator decides an escalated request, or one still waiting for its seller"
+        " (update `resolve_escalation`)"
+    ),
     description=(
         "For a request escalated to operators when the seller's window ran out (timeout"
-        " policy `escalate`). The operator recorded is the caller's key (`sre:<operator>`, or"
-        " `sre`), never the body's. 409 with the workflow's refusal code when not allowed"
-        " now: `not_escalated`, `already_decided`."
+        " policy `escalate`), or one still `awaiting_seller` that an operator decides instead of"
+        " the seller (a stuck request, `GET /v1/stuck`). The operator recorded is the caller's"
+        " key (`sre:<operator>`, or `sre`), never the body's. 409 with the workflow's refusal"
+        " code when not allowed now: `not_escalated`, `already_decided`."
     ),
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
     openapi_extra=_body(EscalationDecisionBody),
@@ -285,6 +309,31 @@ async def escalation_decision(
     )
     located = await ctx.service.locate(checked_id(cancellation_id))
     return await ctx.service.resolve_escalation(located, decision)
+
+
+@router.get(
+    "/v1/stuck",
+    response_model=list[StuckCancellation],
+    summary="Requests waiting for their seller, or escalated, oldest first (the ledger's view)",
+    description=(
+        "Requests in `awaiting_seller` or `escalated` requested at least `older_than` ago"
+        " (a duration: `24h`, `30m`; default `0s`), oldest first, with how long they have"
+        " waited and how long is left until the seller's deadline the ledger recorded"
+        " (negative: overdue). An operator may decide one: `escalation-decision`."
+    ),
+    responses=problem_responses(400, 401, 403, 422, 503),
+)
+async def stuck(
+    ctx: Context,
+    principal: SreReader,
+    older_than: Annotated[str, Query(max_length=32, description="e.g. 24h, 30m")] = "0s",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[StuckCancellation]:
+    try:
+        threshold = parse_duration(older_than)
+    except ValueError as err:
+        raise ApiError(422, "invalid_duration", f"older_than: {err}") from None
+    return await ctx.service.stuck(older_than=threshold, limit=limit)
 
 
 # --- the payment provider's webhook -------------------------------------------------------------

@@ -38,6 +38,7 @@ from domain.models import (
 )
 from domain.rules import cancellation_id as cancellation_id_of
 from ledger.repository import Ledger
+from ledger.stuck import StuckCancellation, stuck_cancellations
 from starter import cancellations
 from starter.cancellations import (
     QUERY_TIMEOUT,
@@ -255,6 +256,10 @@ class CancellationService:
             return await cancellations.retry_refund(
                 self._client, located.view.cancellation_id, request
             )
+
+    async def stuck(self, *, older_than: timedelta, limit: int) -> list[StuckCancellation]:
+        """Requests waiting for their seller or escalated, oldest first (ledger.stuck)."""
+        return await stuck_cancellations(self._ledger.pool, older_than=older_than, limit=limit)
 
     async def resolve_escalation(
         self, located: Located, decision: OperatorDecision

@@ -22,7 +22,6 @@ from domain.models import (
     WithdrawRequest,
 )
 from domain.rules import cancellation_id as workflow_id_of
-from domain.rules import parse_duration
 from infra.stack import open_stack
 from ledger.repository import Ledger
 from starter import cancellations
@@ -52,13 +51,20 @@ def request(
     reason: Annotated[CancellationReason, typer.Option(help="Why (R6)")],
     text: Annotated[str, typer.Option(help="Free text for the seller")] = "",
     window: Annotated[
-        str | None, typer.Option(help="Seller response window for this request, e.g. 30s, 48h")
+        str | None,
+        typer.Option(hidden=True, help="Refused (R19): the window is the seller's policy"),
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the cancellation to end")] = False,
 ) -> None:
     """Request the cancellation of one sub-order (returns the existing one if already asked)."""
     from starter.requests import start_cancellation
 
+    if window is not None:
+        raise ui.bad_argument(
+            "--window is not allowed: the seller's response window is the marketplace's policy"
+            f" (R19). Set it for the seller: ordercancel sellers policy {seller_id} --window"
+            f" {window}"
+        )
     settings = ui.settings()
     structlog.contextvars.bind_contextvars(
         workflow_id=workflow_id_of(order_id, seller_id),
@@ -73,7 +79,6 @@ def request(
             buyer_id=buyer,
             reason=reason,
             reason_text=text,
-            response_window=parse_duration(window) if window else None,
         )
     except ValueError as err:
         err_console.print(f"[red]invalid request:[/red] {err}")

@@ -17,6 +17,7 @@ from cli import cancellations, processes
 from cli.orders import orders_app
 from cli.provider import db, provider_app
 from cli.refunds import reconcile_command, refunds_app
+from cli.sellers import sellers_app, stuck
 
 COMMAND_GROUP = "ordercancel.commands"
 
@@ -32,6 +33,8 @@ app.registered_commands.extend(cancellations.app.registered_commands)
 app.add_typer(orders_app, name="orders")
 app.add_typer(refunds_app, name="refunds")
 app.command("reconcile")(reconcile_command)
+app.add_typer(sellers_app, name="sellers")
+app.command("stuck")(stuck)
 app.add_typer(provider_app, name="provider")
 app.command("db")(db)
 for plugin in entry_points(group=COMMAND_GROUP):

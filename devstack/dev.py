@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from datetime import timedelta
 
 import structlog
 from rich.console import Console
@@ -13,12 +15,25 @@ from devstack.dev_api import start_dev_api
 from devstack.stack import open_dev_stack
 from infra.metrics import worker_metrics_runtime
 from infra.settings import Settings
+from infra.stack import FLOOR_VARIABLE
 from workers.worker import run_worker
 
 log = structlog.get_logger(__name__)
 
 
+# R19's floor for the dev stack only: the demo's silent seller and the README's "try it" use
+# seller policies of seconds or minutes. ORDERCANCEL_SELLER_RESPONSE_WINDOW_FLOOR, when set, wins.
+DEV_WINDOW_FLOOR = timedelta(seconds=2)
+
+
+def dev_settings(settings: Settings) -> Settings:
+    if FLOOR_VARIABLE in os.environ:
+        return settings
+    return settings.model_copy(update={"seller_response_window_floor": DEV_WINDOW_FLOOR})
+
+
 async def run_dev(settings: Settings, *, console: Console, demo: bool = True) -> None:
+    settings = dev_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -43,6 +58,7 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             "  ordercancel status cancel-O-2001~S-7\n"
             "  ordercancel orders load devstack/demo-data/try-it.json\n"
             "  ordercancel request O-3001 S-1 --buyer B-3001 --reason out_of_stock\n"
+            "  ordercancel sellers policy S-2 --window 2m\n"
             "  ordercancel decide cancel-O-3001~S-1 accept --seller S-1 --reason sorry\n"
             "Ctrl-C stops everything; data stays in .data/ for the next start."
         )

@@ -40,7 +40,18 @@ async def open_dev_stack(
             marker = dev_stack_file(settings)
             # The socket URL of a server only this machine's users reach; no secret in it.
             tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"database_url": dsn, "pid": os.getpid()}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "database_url": dsn,
+                        "pid": os.getpid(),
+                        # R19: one-off commands (`ordercancel sellers policy`) check this floor.
+                        "window_floor_seconds": (
+                            settings.seller_response_window_floor.total_seconds()
+                        ),
+                    }
+                )
+            )
             tmp.replace(marker)
             stack.callback(marker.unlink, missing_ok=True)
         configured, namespace = temporal_target(settings)

@@ -8,12 +8,19 @@ Money is always integer minor units plus an ISO 4217 code.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 # R20: text from outside is printable Unicode. C0 and C1 control characters are refused (NUL,
 # which PostgreSQL cannot store, among them), and so are lone surrogates (not encodable as
@@ -218,6 +225,12 @@ class CouponOutcomeKind(StrEnum):
     NO_COUPON = "no_coupon"
 
 
+WINDOW_NOT_ALLOWED = (
+    "response_window is not allowed: the seller's response window is the marketplace's policy"
+    " (R19, `ordercancel sellers policy`), not the buyer's request"
+)
+
+
 class RequestCancellationInput(Strict):
     """What a buyer asks for. Workflow input of `OrderCancellation`."""
 
@@ -226,11 +239,15 @@ class RequestCancellationInput(Strict):
     buyer_id: Identifier
     reason: CancellationReason
     reason_text: FreeText = ""
-    # Per-request override of the seller response window (business data, e.g. a category with a
-    # shorter window, or the demo's short-window scenario). None: the worker's configured window.
-    response_window: timedelta | None = Field(
-        default=None, ge=timedelta(seconds=1), le=timedelta(days=60)
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_window(cls, data: Any) -> Any:
+        """R19: the seller's window is the marketplace's policy, never the buyer's request. A
+        request that names one (as clients before R19 could) is refused, whatever its value."""
+        if isinstance(data, Mapping) and "response_window" in data:
+            raise ValueError(WINDOW_NOT_ALLOWED)
+        return data
 
 
 class SellerDecision(Strict):
@@ -379,6 +396,15 @@ class RefundPolicy(Record):
     poll_max_interval: timedelta = timedelta(hours=1)
 
 
+class SignalsBeforeInput(Record):
+    """Input of activity `signals_before` (R19: was a decision received in time?)."""
+
+    workflow_id: str
+    run_id: str
+    signal_name: str
+    deadline: datetime
+
+
 class OpenCancellationResult(Record):
     """The sub-order as the ledger saw it, and which path the atomic transition chose (R1)."""
 
@@ -386,8 +412,11 @@ class OpenCancellationResult(Record):
     amount: Money  # cash paid for the sub-order: what a refund returns
     payment_method: PaymentMethod
     capture: CaptureState
-    response_window: timedelta  # fixed when the cancellation starts (R4)
+    response_window: timedelta  # fixed when the cancellation starts (R4), by policy (R19)
     timeout_policy: TimeoutPolicy
+    # The seller's deadline as the ledger recorded it when the request path opened (R19);
+    # None on the instant path (and in histories recorded before it).
+    seller_deadline: datetime | None = None
     # How the refund is driven, from the worker's configuration when the cancellation opened;
     # recorded in history so a replay sees the same values.
     refund_policy: RefundPolicy

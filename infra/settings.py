@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     # The rule book's defaults (R4, R10); every one is configuration.
     seller_response_window: Duration = timedelta(hours=48)
+    # R19: no seller's window (policy or default) is shorter than this.
+    seller_response_window_floor: Duration = timedelta(hours=1)
     timeout_policy: TimeoutPolicy = TimeoutPolicy.AUTO_APPROVE
     refund_submit_initial_interval: Duration = timedelta(seconds=1)
     refund_submit_max_interval: Duration = timedelta(minutes=5)

@@ -9,9 +9,11 @@ here starts a server (that is devstack/, which the production image does not car
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +28,7 @@ from ledger.db import create_pool, migrate
 log = structlog.get_logger(__name__)
 
 DEV_STACK_FILE = "dev-stack.json"
+FLOOR_VARIABLE = "ORDERCANCEL_SELLER_RESPONSE_WINDOW_FLOOR"
 
 
 @dataclass
@@ -50,6 +53,19 @@ def dev_stack_database_url(settings: Settings) -> str:
             f"DATABASE_URL is not set and no dev stack is running ({path} not found): start"
             " one with `make run` (or `ordercancel dev`), or set DATABASE_URL"
         ) from None
+
+
+def window_floor(settings: Settings) -> timedelta:
+    """R19's floor for a one-off command: the configured one; with no DATABASE_URL and no
+    ORDERCANCEL_SELLER_RESPONSE_WINDOW_FLOOR, the running dev stack's (`ordercancel dev` lowers
+    it for the demo)."""
+    if settings.database_url is not None or FLOOR_VARIABLE in os.environ:
+        return settings.seller_response_window_floor
+    try:
+        recorded = json.loads(dev_stack_file(settings).read_text())["window_floor_seconds"]
+        return timedelta(seconds=float(recorded))
+    except (OSError, ValueError, KeyError, TypeError):
+        return settings.seller_response_window_floor
 
 
 def temporal_target(settings: Settings) -> tuple[str | None, str]:

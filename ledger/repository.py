@@ -10,7 +10,7 @@ around the call (R9).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -41,6 +41,7 @@ from domain.models import (
     RefundStage,
     RefundView,
     RequestCancellationInput,
+    TimeoutPolicy,
     TransitionInput,
 )
 from domain.rules import (
@@ -64,6 +65,10 @@ class SubOrderSnapshot(Record):
     refund: RefundView | None = None
     # A completed cancellation's coupon outcome: a later run reports it, never decides again.
     coupon: CouponOutcome | None = None
+    # R19, as recorded when the cancellation opened (None: opened before migration 008).
+    response_window: timedelta | None = None
+    timeout_policy: TimeoutPolicy | None = None
+    seller_deadline: datetime | None = None
 
 
 class RefundRecord(Record):
@@ -233,10 +238,20 @@ class Ledger:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
     # --- opening (R1) -----------------------------------------------------------------------
 
     async def open_cancellation(
-        self, *, cancellation_id: str, request: RequestCancellationInput
+        self,
+        *,
+        cancellation_id: str,
+        request: RequestCancellationInput,
+        default_window: timedelta = timedelta(hours=48),
+        floor: timedelta = timedelta(0),
+        default_policy: TimeoutPolicy = TimeoutPolicy.AUTO_APPROVE,
     ) -> SubOrderSnapshot:
         """Record the request and choose the path in one transaction, one round trip (the
         function of migration 005).
@@ -247,7 +262,7 @@ class Ledger:
         """
         reason = request.reason
         row = await self._pool.fetchrow(
-            "SELECT * FROM ledger_open_cancellation($1, $2, $3, $4, $5, $6, $7, $8)",
+            "SELECT * FROM ledger_open_cancellation($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             cancellation_id,
             request.order_id,
             request.seller_id,
@@ -257,6 +272,9 @@ class Ledger:
             request.reason_text,
             f"reason {reason.value} ({reason.fault.value} fault)"
             + (f": {request.reason_text}" if request.reason_text else ""),
+            default_window,
+            floor,
+            default_policy.value,
         )
         assert row is not None  # the function always returns one row
         sub_order = f"{request.order_id}/{request.seller_id}"
@@ -309,6 +327,9 @@ class Ledger:
             status=CancellationStatus(row["status"]),
             refund=view,
             coupon=coupon,
+            response_window=row["response_window"],
+            timeout_policy=TimeoutPolicy(row["timeout_policy"]) if row["timeout_policy"] else None,
+            seller_deadline=row["seller_deadline"],
         )
 
     async def sub_order_amount(

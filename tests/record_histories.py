@@ -49,6 +49,7 @@ from infra.client import connect
 from infra.settings import Settings
 from ledger.db import create_pool, migrate
 from ledger.orders import load_orders
+from ledger.policies import set_policy
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider, SimulatorFaults
 from starter.payment_events import forward_payment_event
@@ -78,6 +79,15 @@ PATHS = (
 SELLER = "S-1"
 BUYER = "B-1"
 WINDOW = timedelta(seconds=2)
+# The seller of the paths that wait out the window: WINDOW is its policy (R19), not the request's.
+SLOW_SELLER = "S-2"
+SLOW_PATHS = ("timed_out", "escalated_resolved")
+
+
+def _seller(path: str) -> str:
+    return SLOW_SELLER if path in SLOW_PATHS else SELLER
+
+
 # The provider's poll interval on the slow-poll queue: only its webhook ends the wait early.
 SLOW_POLL = timedelta(hours=1)
 
@@ -99,7 +109,7 @@ def _order(path: str) -> CheckoutOrderIn:
         ),
         sub_orders=[
             SubOrderIn(
-                seller_id=SELLER,
+                seller_id=_seller(path),
                 seller_accepted=not instant,
                 shipping_minor=300,
                 lines=[OrderLine(sku="SKU-1", quantity=1, unit_price_minor=1999)],
@@ -130,7 +140,7 @@ class Recorder:
     async def start(self, path: str, *, queue: str | None = None, **kw: Any) -> Handle:
         request = RequestCancellationInput(
             order_id=f"H-{path}",
-            seller_id=SELLER,
+            seller_id=_seller(path),
             buyer_id=BUYER,
             reason=CancellationReason.OUT_OF_STOCK,
             **kw,
@@ -199,7 +209,7 @@ class Recorder:
         return handle
 
     async def timed_out(self) -> Handle:
-        return await self.start("timed_out", response_window=WINDOW)
+        return await self.start("timed_out")
 
     async def withdrawn(self) -> Handle:
         handle = await self.start("withdrawn")
@@ -210,9 +220,7 @@ class Recorder:
         return handle
 
     async def escalated_resolved(self) -> Handle:
-        handle = await self.start(
-            "escalated_resolved", queue=self.escalate_queue, response_window=WINDOW
-        )
+        handle = await self.start("escalated_resolved", queue=self.escalate_queue)
         await self.until(handle, CancellationStatus.ESCALATED)
         await handle.execute_update(
             OrderCancellation.resolve_escalation,
@@ -369,7 +377,9 @@ async def _record_on(address: str, url: str, targets: dict[str, Path]) -> list[P
             refund_submit_initial_interval=timedelta(milliseconds=100),
             refund_submit_max_interval=timedelta(milliseconds=500),
             refund_submit_max_attempts=3,
+            seller_response_window_floor=WINDOW,
         )
+        await set_policy(pool, seller_id=SLOW_SELLER, response_window=WINDOW, floor=WINDOW)
         queue, escalate_queue, slow_poll_queue = (
             f"record-{uuid.uuid4().hex[:8]}" for _ in range(3)
         )

@@ -30,6 +30,7 @@ from rich.console import Console
 from temporalio.client import Client, WorkflowHandle
 
 from devstack.demo import Outcome, run_demo
+from devstack.dev import DEV_WINDOW_FLOOR
 from devstack.embedded import temporal_binary
 from domain.models import (
     CancellationPath,
@@ -95,6 +96,8 @@ async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[S
         refund_poll_max_interval=timedelta(seconds=1),
         refund_submit_initial_interval=timedelta(milliseconds=100),
         refund_submit_max_interval=timedelta(seconds=1),
+        # The demo's silent seller has a 5 s policy (R19): the dev stack's floor, not 1 h.
+        seller_response_window_floor=DEV_WINDOW_FLOOR,
     )
     task_queue = f"e2e-{uuid.uuid4().hex[:8]}"
     try:

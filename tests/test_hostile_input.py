@@ -939,11 +939,8 @@ CLI_UPDATES = [
         "invalid_payload",
     ),
     ("retry_refund", ["--input", '{"operator_id": "sre-1"}'], "not_refund_failed"),
-    (
-        "resolve_escalation",
-        ["--input", '{"operator_id": "o", "decision": "accept"}'],
-        "not_escalated",
-    ),
+    # (A valid operator decision would decide: operators may decide a waiting request.)
+    ("resolve_escalation", ["--input", '{"operator_id": "o"}'], "invalid_payload"),
 ]
 
 

@@ -22,6 +22,7 @@ from unittest import mock
 import httpx
 import pytest
 import structlog
+from helpers.policies import TEST_FLOOR, seller_window
 from helpers.stacks import ApiStack, api_stack
 from helpers.wait import eventually
 from hypothesis import given, settings
@@ -39,6 +40,8 @@ from payments.provider import SimulatedProvider, SimulatorFaults
 
 SECRET = "whsec_test_" + "s" * 32
 OWN, OTHER = "S-51", "S-52"
+# A seller whose window (by policy, R19) is 1 s: its requests escalate at once.
+SLOW = "S-53"
 BUYER = "B-510"
 PRINCIPALS = (
     "buyer-service",
@@ -89,6 +92,7 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
     settings = Settings(
         task_queue=f"sidedoor-{uuid.uuid4().hex[:8]}",
         timeout_policy=TimeoutPolicy.ESCALATE,
+        seller_response_window_floor=TEST_FLOOR,
         refund_submit_initial_interval=timedelta(milliseconds=100),
         refund_submit_max_interval=timedelta(seconds=1),
         api_instant_wait=timedelta(seconds=10),
@@ -140,8 +144,10 @@ async def request(api: Api, order_id: str, seller: str = OWN, **extra: Any) -> s
 
 
 async def escalated(api: Api) -> str:
-    """A request whose seller let the (1 s) window run out: escalated to operators."""
-    cancellation_id = await request(api, await new_order(api), response_window=1)
+    """A request whose seller (SLOW, a 1 s window by policy) let the window run out: escalated
+    to operators."""
+    await seller_window(api.stack.pool, SLOW, timedelta(seconds=1))
+    cancellation_id = await request(api, await new_order(api, SLOW), SLOW)
 
     async def is_escalated() -> None:
         assert (await api.view(cancellation_id))["status"] == "escalated"
@@ -211,16 +217,36 @@ async def test_sre_resolves_an_escalation_as_the_key_it_holds(api: Api) -> None:
     problem(again, 409, "not_escalated")
 
 
-async def test_escalation_decision_on_a_request_that_is_not_escalated(api: Api) -> None:
+async def test_an_operator_decides_a_request_still_waiting_for_its_seller(api: Api) -> None:
+    """Issue 20: a stuck request is decided by an operator in the seller's place, recorded as
+    the key's operator with the reason; the seller's late answer is then refused."""
     cancellation_id = await request(api, await new_order(api))
+    assert (await api.view(cancellation_id))["status"] == "awaiting_seller"
     response = await api.call(
         "POST",
         f"/v1/cancellations/{cancellation_id}/escalation-decision",
-        "sre",
-        json={"decision": "reject"},
+        "sre:alice",
+        json={"decision": "reject", "reason": "seller unreachable for a week"},
     )
-    problem(response, 409, "not_escalated")
-    assert (await api.view(cancellation_id))["status"] == "awaiting_seller"
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "rejected"
+    late = await api.call(
+        "POST",
+        f"/v1/cancellations/{cancellation_id}/seller-decision",
+        f"seller:{OWN}",
+        json={"seller_id": OWN, "decision": "accept"},
+    )
+    assert late.status_code == 409, late.text
+
+    async def rejected() -> None:
+        view = await api.view(cancellation_id)
+        assert view["status"] == "rejected"
+        assert any(
+            e["actor"] == "operator:alice" and e["detail"] == "seller unreachable for a week"
+            for e in view["audit"]
+        ), view["audit"]
+
+    await eventually(rejected)
 
 
 async def test_retry_refund_takes_the_operator_from_the_key(api: Api) -> None:
@@ -230,7 +256,12 @@ async def test_retry_refund_takes_the_operator_from_the_key(api: Api) -> None:
     problem(forged, 403, "operator_mismatch")
     retried = await api.call("POST", path, "sre:alice", json={"reason": "card replaced"})
     assert retried.status_code == 200, retried.text
-    assert operators_in(await api.view(cancellation_id)) == ["operator:alice"]
+
+    async def recorded() -> None:
+        # The audit row is the workflow's note, written by an activity after the update.
+        assert operators_in(await api.view(cancellation_id)) == ["operator:alice"]
+
+    await eventually(recorded)
 
 
 # --- a seller learns nothing about other sellers' cancellations ---------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from helpers.logs import CapturedLogs, captured_logs
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.policies import seller_window
 from helpers.stacks import run_command
 from helpers.wait import eventually, listed, wait_for_status
 from temporalio.api.sdk.v1 import WorkflowMetadata
@@ -100,6 +101,8 @@ class World:
 def scenarios() -> list[Scenario]:
     """Unique ids per run: workflow ids are business keys, and a shared server remembers."""
     seller_a, seller_b = unique("S-OBS-A"), unique("S-OBS-B")
+    # The window is the seller's policy (R19): a seller of its own per window.
+    seller_2s, seller_20h = unique("S-OBS-T"), unique("S-OBS-L")
     buyer, other_buyer = unique("B-OBS"), unique("B-OBS-2")
     run = uuid.uuid4().hex[:6]
     S = CancellationStatus
@@ -110,7 +113,7 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "timed_out",
             f"OT-{run}",
-            seller_a,
+            seller_2s,
             other_buyer,
             S.COMPLETED,
             window=timedelta(seconds=2),
@@ -124,7 +127,7 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "waiting_28h",
             f"OL-{run}",
-            seller_a,
+            seller_20h,
             other_buyer,
             S.AWAITING_SELLER,
             window=timedelta(hours=20),
@@ -187,6 +190,9 @@ async def run_scenarios(w: World, pool: Any) -> None:
                 f"P-{s.order_id}", SimulatorFaults(final_failure="card_closed")
             )
     for s in all_:
+        if s.window is not None:
+            await seller_window(pool, s.seller_id, s.window)
+    for s in all_:
         s.handle = await start_cancellation(
             w.client,
             RequestCancellationInput(
@@ -194,7 +200,6 @@ async def run_scenarios(w: World, pool: Any) -> None:
                 seller_id=s.seller_id,
                 buyer_id=s.buyer_id,
                 reason=CancellationReason.OUT_OF_STOCK,
-                response_window=s.window,
             ),
             task_queue=w.task_queue,
             ledger=Ledger(pool),

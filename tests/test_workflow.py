@@ -185,9 +185,9 @@ async def test_silent_seller_is_auto_approved_after_48h(harness: Any) -> None:
     assert await timers(handle) == [(timedelta(hours=48), "fired")]
 
 
-async def test_per_request_window_overrides_the_default(harness: Any) -> None:
-    h = await harness(FakeActivities())
-    handle = await h.start(response_window=timedelta(seconds=5))
+async def test_the_seller_policys_window_is_the_timer(harness: Any) -> None:
+    h = await harness(FakeActivities(response_window=timedelta(seconds=5)))
+    handle = await h.start()
     view = await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
     assert view.seller_deadline is not None
     result = await handle.result()
@@ -205,8 +205,10 @@ async def test_silent_seller_auto_rejected_under_that_policy(harness: Any) -> No
 
 
 async def test_escalation_waits_for_an_operator(harness: Any) -> None:
-    h = await harness(FakeActivities(timeout_policy=TimeoutPolicy.ESCALATE))
-    handle = await h.start(response_window=timedelta(seconds=2))
+    h = await harness(
+        FakeActivities(timeout_policy=TimeoutPolicy.ESCALATE, response_window=timedelta(seconds=2))
+    )
+    handle = await h.start()
     # Let the window pass, then the request waits for an operator.
     await h.env.sleep(timedelta(seconds=3))
     await wait_for_status(handle, CancellationStatus.ESCALATED)
@@ -226,6 +228,30 @@ async def test_escalation_waits_for_an_operator(harness: Any) -> None:
         CancellationStatus.APPROVED,
     ]
     assert transitions[1].actor == "operator:ops-1"
+
+
+async def test_an_operator_decides_a_request_still_waiting_for_its_seller(harness: Any) -> None:
+    """Issue 20: a stuck request need not wait out the window; the operator decides in the
+    seller's place, recorded as themselves, and the seller's late answer is refused."""
+    h = await harness(FakeActivities())
+    handle = await h.start()
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    receipt = await handle.execute_update(
+        OrderCancellation.resolve_escalation,
+        {"operator_id": "ops-1", "decision": "reject", "reason": "seller closed shop"},
+    )
+    assert receipt.status is CancellationStatus.REJECTED
+    late = await refused(handle, OrderCancellation.decide, accept())
+    assert late.type in ("already_decided", "not_pending")
+    again = await refused(
+        handle, OrderCancellation.resolve_escalation, {"operator_id": "o", "decision": "accept"}
+    )
+    assert again.type == "not_escalated"
+    result = await handle.result()
+    assert result.status is CancellationStatus.REJECTED
+    rejected = h.fakes.args("record_transition")[0]
+    assert rejected.actor == "operator:ops-1" and rejected.detail == "seller closed shop"
+    assert "request_refund" not in h.fakes.names()
 
 
 async def test_refused_decisions_are_specific_and_change_nothing(harness: Any) -> None:
@@ -248,10 +274,6 @@ async def test_refused_decisions_are_specific_and_change_nothing(harness: Any) -
     assert not_json_object.type == "invalid_payload"
     retry = await refused(handle, OrderCancellation.retry_refund, {"operator_id": "ops-1"})
     assert retry.type == "not_refund_failed"
-    escalation = await refused(
-        handle, OrderCancellation.resolve_escalation, {"operator_id": "o", "decision": "accept"}
-    )
-    assert escalation.type == "not_escalated"
     # None of that moved the request.
     assert (await status_of(handle)).status is CancellationStatus.AWAITING_SELLER
     assert "record_transition" not in h.fakes.names()

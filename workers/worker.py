@@ -20,6 +20,7 @@ from temporalio.worker import (
 )
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.history_activities import HistoryActivities
 from activities.ledger_activities import LedgerActivities
 from activities.refund_activities import RefundActivities
 from infra.log_context import LogContextInterceptor
@@ -108,10 +109,12 @@ def build_worker(
     ledger_activities = LedgerActivities(
         ledger,
         response_window=settings.seller_response_window,
+        window_floor=settings.seller_response_window_floor,
         timeout_policy=settings.timeout_policy,
         refund_policy=settings.refund_policy(),
         metrics=metrics,
     )
+    history_activities = HistoryActivities(client)
     refund_activities = RefundActivities(
         ledger, provider or build_provider(settings, pool), metrics=metrics
     )
@@ -121,6 +124,7 @@ def build_worker(
         workflows=list(WORKFLOWS),
         activities=[
             ledger_activities.open_cancellation,
+            history_activities.signals_before,
             ledger_activities.record_transition,
             ledger_activities.record_event,
             ledger_activities.request_refund,

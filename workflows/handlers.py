@@ -57,6 +57,8 @@ class CancellationInbox:
     _withdrawal: WithdrawRequest | None
     _retry: RetryRefundRequest | None
     _deadline: datetime | None
+    _seller_signals: int
+    _late_signal: int | None
     _refund: RefundView | None
     _coupon: CouponOutcome | None
     _last_error: str | None
@@ -130,12 +132,17 @@ class CancellationInbox:
 
     @workflow.signal
     async def seller_decision(self, *args: Any) -> None:
+        # R19: the how-manieth seller_decision of this run (history order among signals), and
+        # whether it was handled when the deadline had passed (then maybe received after it).
+        self._seller_signals += 1
         try:
             decision = self._check_seller(messages.one(args))
         except DecisionRefused as err:
             seller = messages.claimed(args, "seller_id")
             await self._refuse(f"seller:{seller}", "seller_decision_refused", err)
             return
+        if self._deadline is not None and workflow.now() >= self._deadline:
+            self._late_signal = self._seller_signals
         self._take_decision(decision.decision, f"seller:{decision.seller_id}", decision.reason)
 
     # The buyer withdraws a pending request (R5).

@@ -100,15 +100,21 @@ def withdrawal(
     return request
 
 
+OPERATOR_DECIDES = (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED)
+
+
 def operator_decision(
     payload: Any, *, status: CancellationStatus, answered: bool
 ) -> OperatorDecision:
-    """R4: an operator decides a request escalated by the seller's silence, once."""
+    """R4: an operator decides a request escalated by the seller's silence, once; or one still
+    waiting for its seller (a stuck request, issue 20), in the seller's place: whichever of the
+    seller and the operator decides first stands."""
     decision = parse(OperatorDecision, payload)
-    if status is not CancellationStatus.ESCALATED or answered:
+    if status not in OPERATOR_DECIDES or answered:
         raise DecisionRefused(
             RefusalCode.NOT_ESCALATED,
-            f"only an escalated request takes an operator decision (status: {status.value})",
+            "only a request escalated or waiting for its seller takes an operator decision"
+            f" (status: {status.value})",
         )
     return decision
 

@@ -103,6 +103,8 @@ class OrderCancellation(CancellationInbox):
         self._withdrawal: WithdrawRequest | None = None
         self._retry: RetryRefundRequest | None = None
         self._deadline: datetime | None = None
+        self._seller_signals = 0
+        self._late_signal: int | None = None
         self._refund: RefundView | None = None
         self._coupon: CouponOutcome | None = None
         self._last_error: str | None = None
@@ -205,7 +207,9 @@ class OrderCancellation(CancellationInbox):
         """R3-R5: wait on a durable timer for the seller (escalated: for an operator); the
         buyer may withdraw meanwhile. True when the cancellation is approved."""
         if self._deadline is None:
-            self._deadline = workflow.now() + opened.response_window
+            # R19: the deadline the ledger recorded when the request path opened (the policy's
+            # window from then); from the window itself only in histories from before that.
+            self._deadline = opened.seller_deadline or workflow.now() + opened.response_window
             self._set_status(
                 CancellationStatus.AWAITING_SELLER,
                 "system",
@@ -215,6 +219,7 @@ class OrderCancellation(CancellationInbox):
         if self._status is CancellationStatus.AWAITING_SELLER:
             # What is left of the window (all of it, unless a previous run waited already).
             window = self._deadline - workflow.now()
+            timed_out = False
             try:
                 if window <= timedelta(0):
                     raise TimeoutError
@@ -222,8 +227,14 @@ class OrderCancellation(CancellationInbox):
                     self._answered, "seller", timeout=window, summary="Seller response window"
                 )
             except TimeoutError:
-                # A decision accepted in the same task as the timer fired still counts: the
-                # seller answered in time.
+                timed_out = True
+            # R19: a seller's signal handled once the deadline had passed (with the timer, after
+            # no worker ran) counts if the server received it before the deadline, and only
+            # then; a decision accepted before the timer fired in the same task still counts.
+            late = self._late_signal is not None and not await self._received_in_time()
+            if late:
+                self._withdraw_late_decision()
+            if timed_out or late:
                 if not self._answered() and self._on_timeout(opened):
                     await self._transition(
                         CancellationStatus.ESCALATED,
@@ -255,6 +266,24 @@ class OrderCancellation(CancellationInbox):
             cancel_sub_order=True,
         )
         return True
+
+    async def _received_in_time(self) -> bool:
+        assert self._deadline is not None and self._late_signal is not None
+        received = await steps.signals_before("seller_decision", self._deadline)
+        return self._late_signal <= received
+
+    def _withdraw_late_decision(self) -> None:
+        """The seller's signal reached the server after the deadline: the timer decides."""
+        self._note(
+            self._decided_by,
+            "seller_decision_refused",
+            f"{RefusalCode.NOT_PENDING.value}: received after the deadline"
+            f" {self._deadline.isoformat() if self._deadline else ''}",
+        )
+        self._decision = None
+        self._decided_by = ""
+        self._decision_reason = ""
+        self._late_signal = None
 
     def _on_timeout(self, opened: OpenCancellationResult) -> bool:
         """R4: the policy decides for a silent seller. Synchronous, so no decision can slip in

@@ -7,12 +7,13 @@ non-retryable type); the provider calls follow the refund policy the ledger retu
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from activities.history_activities import HistoryActivities
 from activities.ledger_activities import LEDGER_DATA_REFUSED, LedgerActivities
 from activities.refund_activities import (
     REFUND_FAILED_AT_PROVIDER,
@@ -34,6 +35,7 @@ from domain.models import (
     RefundStepInput,
     RefundView,
     RequestCancellationInput,
+    SignalsBeforeInput,
     TransitionInput,
 )
 
@@ -55,6 +57,23 @@ def data_refused(err: ActivityError) -> bool:
     """The ledger refused the data of a write for good (`LEDGER_DATA_REFUSED`)."""
     cause = err.cause
     return isinstance(cause, ApplicationError) and cause.type == LEDGER_DATA_REFUSED
+
+
+async def signals_before(signal_name: str, deadline: datetime) -> int:
+    """R19: how many `signal_name` signals the server received in this run before `deadline`."""
+    info = workflow.info()
+    return await workflow.execute_activity_method(
+        HistoryActivities.signals_before,
+        SignalsBeforeInput(
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+            signal_name=signal_name,
+            deadline=deadline,
+        ),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary="Did the seller's decision reach the server before the deadline?",
+    )
 
 
 async def open_cancellation(

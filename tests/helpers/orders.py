@@ -12,13 +12,16 @@ from infra.settings import Settings
 
 
 def fast_refund_settings(**overrides: Any) -> Settings:
-    """The worker's settings with refund timings short enough for a test."""
+    """The worker's settings with refund timings (and the window floor) short enough for a
+    test."""
     return Settings(
         **{
             "refund_poll_interval": timedelta(milliseconds=200),
             "refund_poll_max_interval": timedelta(seconds=1),
             "refund_submit_initial_interval": timedelta(milliseconds=100),
             "refund_submit_max_interval": timedelta(seconds=1),
+            # R19: tests give sellers windows of seconds (helpers.policies).
+            "seller_response_window_floor": timedelta(milliseconds=500),
             **overrides,
         }
     )

@@ -28,6 +28,8 @@ from domain.models import (
     RequestCancellationInput,
 )
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.policies import seller_window
+from helpers.wait import eventually
 from infra.client import connect
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
@@ -104,12 +106,14 @@ async def cancellations(
     window: timedelta = timedelta(seconds=1),
 ) -> list[Cancellation]:
     """`count` one-seller orders paid with a coupon, each cancelled (approved by the timer
-    after `window`), with `faults` injected at the provider for their payments first."""
+    after `window`, the seller's policy: R19), with `faults` injected at the provider for their
+    payments first. Returns once the ledger has opened each (with this window)."""
     orders = [
         one_seller_order(unique("RT"), buyer_id=BUYER, seller_id=seller, coupon=True)
         for _ in range(count)
     ]
     await load_orders(stack.pool, parse_orders_file(orders_file(*orders)))
+    await seller_window(stack.pool, seller, window)
     made = []
     for order in orders:
         payment_id = order["payment"]["payment_id"]
@@ -122,7 +126,6 @@ async def cancellations(
                 seller_id=seller,
                 buyer_id=BUYER,
                 reason=CancellationReason.OUT_OF_STOCK,
-                response_window=window,
             ),
             task_queue=stack.task_queue,
         )
@@ -131,6 +134,16 @@ async def cancellations(
                 handle, order["order_id"], payment_id, order["coupons"][0]["redemption_id"]
             )
         )
+
+    # Opened under this policy before a later call sets another for the same seller.
+    async def all_opened() -> None:
+        ids = [c.id for c in made]
+        found = await stack.pool.fetchval(
+            "SELECT count(*) FROM cancellations WHERE cancellation_id = ANY($1::text[])", ids
+        )
+        assert found == len(ids), f"{len(ids) - found} of {len(ids)} not opened yet"
+
+    await eventually(all_opened)
     return made
 
 

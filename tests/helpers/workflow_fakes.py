@@ -57,6 +57,8 @@ class FakeActivities:
 
     path: CancellationPath = CancellationPath.REQUEST
     timeout_policy: TimeoutPolicy = TimeoutPolicy.AUTO_APPROVE
+    # The seller's window as the ledger's policy gives it (R19): never the request's.
+    response_window: timedelta = timedelta(hours=48)
     # Exceptions raised by successive submit_refund calls; empty: succeed.
     submit_failures: list[Exception] = field(default_factory=list)
     # How many times confirm_refund answers "still pending" before the provider confirms.
@@ -88,7 +90,7 @@ class FakeActivities:
                 amount=AMOUNT,
                 payment_method=PaymentMethod.CARD,
                 capture=CaptureState.CAPTURED,
-                response_window=params.request.response_window or timedelta(hours=48),
+                response_window=self.response_window,
                 timeout_policy=self.timeout_policy,
                 refund_policy=RefundPolicy(
                     submit_initial_interval=timedelta(milliseconds=10),

@@ -182,11 +182,7 @@ async def run_request(
     side: Side, unit: Unit, request: RequestCancellationInput, timeout: float
 ) -> Timing:
     key = shape_key(unit.path, request)
-    window = (
-        request.response_window.total_seconds()
-        if unit.path == SILENT and request.response_window
-        else 0.0
-    )
+    window = unit.window.total_seconds() if unit.path == SILENT else 0.0
     timing = Timing(
         path=unit.path, shape_key=key, workflow_id="", started=time.time(), window=window
     )

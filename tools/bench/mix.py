@@ -35,6 +35,9 @@ DEFAULT_MIX: dict[str, float] = {
 # The paths whose seller decides (update `decide`), and how.
 DECISIONS = {ACCEPT: "accept", REJECT: "reject", COUPON: "accept"}
 SELLERS = ("S-1", "S-2")
+# The silent path's seller: its window (the bench's silent window) is its policy (R19), set by
+# the run before it starts (`set_policy`), with the workers' floor below it.
+SILENT_SELLER = "S-SILENT"
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -82,6 +85,8 @@ class Unit:
     index: int
     path: str
     requests: list[RequestCancellationInput] = field(default_factory=list)
+    # The silent path's window (its seller's policy); 0 otherwise.
+    window: timedelta = timedelta(0)
 
 
 def _order(
@@ -146,7 +151,9 @@ def build_units(
         for _ in range(n):
             order_id = f"B{side[0].upper()}-{run_id}-{index:06d}"
             buyer_id = f"BB-{run_id}-{index:06d}"
-            sellers = SELLERS if path == COUPON else SELLERS[:1]
+            sellers = (
+                SELLERS if path == COUPON else (SILENT_SELLER,) if path == SILENT else SELLERS[:1]
+            )
             orders.append(
                 _order(
                     order_id,
@@ -171,10 +178,10 @@ def build_units(
                             seller_id=seller,
                             buyer_id=buyer_id,
                             reason=reason,
-                            response_window=silent_window if path == SILENT else None,
                         )
                         for seller in sellers
                     ],
+                    window=silent_window if path == SILENT else timedelta(0),
                 )
             )
             index += 1

@@ -38,10 +38,20 @@ from domain.orders import CheckoutOrderIn, OrdersFile
 from infra.client import connect
 from infra.settings import Settings
 from ledger.orders import load_orders
+from ledger.policies import set_policy
 from ledger.repository import Ledger
 from tools.bench.analysis import analyse_histories, fetch_events, percentiles
 from tools.bench.driver import LimitSide, ProductSide, Side, Timing, run_units
-from tools.bench.mix import COUPON, DEFAULT_MIX, PATHS, Unit, allocate, build_units, unit_count
+from tools.bench.mix import (
+    COUPON,
+    DEFAULT_MIX,
+    PATHS,
+    SILENT_SELLER,
+    Unit,
+    allocate,
+    build_units,
+    unit_count,
+)
 from tools.bench.procs import Probe, Sampler, bench_worker, reset_counts, sql_counts
 from tools.bench.shape import Shape, derive_shape, event_counts
 from tools.bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
@@ -491,6 +501,12 @@ async def run_bench(
             loader = await counting_pool(db.dsn, SqlCounter(), min_size=1, max_size=2)
             try:
                 await load_in_chunks(loader, calib_orders + product_orders)
+                await set_policy(
+                    loader,
+                    seller_id=SILENT_SELLER,
+                    response_window=options.silent_window,
+                    floor=options.silent_window,
+                )
             finally:
                 await loader.close()
 

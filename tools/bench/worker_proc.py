@@ -67,6 +67,8 @@ class WorkerConfig(BaseModel):
             provider="simulator",
             sim_latency=timedelta(0),
             sim_confirm_after_polls=0,
+            # R19: the silent path's seller has a window of seconds (tools.bench.mix).
+            seller_response_window_floor=timedelta(seconds=1),
             task_queue=self.task_queue,
             **{k: v for k, v in tuning.items() if v is not None},
         )

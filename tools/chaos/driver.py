@@ -145,7 +145,6 @@ class Driver:
             buyer_id=c.buyer_id,
             reason=c.reason,
             reason_text="chaos run",
-            response_window=c.window,
         )
         await persist(
             f"start {c.workflow_id}",

@@ -70,7 +70,8 @@ class CancellationPlan:
     buyer_id: str
     scenario: Scenario
     action: Action
-    # The seller response window of this request (None: the worker's, 48 h).
+    # The seller response window of this request, its seller's policy (R19): set before the
+    # run for the seller (one seller per window, `S-W<seconds>`). None: the worker's, 48 h.
     window: timedelta | None
     # Seconds between "awaiting the seller" and the decision or withdrawal.
     delay: float
@@ -240,6 +241,8 @@ def _single(rng: random.Random, order_id: str, scenario: Scenario, mix: FaultMix
         ),
         Scenario.WITHDRAWN: (Action.WITHDRAW, CancellationStatus.WITHDRAWN, None),
     }[scenario]
+    if window is not None:
+        seller = f"S-W{int(window.total_seconds())}"
     redemption = f"R-{order_id}"
     document = _document(
         rng,

@@ -27,6 +27,7 @@ from domain.models import CancellationStatus
 from infra.client import connect
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
+from ledger.policies import set_policy
 from payments.provider import SimulatedProvider
 from tools.chaos import DEFAULT_COUNT
 from tools.chaos.checks import CheckResult, check_run
@@ -124,6 +125,7 @@ def worker_env(config: ChaosConfig) -> dict[str, str]:
         "ORDERCANCEL_SIM_LATENCY": config.latency,
         "ORDERCANCEL_SIM_CONFIRM_AFTER_POLLS": "1",
         "ORDERCANCEL_REFUND_POLL_INTERVAL": "500ms",
+        "ORDERCANCEL_SELLER_RESPONSE_WINDOW_FLOOR": "1s",
         "ORDERCANCEL_REFUND_POLL_MAX_INTERVAL": "2s",
         "ORDERCANCEL_REFUND_SUBMIT_INITIAL_INTERVAL": "200ms",
         "ORDERCANCEL_REFUND_SUBMIT_MAX_INTERVAL": "2s",
@@ -139,6 +141,10 @@ async def _load(pool: asyncpg.Pool, plan: Plan) -> None:
     for i in range(0, len(documents), 500):
         text = json.dumps({"orders": documents[i : i + 500]})
         await load_orders(pool, parse_orders_file(text))
+    # R19: the timed-out scenarios' windows are their sellers' policies.
+    windows = {c.seller_id: c.window for c in plan.cancellations() if c.window is not None}
+    for seller_id, window in windows.items():
+        await set_policy(pool, seller_id=seller_id, response_window=window, floor=window)
     provider = SimulatedProvider(pool)
     for order in plan.all_orders():
         if order.faults is not None:
