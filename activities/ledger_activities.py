@@ -11,11 +11,11 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from domain.errors import CancellationIdMismatch, LedgerError
+from domain.errors import CancellationIdMismatch, CancellationNotFound, LedgerError
 from domain.models import (
     CancellationStatus,
+    CouponDecision,
     CouponInput,
-    CouponOutcome,
     EventInput,
     OpenCancellationInput,
     OpenCancellationResult,
@@ -167,14 +167,28 @@ class LedgerActivities:
         return record.view
 
     @activity.defn
-    async def restore_coupon(self, params: CouponInput) -> CouponOutcome:
+    async def restore_coupon(self, params: CouponInput) -> CouponDecision:
+        """The coupon decision of this refund (made once; called again, it reads it), with the
+        siblings it may wait on or concern, and the outcome as it stands after both reads (a
+        sibling that restored the coupon meanwhile shows)."""
         with ledger_call():
-            outcome = await self._ledger.decide_coupon(
-                cancellation_id=params.cancellation_id, event_key=params.event_key
+            decided = None
+            if not params.again:
+                decided = await self._ledger.decide_coupon(
+                    cancellation_id=params.cancellation_id, event_key=params.event_key
+                )
+            waiting_on, notify = await self._ledger.coupon_siblings(
+                cancellation_id=params.cancellation_id
             )
-        log.info("coupon_decided", outcome=outcome.outcome.value)
-        self._metrics.coupon_decided(outcome=outcome.outcome.value)
-        return outcome
+            now = await self._ledger.coupon_outcome(cancellation_id=params.cancellation_id)
+        outcome = now or decided
+        if outcome is None:
+            missing = CancellationNotFound(f"no coupon decision of {params.cancellation_id}")
+            raise business_error(missing)
+        if decided is not None:
+            log.info("coupon_decided", outcome=decided.outcome.value)
+            self._metrics.coupon_decided(outcome=decided.outcome.value)
+        return CouponDecision(outcome=outcome, waiting_on=waiting_on, notify=notify)
 
     @activity.defn
     async def record_refund_failed(self, params: RefundFailureInput) -> RefundView:

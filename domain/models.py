@@ -343,6 +343,18 @@ class CouponOutcome(Record):
     active_sub_orders: list[str] = Field(default_factory=list)
 
 
+class CouponDecision(Record):
+    """What activity `restore_coupon` tells the workflow (R11): the outcome as it stands now (a
+    sibling may have restored the coupon since this cancellation decided), the sibling
+    cancellations whose refund is still on its way and undecided, so that the coupon may still
+    come back with them (`waiting_on`), and the siblings that decided `partial_refund` and may
+    be waiting on this one (`notify`)."""
+
+    outcome: CouponOutcome
+    waiting_on: list[str] = Field(default_factory=list)
+    notify: list[str] = Field(default_factory=list)
+
+
 class AuditEntry(Record):
     at: datetime
     actor: str
@@ -430,8 +442,9 @@ class OpenCancellationResult(Record):
 
 class CarriedState(Record):
     """What a run hands the next one when it continues as new (a history kept short, R20):
-    where it waits (`phase`: `seller`, `parked`, `settle`) and all it knows. Only a run that
-    Temporal started by continue-as-new reads it; a client's second argument is ignored."""
+    where it waits (`phase`: `seller`, `parked`, `settle`, `coupon`) and all it knows. Only a
+    run that Temporal started by continue-as-new reads it; a client's second argument is
+    ignored."""
 
     phase: str
     status: CancellationStatus
@@ -443,6 +456,7 @@ class CarriedState(Record):
     withdrawal: WithdrawRequest | None = None
     refund: RefundView | None = None
     coupon: CouponOutcome | None = None
+    coupon_waiting: list[str] = Field(default_factory=list)
     last_error: str | None = None
     reversal: PaymentEvent | None = None
     audit: list[AuditEntry] = Field(default_factory=list)
@@ -498,3 +512,5 @@ class RefundFailureInput(Record):
 class CouponInput(Record):
     cancellation_id: str
     event_key: str
+    # Read the decision again (a sibling may have restored the coupon): decide nothing.
+    again: bool = False

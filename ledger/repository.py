@@ -52,6 +52,15 @@ from domain.rules import (
     repeated_refusal,
 )
 
+# A cancellation whose refund is on its way: its coupon decision is still to come (R11).
+_REFUNDING = (
+    CancellationStatus.APPROVED,
+    CancellationStatus.REFUND_REQUESTED,
+    CancellationStatus.REFUND_SUBMITTED,
+    CancellationStatus.REFUND_CONFIRMED,
+    CancellationStatus.REFUND_FAILED,
+)
+
 
 class SubOrderSnapshot(Record):
     """What the cancellation needs to know about the sub-order and its payment."""
@@ -801,6 +810,36 @@ class Ledger:
                 f"coupon_{outcome.outcome.value}",
             )
             return outcome
+
+    async def coupon_siblings(self, *, cancellation_id: str) -> tuple[list[str], list[str]]:
+        """The other cancellations of this sub-order's coupon footprint (R11): those whose
+        refund is on its way (approved, refunding, or parked) with no coupon decision standing,
+        with which the coupon may still come back; and those whose standing decision was
+        `partial_refund`, which a decision of this one may concern. Sorted ids."""
+        rows = await self._pool.fetch(
+            """
+            SELECT c.cancellation_id, c.status,
+                   bool_or(d.decision_id IS NOT NULL) AS decided,
+                   bool_or(d.outcome = 'partial_refund') AS partial
+            FROM cancellations me
+            JOIN coupon_footprints mine
+                ON mine.order_id = me.order_id AND mine.seller_id = me.seller_id
+            JOIN coupon_footprints f ON f.redemption_id = mine.redemption_id
+            JOIN cancellations c ON c.order_id = f.order_id AND c.seller_id = f.seller_id
+            LEFT JOIN coupon_decisions d
+                ON d.cancellation_id = c.cancellation_id AND d.superseded_at IS NULL
+            WHERE me.cancellation_id = $1 AND c.cancellation_id <> $1
+            GROUP BY c.cancellation_id, c.status
+            ORDER BY c.cancellation_id
+            """,
+            cancellation_id,
+        )
+        refunding = {s.value for s in _REFUNDING}
+        waiting_on = [
+            r["cancellation_id"] for r in rows if not r["decided"] and r["status"] in refunding
+        ]
+        notify = [r["cancellation_id"] for r in rows if r["partial"]]
+        return waiting_on, notify
 
     # --- the provider's webhook events -------------------------------------------------------
 

@@ -3,7 +3,8 @@ the API and the CLI call, so that both give the same answers.
 
 The workflow stays the judge of every decision. What a caller learns:
 - `locate`: the cancellation as it stands, from its running workflow (the `status` query) or,
-  once it has ended or while no worker answers, from the ledger;
+  once it has ended or while no worker answers, from the ledger; its audit trail is always the
+  ledger's, every run's (`one_story`);
 - an update (`decide`, `retry_refund`, `resolve_escalation`): the receipt, or `Refused` with the
   workflow's public refusal code, `Ended` when nothing runs to take it, `NoAnswer` when the
   workflow did not answer in time;
@@ -30,6 +31,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from domain.errors import CancellationNotFound
 from domain.models import (
+    AuditEntry,
     CancellationView,
     DecisionReceipt,
     OperatorDecision,
@@ -45,6 +47,50 @@ log = structlog.get_logger(__name__)
 
 QUERY_TIMEOUT = timedelta(seconds=5)
 UPDATE_TIMEOUT = timedelta(seconds=10)
+
+
+# What a running workflow notes that no ledger row records: the messages it took (the seller's
+# or an operator's decision as received, the buyer's withdrawal, the provider's event) and a
+# reversal check that changed nothing. Every other note of its `status` query is also a ledger
+# row, written by the activity that made the change or, for a sibling's coupon, by the ledger;
+# and a run only knows its own notes (plus those carried across continue-as-new).
+WORKFLOW_ONLY_NOTES = frozenset(
+    {
+        "decision_accept",
+        "decision_reject",
+        "withdraw_requested",
+        "payment_event",
+        "reversal_not_confirmed",
+    }
+)
+
+
+def one_story(ledger_trail: list[AuditEntry], notes: list[AuditEntry]) -> list[AuditEntry]:
+    """The audit trail across every run (R12): the ledger's rows in the order it wrote them,
+    with the running workflow's notes that no row records put in among them. Nothing else of
+    the workflow's notes is taken: the `requested` and `resumed` of a new run (reopened by a
+    reversed refund) would repeat or invent a step, and the others are the ledger's rows again.
+
+    The notes are placed by the workflow's own order, not by clock (the workflow's time and
+    the database's are different clocks): a note goes right before the ledger row of the next
+    note the workflow also recorded, matched by kind from the end, since a run's notes are the
+    end of the story. A note with nothing recorded after it goes at the end."""
+    placed: dict[int, list[AuditEntry]] = {}
+    cursor = len(ledger_trail)
+    for note in reversed(notes):
+        if note.kind in WORKFLOW_ONLY_NOTES:
+            placed.setdefault(cursor, []).insert(0, note)
+            continue
+        for j in range(cursor - 1, -1, -1):
+            if ledger_trail[j].kind == note.kind:
+                cursor = j
+                break
+    story: list[AuditEntry] = []
+    for i, row in enumerate(ledger_trail):
+        story.extend(placed.get(i, []))
+        story.append(row)
+    story.extend(placed.get(len(ledger_trail), []))
+    return story
 
 
 @dataclass(frozen=True)
@@ -94,11 +140,14 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
             # No worker to answer right now: the ledger still tells the story.
             log.warning("status_query_failed", cancellation_id=cancellation_id, error=str(err))
         else:
-            # A coupon a sibling restored later is only known to the ledger.
+            # A coupon a sibling restored later is only known to the ledger; so are the
+            # earlier runs' stories (a cancellation reopened by a reversed refund).
             coupon = await ledger.coupon_outcome(cancellation_id=cancellation_id)
+            trail = await ledger.audit_trail(cancellation_id=cancellation_id)
+            update: dict[str, Any] = {"audit": one_story(trail, view.audit)}
             if coupon is not None:
-                view = view.model_copy(update={"coupon": coupon})
-            return Located(view, running=True, source="workflow")
+                update["coupon"] = coupon
+            return Located(view.model_copy(update=update), running=True, source="workflow")
     try:
         view = await ledger.view(cancellation_id=cancellation_id)
     except CancellationNotFound:

@@ -37,6 +37,7 @@ from infra.settings import Settings
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider, SimulatorFaults
+from starter.cancellations import Located, locate
 from starter.payment_events import ForwardOutcome, forward_payment_event
 from starter.requests import start_cancellation
 from workers.worker import build_worker
@@ -334,3 +335,64 @@ async def test_a_refund_the_ledger_refuses_to_record_parks_instead_of_failing(
         )
         == 1
     )
+
+
+async def test_status_tells_one_story_across_runs(stack: Stack) -> None:
+    """`locate` (what `ordercancel status` and the API show) of a cancellation reopened by a
+    reversal: the whole audit trail of every run, in order, once; and the sibling whose
+    coupon was revoked shows it (R12, issue 20.3)."""
+    P = stack.id("P-2001")
+    await stack.provider.set_faults(P, SimulatorFaults(fail_after_success=True))
+    s7 = await cancel(stack, "O-2001", "S-7", "B-601")
+    s8 = await cancel(stack, "O-2001", "S-8", "B-601")
+    first = await stack.ledger.get_refund(cancellation_id=s7)
+    assert first.view.provider_ref is not None
+    await forward_payment_event(
+        stack.client,
+        stack.ledger,
+        reversal(stack, first.view.provider_ref),
+        task_queue=stack.task_queue,
+    )
+    handle = stack.client.get_workflow_handle_for(OrderCancellation.run, s7)
+    await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
+
+    def story_of(located: Located | None) -> list[str]:
+        assert located is not None
+        return [e.kind for e in located.view.audit]
+
+    # The new run is running: its story begins with the first run's, once.
+    located = await locate(stack.client, stack.ledger, s7)
+    assert located is not None and located.source == "workflow" and located.running
+    kinds = story_of(located)
+    assert kinds.count("requested") == 1 and kinds[0] == "requested", kinds
+    assert "resumed" not in kinds, kinds
+    # The first run's decision is its ledger row (the seller's message was a note of that run).
+    approved = next(e for e in located.view.audit if e.kind == "approved")
+    assert approved.actor == "seller:S-7", approved
+    for earlier, later in (
+        ("approved", "refund_confirmed"),
+        ("refund_confirmed", "completed"),
+        ("completed", "payment_event"),
+        ("payment_event", "refund_reversed"),
+    ):
+        assert kinds.index(earlier) < kinds.index(later), (earlier, later, kinds)
+    assert kinds.count("approved") == 1 and kinds.count("refund_confirmed") == 1, kinds
+    assert "coupon_revoked" in kinds, kinds
+    assert any(k.startswith("coupon_") and k != "coupon_revoked" for k in kinds), kinds
+
+    # The sibling has ended: its story has the coupon taken back.
+    sibling = story_of(await locate(stack.client, stack.ledger, s8))
+    assert "coupon_revoked" in sibling, sibling
+    assert sibling.count("requested") == 1, sibling
+
+    # Retried and completed again: the ledger tells both runs, each step once per run.
+    await handle.execute_update(
+        OrderCancellation.retry_refund, {"operator_id": "sre-1", "reason": "new card on file"}
+    )
+    await handle.result()
+    ended = await locate(stack.client, stack.ledger, s7)
+    assert ended is not None and not ended.running
+    kinds = story_of(ended)
+    assert kinds.count("requested") == 1 and kinds.count("approved") == 1, kinds
+    assert kinds.count("refund_confirmed") == 2 and kinds.count("completed") == 2, kinds
+    assert kinds.index("coupon_revoked") < kinds.index("refund_retry"), kinds

@@ -63,6 +63,7 @@ class CancellationInbox:
     _coupon: CouponOutcome | None
     _last_error: str | None
     _provider_news: bool
+    _coupon_news: bool
     _reversal: PaymentEvent | None
     _audit: list[AuditEntry]
     _refused: int
@@ -184,6 +185,13 @@ class CancellationInbox:
             # Before confirmation the provider's own answer reports a failure; after it, only
             # this tells the workflow to look again.
             self._reversal = event
+
+    # A sibling cancellation decided its coupon (R11): one that waits for it reads its own
+    # again. Any payload is ignored: the ledger, read by the workflow, is the truth.
+
+    @workflow.signal(name=steps.COUPON_SETTLED)
+    def coupon_settled(self, *args: Any) -> None:
+        self._coupon_news = True
 
     # Operators: decide an escalated request (R4), retry a parked refund (R10).
 

@@ -32,7 +32,9 @@ with workflow.unsafe.imports_passed_through():
         CancellationResult,
         CancellationStatus,
         CarriedState,
+        CouponDecision,
         CouponOutcome,
+        CouponOutcomeKind,
         Decision,
         OpenCancellationResult,
         PaymentEvent,
@@ -107,6 +109,9 @@ class OrderCancellation(CancellationInbox):
         self._late_signal: int | None = None
         self._refund: RefundView | None = None
         self._coupon: CouponOutcome | None = None
+        # Sibling cancellations whose refund is on its way: the coupon may come back with them.
+        self._coupon_waiting: list[str] = []
+        self._coupon_news = False
         self._last_error: str | None = None
         self._provider_news = False
         self._reversal: PaymentEvent | None = None
@@ -306,17 +311,50 @@ class OrderCancellation(CancellationInbox):
             if self._refund is None or self._refund.stage is not RefundStage.CONFIRMED:
                 await self._refund_money(opened)
             if self._coupon is None:
-                self._coupon = await steps.restore_coupon(self._id, event_key=self._key("coupon"))
-                self._note("system", f"coupon_{self._coupon.outcome.value}", self._coupon.reason)
+                # Reset before asking: a sibling's word that arrives meanwhile is not lost.
+                self._coupon_news = False
+                decision = await steps.restore_coupon(self._id, event_key=self._key("coupon"))
+                coupon = self._take_coupon(decision)
+                self._note("system", f"coupon_{coupon.outcome.value}", coupon.reason)
+                # Siblings that decided partial_refund may be waiting on this decision.
+                await steps.coupon_settled(decision.notify)
+            assert self._coupon is not None
             if self._reversal is None and self._status is not CancellationStatus.COMPLETED:
                 # The coupon's search attribute goes with the completed status.
                 await self._transition(CancellationStatus.COMPLETED, "system", "completed")
             else:
                 # No status change to carry it: on its own (nothing if already shown).
-                self._visible.show_coupon(self._coupon)
+                self._visible.show_coupon(self._coupon, waiting_on=self._coupon_waiting)
+            if self._reversal is None:
+                await self._coupon_settles()
             if self._reversal is None:
                 return
             await self._handle_reversal()
+
+    def _take_coupon(self, decision: CouponDecision) -> CouponOutcome:
+        self._coupon = decision.outcome
+        partial = decision.outcome.outcome is CouponOutcomeKind.PARTIAL_REFUND
+        self._coupon_waiting = list(decision.waiting_on) if partial else []
+        return self._coupon
+
+    async def _coupon_settles(self) -> None:
+        """R11 across siblings, so that what operators search is true once the run has ended
+        (an ended run's search attributes can no longer change): a cancellation that found the
+        coupon `partial_refund` while sibling cancellations were refunding stays open, completed,
+        until each of them has decided its coupon (signal `coupon_settled`), and ends with the
+        outcome as it then stands: `restored` if the last one gave it back."""
+        while self._coupon_waiting and self._reversal is None:
+            await self._wait(lambda: self._coupon_news or self._reversal is not None, "coupon")
+            if self._reversal is not None:
+                return
+            self._coupon_news = False
+            before = self._coupon
+            decision = await steps.restore_coupon(self._id, event_key="", again=True)
+            coupon = self._take_coupon(decision)
+            if before is None or coupon.outcome is not before.outcome:
+                # The ledger has the row (written by the sibling that restored it).
+                self._note("system", f"coupon_{coupon.outcome.value}", coupon.reason)
+            self._visible.show_coupon(coupon, waiting_on=self._coupon_waiting)
 
     # --- the refund: requested -> submitted -> confirmed, or parked (R7-R10) ----------------
 
@@ -339,6 +377,9 @@ class OrderCancellation(CancellationInbox):
                     step = self._refund_step("refund_submitted")
                     policy = opened.refund_policy
                     self._refund = await steps.submit_refund(step, self._refund, policy)
+                    # The provider took it: an earlier failure is history (the audit trail has
+                    # it), as the ledger clears it too.
+                    self._last_error = None
                     self._set_status(
                         CancellationStatus.REFUND_SUBMITTED,
                         "provider",
@@ -350,6 +391,7 @@ class OrderCancellation(CancellationInbox):
                 asked = self._refund.stage is not RefundStage.CONFIRMED
                 if asked:
                     self._refund = await self._await_confirmation(opened)
+                self._last_error = None
                 self._set_status(
                     CancellationStatus.REFUND_CONFIRMED,
                     "provider",
@@ -448,10 +490,10 @@ class OrderCancellation(CancellationInbox):
         except ActivityError as err:
             # The provider would not say (a refused read, or still unreachable after the
             # check's attempts): the check ends, the refund stays as the ledger has it, and
-            # reconciliation is the backstop (issue 18).
-            self._last_error = _failure_text(err)
+            # reconciliation is the backstop (issue 18). The audit trail says why; the
+            # cancellation stays completed, with no error standing.
             await self._record_note(
-                "system", "reversal_not_verified", f"event {event.event_id}: {self._last_error}"
+                "system", "reversal_not_verified", f"event {event.event_id}: {_failure_text(err)}"
             )
             return
         if self._refund.stage is not RefundStage.REVERSED:
@@ -525,6 +567,7 @@ class OrderCancellation(CancellationInbox):
             withdrawal=self._withdrawal,
             refund=self._refund,
             coupon=self._coupon,
+            coupon_waiting=self._coupon_waiting,
             last_error=self._last_error,
             reversal=self._reversal,
             audit=self._audit,
@@ -543,6 +586,7 @@ class OrderCancellation(CancellationInbox):
         self._withdrawal = carried.withdrawal
         self._refund = carried.refund
         self._coupon = carried.coupon
+        self._coupon_waiting = list(carried.coupon_waiting)
         self._last_error = carried.last_error
         self._reversal = carried.reversal
         self._audit = list(carried.audit)
@@ -551,7 +595,8 @@ class OrderCancellation(CancellationInbox):
 
     async def _carry_on(self, phase: str) -> CancellationResult:
         """The story from where the previous run continued as new: waiting for the seller
-        (or an operator, escalated), parked for an operator's retry, or refunding."""
+        (or an operator, escalated), parked for an operator's retry, refunding, or completed and
+        waiting for its siblings' coupon decisions (`coupon`, in `_settle`)."""
         opened = self._opened
         assert opened is not None
         self._visible.resumed(opened)

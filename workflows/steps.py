@@ -7,11 +7,12 @@ non-retryable type); the provider calls follow the refund policy the ledger retu
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 from activities.history_activities import HistoryActivities
 from activities.ledger_activities import LEDGER_DATA_REFUSED, LedgerActivities
@@ -23,8 +24,8 @@ from activities.refund_activities import (
 )
 from domain.models import (
     CancellationStatus,
+    CouponDecision,
     CouponInput,
-    CouponOutcome,
     EventInput,
     Money,
     OpenCancellationInput,
@@ -162,14 +163,39 @@ async def record_refund_failed(
     )
 
 
-async def restore_coupon(cancellation_id: str, *, event_key: str) -> CouponOutcome:
+async def restore_coupon(
+    cancellation_id: str, *, event_key: str, again: bool = False
+) -> CouponDecision:
     return await workflow.execute_activity_method(
         LedgerActivities.restore_coupon,
-        CouponInput(cancellation_id=cancellation_id, event_key=event_key),
+        CouponInput(cancellation_id=cancellation_id, event_key=event_key, again=again),
         start_to_close_timeout=LEDGER_TIMEOUT,
         retry_policy=LEDGER_RETRY,
-        summary="Decide whether the coupon comes back",
+        summary=(
+            "Read the coupon again: a sibling cancellation decided"
+            if again
+            else "Decide whether the coupon comes back"
+        ),
     )
+
+
+# --- the sibling cancellations of a coupon (R11) -----------------------------------------------
+
+COUPON_SETTLED = "coupon_settled"
+
+
+async def coupon_settled(cancellation_ids: list[str]) -> None:
+    """Signal `coupon_settled` to each sibling that may wait on this decision (one command
+    each). One that has ended cannot be told and need not be: it waited for every sibling whose
+    refund was on its way, and the ledger has the rest."""
+
+    async def tell(cancellation_id: str) -> None:
+        try:
+            await workflow.get_external_workflow_handle(cancellation_id).signal(COUPON_SETTLED)
+        except FailureError:
+            pass
+
+    await asyncio.gather(*(tell(c) for c in cancellation_ids))
 
 
 # --- the payment provider ----------------------------------------------------------------------

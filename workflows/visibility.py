@@ -20,6 +20,7 @@ from domain.models import (
     CancellationStatus,
     CouponOutcome,
     OpenCancellationResult,
+    RefundStage,
     RefundView,
     RequestCancellationInput,
     TimeoutPolicy,
@@ -98,6 +99,8 @@ class Visibility:
         self._next_check: datetime | None = None
         self._last_error: str | None = None
         self._policy: TimeoutPolicy | None = None
+        # Sibling cancellations a completed one waits for before it ends (R11).
+        self._coupon_waiting: list[str] = []
         # What the search attributes hold now, as far as this run has set them.
         self._shown_deadline: datetime | None = None
         self._shown_coupon: str | None = None
@@ -160,13 +163,16 @@ class Visibility:
         workflow.upsert_search_attributes(updates)
         workflow.set_current_details(self.details())
 
-    def show_coupon(self, coupon: CouponOutcome) -> None:
+    def show_coupon(self, coupon: CouponOutcome, *, waiting_on: list[str] | None = None) -> None:
         """A coupon decided with no status change to carry it (the refund was reversed
-        meanwhile, or the cancellation was already completed): an upsert of its own."""
+        meanwhile, the cancellation was already completed, or a sibling restored it while this
+        one waited): an upsert of its own (nothing if already shown), and the details."""
         self._coupon = coupon
+        self._coupon_waiting = list(waiting_on or [])
         updates = self._coupon_update(coupon)
         if updates:
             workflow.upsert_search_attributes(updates)
+        workflow.set_current_details(self.details())
 
     def next_check(self, refund: RefundView, at: datetime) -> None:
         """The provider said "pending": when it is asked again (details only, no command)."""
@@ -190,6 +196,13 @@ class Visibility:
             next_step += (
                 f" by {self._deadline:%Y-%m-%d %H:%M} UTC; then {POLICY_TEXT[self._policy]}"
             )
+        if self._status is CancellationStatus.COMPLETED and self._coupon_waiting:
+            next_step = (
+                "end once the sibling cancellations "
+                + ", ".join(escape_markdown(c) for c in self._coupon_waiting)
+                + " have decided the coupon (it comes back if they complete the refund of"
+                " everything it paid for)"
+            )
         if self._status is CancellationStatus.REFUND_SUBMITTED and self._next_check is not None:
             next_step += (
                 f" (next check {self._next_check:%Y-%m-%d %H:%M:%S} UTC, or on its webhook)"
@@ -209,7 +222,8 @@ class Visibility:
                     else ""
                 )
             )
-            if refund.eta is not None:
+            # The estimate of when the money reaches the buyer, until the provider confirms it.
+            if refund.eta is not None and refund.stage is not RefundStage.CONFIRMED:
                 lines.append(f"ETA: {refund.eta.earliest:%Y-%m-%d} to {refund.eta.latest:%Y-%m-%d}")
         if self._coupon is not None:
             lines.append(

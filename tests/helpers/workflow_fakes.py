@@ -23,6 +23,7 @@ from domain.models import (
     CancellationReason,
     CancellationResult,
     CaptureState,
+    CouponDecision,
     CouponInput,
     CouponOutcome,
     CouponOutcomeKind,
@@ -135,9 +136,11 @@ class FakeActivities:
             return self._refund(stage, params.cancellation_id)
 
         @activity.defn(name="restore_coupon")
-        async def restore_coupon(params: CouponInput) -> CouponOutcome:
+        async def restore_coupon(params: CouponInput) -> CouponDecision:
             self.calls.append(("restore_coupon", params))
-            return CouponOutcome(outcome=CouponOutcomeKind.NO_COUPON, reason="no coupon")
+            return CouponDecision(
+                outcome=CouponOutcome(outcome=CouponOutcomeKind.NO_COUPON, reason="no coupon")
+            )
 
         return [
             open_cancellation,
