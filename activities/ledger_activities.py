@@ -111,6 +111,7 @@ class LedgerActivities:
             response_window=snapshot.response_window or max(self._window, self._floor),
             timeout_policy=snapshot.timeout_policy or self._timeout_policy,
             seller_deadline=snapshot.seller_deadline,
+            opened_now=snapshot.opened_now,
             refund_policy=self._refund_policy,
             ledger_status=snapshot.status,
             refund=snapshot.refund,

@@ -429,6 +429,8 @@ class OpenCancellationResult(Record):
     # The seller's deadline as the ledger recorded it when the request path opened (R19);
     # None on the instant path (and in histories recorded before it).
     seller_deadline: datetime | None = None
+    # This opening created the cancellation in the ledger (False: a later run of one it had).
+    opened_now: bool = True
     # How the refund is driven, from the worker's configuration when the cancellation opened;
     # recorded in history so a replay sees the same values.
     refund_policy: RefundPolicy

@@ -78,6 +78,8 @@ class SubOrderSnapshot(Record):
     response_window: timedelta | None = None
     timeout_policy: TimeoutPolicy | None = None
     seller_deadline: datetime | None = None
+    # This call created the cancellation (False: it existed already).
+    opened_now: bool = False
 
 
 class RefundRecord(Record):
@@ -339,6 +341,7 @@ class Ledger:
             response_window=row["response_window"],
             timeout_policy=TimeoutPolicy(row["timeout_policy"]) if row["timeout_policy"] else None,
             seller_deadline=row["seller_deadline"],
+            opened_now=row["outcome"] == "opened",
         )
 
     async def sub_order_amount(

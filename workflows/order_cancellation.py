@@ -212,9 +212,14 @@ class OrderCancellation(CancellationInbox):
         """R3-R5: wait on a durable timer for the seller (escalated: for an operator); the
         buyer may withdraw meanwhile. True when the cancellation is approved."""
         if self._deadline is None:
-            # R19: the deadline the ledger recorded when the request path opened (the policy's
-            # window from then); from the window itself only in histories from before that.
-            self._deadline = opened.seller_deadline or workflow.now() + opened.response_window
+            # R19: the policy's window from now, on the workflow's clock (Temporal's: the one a
+            # decision's arrival is judged by). A later run of a cancellation the ledger already
+            # had (restarted by hand) keeps the deadline the ledger recorded at its opening.
+            fresh = opened.opened_now or opened.seller_deadline is None
+            self._deadline = (
+                workflow.now() + opened.response_window if fresh else opened.seller_deadline
+            )
+            assert self._deadline is not None
             self._set_status(
                 CancellationStatus.AWAITING_SELLER,
                 "system",
