@@ -5,7 +5,9 @@ what it taught us.
   PostgreSQL, `ordercancel worker` subprocesses SIGKILLed (also during provider calls) and
   SIGTERMed, PostgreSQL and Temporal restarted, the provider failing in every way it can; then
   0 violations, and every kind of fault really happened.
-- The plan is reproducible from its seed and covers every path.
+- The plan is reproducible from its seed and covers every path; its hostile share (control
+  characters, oversized text, wrong ids, malformed payloads, `temporal` CLI starts and duplicate
+  decisions) too, and it leaves the rest of the plan as it was.
 - Regressions found by the chaos run: reconcile took a refund the provider declined outright for
   a missing one; a reopened cancellation reused audit keys of its first run, losing audit rows.
 """
@@ -39,7 +41,7 @@ from starter.payment_events import forward_payment_event
 from starter.reconcile import FindingKind, compare
 from starter.requests import start_cancellation
 from tools.chaos.faults import FaultKind
-from tools.chaos.plan import Scenario, make_plan
+from tools.chaos.plan import HOSTILE_SCENARIOS, OTHER, OWN, Probe, Scenario, make_plan
 from tools.chaos.run import ChaosConfig, run_chaos
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
@@ -64,6 +66,13 @@ async def test_the_ci_sized_chaos_run_keeps_every_invariant() -> None:
     assert all(row.other == 0 for row in report.paths)
     checked = {row.name: row.checked for row in report.invariants}
     assert checked["none lost"] >= 300 and checked["refunded exactly once"] >= 300
+    # Hostile input went through the real stack, every kind of it, and was checked.
+    hostile = {row.kind: row.count for row in report.hostile}
+    assert hostile and all(hostile.values()), report.hostile
+    assert checked["hostile input refused"] >= 10, checked
+    assert checked["one workflow per sub-order"] >= 300, checked
+    assert checked["starting again changes nothing"] >= 2, checked
+    assert checked["no control character in the audit"] >= 1000, checked
 
 
 def test_the_drivers_retry_outages_and_take_answers_as_answers() -> None:
@@ -111,6 +120,61 @@ def test_the_plan_is_reproducible_and_covers_every_path() -> None:
     assert make_plan(300, seed=8, tag="t", start_window=100).orders[0].document != (
         first.orders[0].document
     )
+
+
+def test_the_hostile_share_is_seeded_reproducible_and_covers_every_kind() -> None:
+    def hostile_of(seed: int, share: float = 0.35) -> list[tuple[str, object]]:
+        plan = make_plan(300, seed=seed, tag="t", start_window=100, hostile_share=share)
+        return [(c.workflow_id, c.hostile) for c in plan.cancellations() if c.hostile]
+
+    first = hostile_of(7)
+    assert first == hostile_of(7)
+    assert first != hostile_of(8)
+    plan = make_plan(300, seed=7, tag="t", start_window=100, hostile_share=0.35)
+    hostile = [c for c in plan.cancellations() if c.hostile is not None]
+    eligible = [c for c in plan.cancellations() if c.scenario in HOSTILE_SCENARIOS]
+    # A share that matters, cheap enough for the CI-sized run.
+    assert 10 <= len(hostile) <= len(eligible) // 2, (len(hostile), len(eligible))
+    assert all(c.scenario in HOSTILE_SCENARIOS for c in hostile)
+    plans = [c.hostile for c in hostile if c.hostile is not None]
+    assert {p for h in plans for p in h.signals} == set(Probe)
+    assert {p for h in plans for p in h.updates} == set(Probe)
+    assert any(h.cli_signal for h in plans) and any(h.cli_duplicate_decision for h in plans)
+    assert {h.cli_start_running for h in plans} >= {OWN, OTHER}
+    assert {h.cli_start_ended for h in plans} >= {OWN, OTHER}
+    # Hostile input is drawn apart: the rest of a seed's plan is the same with or without it.
+    plain = make_plan(300, seed=7, tag="t", start_window=100)
+    assert not any(c.hostile for c in plain.cancellations())
+    assert [o.document for o in plain.orders] == [o.document for o in plan.orders]
+    assert [c.action for c in plain.cancellations()] == [c.action for c in plan.cancellations()]
+
+
+def test_hostile_payloads_are_what_they_claim() -> None:
+    """Each probe really carries its defect: controls, a lone surrogate in raw JSON, text over
+    the 2,000-character bound (R20), an intruder's id, a payload of the wrong shape."""
+    from tools.chaos.hostile import signal_probe, update_probe
+
+    plan = make_plan(300, seed=7, tag="t", start_window=100, hostile_share=0.35)
+    c = next(c for c in plan.cancellations() if c.hostile is not None)
+    for make in (signal_probe, update_probe):
+        sent = {p: make(p, c) for p in Probe}
+        payloads = {p: v[1] if isinstance(v, tuple) else v for p, v in sent.items()}
+
+        def texts(value: object) -> str:
+            if isinstance(value, dict):
+                return "".join(texts(k) + texts(v) for k, v in value.items())
+            if isinstance(value, list):
+                return "".join(texts(v) for v in value)
+            return value if isinstance(value, str) else ""
+
+        assert "\x00" in texts(payloads[Probe.NUL])
+        assert "\x1b" in texts(payloads[Probe.ESCAPE])
+        assert b'"\\ud' in payloads[Probe.SURROGATE].payload.data
+        assert len(texts(payloads[Probe.OVERSIZED])) > 2_000
+        assert "intruder" in texts(payloads[Probe.WRONG_ID])
+        assert (
+            not isinstance(payloads[Probe.MALFORMED], dict) or "extra" in payloads[Probe.MALFORMED]
+        )
 
 
 # --- regressions the chaos run found ----------------------------------------------------------

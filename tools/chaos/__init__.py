@@ -7,6 +7,7 @@ coupon given back twice). docs/reliability.md describes the run and its figures.
 - `tools.chaos.plan`: the orders, the cancellations of each path and the provider faults (seeded).
 - `tools.chaos.stack`: the embedded servers and `ordercancel worker` subprocesses, restartable.
 - `tools.chaos.driver`: buyers, sellers and the provider's webhook, persistent through outages.
+- `tools.chaos.hostile`: hostile input (client and `temporal` CLI) for the plan's hostile share.
 - `tools.chaos.faults`: the fault loop (SIGKILL, SIGTERM drain, restarts, a second worker).
 - `tools.chaos.checks`: the invariants, from the ledger, `provider_sim` and Temporal.
 - `tools.chaos.run`: the whole run; `tools.chaos.report`: the table; `tools.chaos.cli`: the command.

@@ -27,7 +27,8 @@ from domain.rules import cancellation_id
 from payments.provider import SimulatedProvider
 from starter.reconcile import reconcile
 from tools.chaos.driver import persist
-from tools.chaos.plan import CancellationPlan, OrderPlan, Plan
+from tools.chaos.hostile import INTRUDER_BUYER, HostileStats
+from tools.chaos.plan import OTHER, OWN, CancellationPlan, OrderPlan, Plan
 from workflows import search_attributes as sa
 
 # A workflow task the server failed for reasons that are not the workflow's: a signal or an
@@ -45,9 +46,17 @@ TERMINAL_KIND = {
 }
 # Audit rows a cancellation's own run writes that are not state transitions: refused signals
 # may be written after the end (the workflow waits for them before it returns).
-_SIDE_KINDS = ("seller_decision_refused", "withdraw_refused", "payment_event_refused")
+_SIDE_KINDS = (
+    "seller_decision_refused",
+    "withdraw_refused",
+    "payment_event_refused",
+    "refusals_counted",
+)
 _PARKS = ("refund_failed", "refund_declined", "refund_reversed")
 LIVE_STAGES = ("requested", "submitted", "confirmed", "failed")
+# What no audit row may carry (R20): C0 and C1 controls but newline and tab, lone surrogates.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+REFUSALS_RECORDED = 20  # the first refused signals written to the audit trail (R20)
 
 
 @dataclass
@@ -70,6 +79,8 @@ class Final:
     status_attr: str | None
     ledger_status: str | None
     path: str | None
+    # (OrderId, SellerId, BuyerId) search attributes of that run (None: not described).
+    attrs: tuple[str | None, str | None, str | None] | None = None
 
     @property
     def parked(self) -> bool:
@@ -109,14 +120,17 @@ def workflow_task_failures(history: WorkflowHistory) -> list[str]:
 
 
 async def _describe_all(
-    client: Client, ids: Iterable[str]
+    client: Client, ids: Iterable[str], runs: dict[str, str] | None = None
 ) -> dict[str, WorkflowExecutionDescription | None]:
+    """The latest run of each, or the run `runs` names (the one that decided it, when a client
+    started another run of an ended cancellation)."""
     gate = asyncio.Semaphore(16)
+    runs = runs or {}
 
     async def one(workflow_id: str) -> tuple[str, WorkflowExecutionDescription | None]:
         async with gate:
             try:
-                handle = client.get_workflow_handle(workflow_id)
+                handle = client.get_workflow_handle(workflow_id, run_id=runs.get(workflow_id))
                 return workflow_id, await persist(f"describe {workflow_id}", handle.describe)
             except Exception:
                 return workflow_id, None
@@ -131,6 +145,7 @@ async def check_run(
     client: Client,
     pool: asyncpg.Pool,
     task_queue: str,
+    hostile: HostileStats | None = None,
 ) -> CheckResult:
     orders = [*plan.orders, *probes_used]
     cancellations = [c for o in orders for c in o.cancellations]
@@ -146,7 +161,8 @@ async def check_run(
         r["cancellation_id"]: r
         for r in await fetch(
             """
-            SELECT c.cancellation_id, c.status, c.path, s.cash_minor, s.status AS sub_status,
+            SELECT c.cancellation_id, c.order_id, c.seller_id, c.buyer_id,
+                   c.status, c.path, s.cash_minor, s.status AS sub_status,
                    p.payment_id, p.capture, p.currency
             FROM cancellations c
             JOIN sub_orders s ON s.order_id = c.order_id AND s.seller_id = c.seller_id
@@ -171,7 +187,7 @@ async def check_run(
         provider_by_payment[r["payment_id"]].append(r)
     events: dict[str, list[asyncpg.Record]] = defaultdict(list)
     for r in await fetch(
-        "SELECT cancellation_id, event_id, event_key, kind FROM cancellation_events"
+        "SELECT cancellation_id, event_id, event_key, kind, actor, detail FROM cancellation_events"
         " WHERE cancellation_id = ANY($1::text[]) ORDER BY event_id",
         ids,
     ):
@@ -184,7 +200,8 @@ async def check_run(
             payments,
         )
     }
-    described = await _describe_all(client, ids)
+    hostile = hostile or HostileStats()
+    described = await _describe_all(client, ids, hostile.deciding_runs)
 
     finals: dict[str, Final] = {}
     for wid, c in by_id.items():
@@ -198,6 +215,15 @@ async def check_run(
             ),
             ledger_status=row["status"] if row is not None else None,
             path=row["path"] if row is not None else None,
+            attrs=(
+                (
+                    d.typed_search_attributes.get(sa.ORDER_ID),
+                    d.typed_search_attributes.get(sa.SELLER_ID),
+                    d.typed_search_attributes.get(sa.BUYER_ID),
+                )
+                if d is not None
+                else None
+            ),
         )
 
     # --- none lost; terminal or parked with a reason; as planned; ledger = Temporal ---------
@@ -464,7 +490,11 @@ async def check_run(
         latest: dict[str, Any] = {}
         for execution in runs:
             known = latest.get(execution.id)
-            if known is None or execution.start_time > known.start_time:
+            deciding = hostile.deciding_runs.get(execution.id)
+            if deciding is not None:
+                if execution.run_id == deciding:
+                    latest[execution.id] = execution
+            elif known is None or execution.start_time > known.start_time:
                 latest[execution.id] = execution
         mismatches = []
         for wid, f in finals.items():
@@ -497,6 +527,10 @@ async def check_run(
             tasks.fail(f"{workflow_id} run {run_id}: {failure}")
 
     await asyncio.gather(*(history_of(e.id, e.run_id) for e in runs))
+
+    hostile_checks = await _hostile_invariants(
+        client, orders, by_id, finals, ledger_rows, events, hostile, fetch
+    )
     return CheckResult(
         invariants=[
             lost,
@@ -513,6 +547,7 @@ async def check_run(
             recon,
             visible,
             tasks,
+            *hostile_checks,
         ],
         finals=finals,
         task_failures=failures,
@@ -522,3 +557,118 @@ async def check_run(
 
 async def _list_runs(client: Client, query: str) -> list[Any]:
     return [e async for e in client.list_workflows(query)]
+
+
+async def _hostile_invariants(
+    client: Client,
+    orders: list[OrderPlan],
+    by_id: dict[str, CancellationPlan],
+    finals: dict[str, Final],
+    ledger_rows: dict[str, asyncpg.Record],
+    events: dict[str, list[asyncpg.Record]],
+    hostile: HostileStats,
+    fetch: Any,
+) -> list[Invariant]:
+    """What hostile input (tools.chaos.hostile) must not have done: take effect, go uncounted,
+    put a control character in the audit trail, merge two sub-orders or adopt another buyer's
+    cancellation, change an ended one. (Nothing wedged, lost or paid twice: the invariants
+    above, which cover the hostile cancellations too.)"""
+    refused = Invariant(
+        "hostile input refused",
+        "hostile updates refused with a code; hostile signals counted (`refused_messages`),"
+        " the first 20 in the audit trail",
+    )
+    for text in hostile.taken:
+        refused.fail(text)
+    gate = asyncio.Semaphore(8)
+
+    async def view_of(wid: str) -> dict[str, Any] | None:
+        async with gate:
+            handle = client.get_workflow_handle(wid, run_id=hostile.deciding_runs.get(wid))
+            try:
+                view: dict[str, Any] = await persist(
+                    f"status of {wid}", lambda: handle.query("status", result_type=dict)
+                )
+            except Exception:
+                return None
+            return view
+
+    targets = [wid for wid, c in by_id.items() if c.hostile is not None and wid in ledger_rows]
+    views = dict(zip(targets, await asyncio.gather(*(view_of(w) for w in targets)), strict=True))
+    for wid in targets:
+        plan = by_id[wid].hostile
+        assert plan is not None
+        refused.checked += 1
+        view = views[wid]
+        if view is None:
+            refused.fail(f"{wid}: the status query did not answer")
+            continue
+        counted = int(view.get("refused_messages", 0))
+        kinds = [e["kind"] for e in events[wid]]
+        recorded = sum(k.endswith("_refused") for k in kinds)
+        if counted < plan.counted_signals:
+            refused.fail(f"{wid}: {counted} refused messages counted, {plan.counted_signals} sent")
+        if recorded != min(counted, REFUSALS_RECORDED):
+            refused.fail(f"{wid}: {recorded} refusals in the audit trail, {counted} counted")
+        if ("refusals_counted" in kinds) != (counted > REFUSALS_RECORDED):
+            refused.fail(
+                f"{wid}: {counted} refused, refusals_counted rows {kinds.count('refusals_counted')}"
+            )
+
+    clean = Invariant(
+        "no control character in the audit",
+        "no audit row of the run (actor, kind, detail) holds a C0/C1 control or a lone surrogate",
+    )
+    for wid, trail in events.items():
+        for e in trail:
+            clean.checked += 1
+            for column in ("actor", "kind", "detail"):
+                if CONTROL.search(e[column] or ""):
+                    clean.fail(f"{wid} {e['event_key']}: {column} {e[column][:80]!r}")
+
+    one = Invariant(
+        "one workflow per sub-order",
+        "each workflow id, its ledger row and its attributes name its own sub-order and buyer;"
+        " no other cancellation of the run's orders",
+    )
+    for wid, c in by_id.items():
+        row = ledger_rows.get(wid)
+        f = finals[wid]
+        if row is None:
+            continue
+        one.checked += 1
+        want = (c.order_id, c.seller_id, c.buyer_id)
+        got = (row["order_id"], row["seller_id"], row["buyer_id"])
+        if got != want or cancellation_id(row["order_id"], row["seller_id"]) != wid:
+            one.fail(f"{wid}: ledger names {got}, planned {want}")
+        if f.attrs is not None and f.attrs != want:
+            one.fail(f"{wid}: attributes name {f.attrs}, planned {want}")
+    for r in await fetch(
+        "SELECT cancellation_id, order_id, seller_id, buyer_id FROM cancellations"
+        " WHERE order_id = ANY($1::text[])",
+        [o.order_id for o in orders],
+    ):
+        if r["cancellation_id"] not in by_id:
+            one.fail(f"{r['cancellation_id']}: not requested by the run ({tuple(r)})")
+
+    again = Invariant(
+        "starting again changes nothing",
+        "`temporal workflow start` of a running one refused; of an ended one, a run that"
+        " reports it (its buyer) or fails SubOrderNotFound (another buyer)",
+    )
+    again.checked += hostile.cli_starts_running
+    for text in hostile.restarted:
+        again.fail(text)
+    for echo in hostile.echo_runs:
+        again.checked += 1
+        expected = "completed" if echo.buyer == OWN else "failed: SubOrderNotFound"
+        if echo.outcome != expected:
+            again.fail(f"{echo.workflow_id} run {echo.run_id} ({echo.buyer}): {echo.outcome}")
+        if echo.buyer == OTHER:
+            described = await _describe_all(
+                client, [echo.workflow_id], {echo.workflow_id: echo.run_id}
+            )
+            d = described.get(echo.workflow_id)
+            if d is not None and d.typed_search_attributes.get(sa.BUYER_ID) == INTRUDER_BUYER:
+                again.fail(f"{echo.workflow_id} run {echo.run_id}: shows the intruder as buyer")
+    return [refused, clean, one, again]

@@ -28,6 +28,14 @@ def chaos_command(
     transient_rate: Annotated[
         float, typer.Option(help="Share of all provider calls that time out", min=0, max=0.5)
     ] = 0.05,
+    hostile_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of the single-seller requests awaiting their seller sent hostile input",
+            min=0,
+            max=1,
+        ),
+    ] = 0.35,
     data_dir: Annotated[
         Path | None, typer.Option(help="Where the servers keep their data (default: a temp dir)")
     ] = None,
@@ -53,6 +61,7 @@ def chaos_command(
         seed=seed,
         start_rate=start_rate,
         transient_rate=transient_rate,
+        hostile_share=hostile_share,
         data_dir=data_dir,
         keep=keep,
     )

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 from temporalio.client import (
@@ -38,6 +38,9 @@ from starter.payment_events import forward_payment_event
 from starter.requests import start_cancellation
 from tools.chaos.plan import Action, CancellationPlan, OrderPlan
 from workflows import search_attributes as sa
+
+if TYPE_CHECKING:
+    from tools.chaos.hostile import HostileSender
 
 T = TypeVar("T")
 
@@ -113,8 +116,10 @@ class Driver:
         task_queue: str,
         stats: DriverStats | None = None,
         wait_limit: float = 240,
+        hostile: HostileSender | None = None,
     ) -> None:
         self.client = client
+        self.hostile = hostile
         self.pool = pool
         self.task_queue = task_queue
         self.stats = stats or DriverStats()
@@ -130,8 +135,12 @@ class Driver:
             acting = [c for c in order.cancellations if c.action is not Action.NOTHING]
             if acting:
                 await asyncio.gather(*(self.awaiting_seller(c) for c in acting))
+                if self.hostile is not None:
+                    await asyncio.gather(*(self.hostile.before_decision(c) for c in acting))
                 await asyncio.sleep(acting[0].delay)
                 await asyncio.gather(*(self.act(c) for c in acting))
+                if self.hostile is not None:
+                    await asyncio.gather(*(self.hostile.after_decision(c) for c in acting))
             for c in order.cancellations:
                 if c.reverse:
                     await self.reverse_after_success(c)

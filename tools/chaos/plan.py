@@ -8,7 +8,7 @@ Pure (no I/O): the same seed gives the same plan, so a failing run can be replay
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import StrEnum
 from typing import Any
@@ -63,6 +63,51 @@ MULTI = (Scenario.SIBLINGS, Scenario.SIBLINGS_PARTIAL, Scenario.SIBLINGS_INSTANT
 FINAL_FAILURE_CODE = "card_declined"
 
 
+class Probe(StrEnum):
+    """Hostile messages (R20) a hostile cancellation receives while it awaits its seller, each
+    one to be refused: as a signal (recorded, counted) or as an update (refused by its
+    validator)."""
+
+    NUL = "NUL in the reason"
+    ESCAPE = "ESC in the reason"
+    SURROGATE = "lone surrogate (raw JSON)"
+    OVERSIZED = "reason over 2,000 characters"
+    WRONG_ID = "wrong seller or buyer"
+    MALFORMED = "malformed payload"
+
+
+# Single-seller paths whose request waits for its seller: the hostile ones are drawn from them.
+HOSTILE_SCENARIOS = (
+    Scenario.ACCEPTED_UPDATE,
+    Scenario.ACCEPTED_SIGNAL,
+    Scenario.REJECTED,
+    Scenario.WITHDRAWN,
+)
+OWN, OTHER = "own buyer", "another buyer"
+
+
+@dataclass(frozen=True)
+class HostilePlan:
+    """What a hostile cancellation receives besides its buyer's and seller's own messages."""
+
+    # Through the Temporal client, while it awaits its seller: signals (refused, counted; a
+    # lone surrogate is dropped by the SDK before the workflow sees it) and updates (refused).
+    signals: tuple[Probe, ...]
+    updates: tuple[Probe, ...]
+    # Through the `temporal` CLI: a signal with control characters while it awaits its seller;
+    # a `workflow start` of its id while it runs, and one once it ended (OWN or OTHER buyer's
+    # request); the decision again after it was taken (update, then signal).
+    cli_signal: bool = False
+    cli_start_running: str | None = None
+    cli_start_ended: str | None = None
+    cli_duplicate_decision: bool = False
+
+    @property
+    def counted_signals(self) -> int:
+        """Refused signals the workflow must have counted, at least."""
+        return sum(p is not Probe.SURROGATE for p in self.signals) + int(self.cli_signal)
+
+
 @dataclass(frozen=True)
 class CancellationPlan:
     order_id: str
@@ -79,6 +124,7 @@ class CancellationPlan:
     reason: CancellationReason = CancellationReason.OUT_OF_STOCK
     # After it completes, the provider reports the refund failed (a reversal webhook).
     reverse: bool = False
+    hostile: HostilePlan | None = None
 
     @property
     def workflow_id(self) -> str:
@@ -354,6 +400,32 @@ def _multi(
     )
 
 
+def _hostile(rng: random.Random, n: int) -> HostilePlan:
+    """The `n`-th hostile cancellation's input; the first six cover every CLI kind."""
+    probes = list(Probe)
+    return HostilePlan(
+        signals=tuple(rng.sample(probes, rng.randint(2, 4))),
+        updates=tuple(rng.sample(probes, rng.randint(1, 2))),
+        cli_signal=n == 0 or rng.random() < 0.2,
+        cli_start_running=(OTHER if n == 1 else OWN if n == 2 or rng.random() < 0.1 else None),
+        cli_start_ended=OTHER if n == 3 else OWN if n == 4 or rng.random() < 0.1 else None,
+        cli_duplicate_decision=n == 5 or rng.random() < 0.15,
+    )
+
+
+def add_hostile(orders: list[OrderPlan], *, seed: int, share: float) -> None:
+    """Make about `share` of the single-seller cancellations that wait for their seller
+    hostile. Drawn from a generator of its own, so that the rest of a seed's plan is as it
+    was without hostile input."""
+    rng = random.Random(seed * 1_000_003 + 18)
+    n = 0
+    for order in sorted(orders, key=lambda o: o.order_id):
+        if order.scenario not in HOSTILE_SCENARIOS or rng.random() >= share:
+            continue
+        order.cancellations = [replace(c, hostile=_hostile(rng, n)) for c in order.cancellations]
+        n += 1
+
+
 def make_plan(
     count: int,
     *,
@@ -362,10 +434,13 @@ def make_plan(
     start_window: float,
     probes: int = 12,
     mix: FaultMix | None = None,
+    hostile_share: float = 0.0,
 ) -> Plan:
     """About `count` cancellations (exactly `count` when it is at least 3) over every path,
-    their requests spread over `start_window` seconds; plus `probes` spare instant-path orders
-    the fault loop requests after a restart to see the workers recover."""
+    their requests spread over `start_window` seconds, about `hostile_share` of the
+    single-seller ones awaiting their seller also sent hostile input (`HostilePlan`); plus
+    `probes` spare instant-path orders the fault loop requests after a restart to see the
+    workers recover."""
     if count < 1:
         raise ValueError("count must be at least 1")
     rng = random.Random(seed)
@@ -394,6 +469,7 @@ def make_plan(
         orders.append(_single(rng, order_id, scenario, mix))
         remaining -= 1
     rng.shuffle(orders)
+    add_hostile(orders, seed=seed, share=hostile_share)
     for i, order in enumerate(orders):
         order.start_at = start_window * i / max(1, len(orders))
     probe_orders = [_single(rng, f"CH{tag}-P{i:03d}", Scenario.PROBE, mix) for i in range(probes)]

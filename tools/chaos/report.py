@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tools.chaos.run import ChaosReport
 
@@ -19,6 +20,15 @@ def render(console: Console, report: ChaosReport) -> None:
     for row in report.faults:
         faults.add_row(row.kind, str(row.count), row.detail)
     console.print(faults)
+
+    if report.hostile:
+        hostile = Table(title="Hostile input", title_justify="left")
+        hostile.add_column("sent")
+        hostile.add_column("count", justify="right")
+        hostile.add_column("observed")
+        for row in report.hostile:
+            hostile.add_row(Text(row.kind), str(row.count), Text(row.detail))
+        console.print(hostile)
 
     paths = Table(title="Cancellations by path", title_justify="left")
     for name in (
@@ -95,6 +105,9 @@ def markdown(report: ChaosReport) -> str:
         "|---|--:|---|",
     ]
     out += [f"| {f.kind} | {f.count} | {f.detail} |" for f in report.faults]
+    if report.hostile:
+        out += ["", "| hostile input | count | observed |", "|---|--:|---|"]
+        out += [f"| {h.kind} | {h.count} | {h.detail} |" for h in report.hostile]
     out += [
         "",
         "| path | n | completed | rejected | withdrawn | parked | refund gen ≥2"

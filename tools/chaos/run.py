@@ -33,6 +33,7 @@ from tools.chaos import DEFAULT_COUNT
 from tools.chaos.checks import CheckResult, check_run
 from tools.chaos.driver import Driver, DriverStats, persist
 from tools.chaos.faults import FaultKind, FaultLog, FaultLoop, MidCallKill, bulk_retry
+from tools.chaos.hostile import HostileSender
 from tools.chaos.plan import FaultMix, Plan, Scenario, make_plan
 from tools.chaos.stack import ChaosStack
 from workflows import search_attributes as sa
@@ -59,6 +60,10 @@ class ChaosConfig:
     # Per-payment provider faults: the share of payments that get each.
     fault_mix: FaultMix = field(default_factory=FaultMix)
     driver_concurrency: int = 48
+    # Share of the single-seller cancellations awaiting their seller that also get hostile
+    # input (control characters, oversized text, wrong ids, malformed payloads, CLI starts and
+    # duplicate decisions: tools.chaos.hostile). 0 for none.
+    hostile_share: float = 0.35
     data_dir: Path | None = None
     keep: bool = False
 
@@ -105,6 +110,8 @@ class ChaosReport:
     data_dir: str | None
     workflow_runs: int = 0
     operator_retries: list[str] = field(default_factory=list)
+    # Hostile input sent (kind, count, what came of it).
+    hostile: list[FaultRow] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -341,6 +348,7 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
         start_window=start_window,
         probes=config.probes,
         mix=config.fault_mix,
+        hostile_share=config.hostile_share,
     )
     root = config.data_dir or Path(tempfile.mkdtemp(prefix="ordercancel-chaos-"))
     stack = ChaosStack(root, task_queue=f"chaos-{tag}", worker_env=worker_env(config))
@@ -374,7 +382,10 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
 
         # --- requests and faults, side by side ------------------------------------------
         stats = DriverStats()
-        driver = Driver(client, pool, task_queue=stack.task_queue, stats=stats)
+        hostile = HostileSender(
+            client, address=lambda: stack.temporal_address, task_queue=stack.task_queue
+        )
+        driver = Driver(client, pool, task_queue=stack.task_queue, stats=stats, hostile=hostile)
         t0 = time.monotonic()
         loop = FaultLoop(
             stack,
@@ -424,13 +435,20 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
             busy = await settle(client, stack.task_queue, within=config.settle_timeout, say=say)
             if outcome == "nothing parked" and not busy:
                 break
+        # Ended cancellations started again from the `temporal` CLI (the hostile ones).
+        await hostile.after_end(plan.cancellations())
         phases["settle and operator retry"] = time.monotonic() - t1
 
         # --- the invariants -----------------------------------------------------------
         t2 = time.monotonic()
         say("checking the ledger, the provider's records and Temporal")
         result = await check_run(
-            plan, loop.used_probes, client=client, pool=pool, task_queue=stack.task_queue
+            plan,
+            loop.used_probes,
+            client=client,
+            pool=pool,
+            task_queue=stack.task_queue,
+            hostile=hostile.stats,
         )
         generations = {
             r["cancellation_id"]: r["n"]
@@ -453,6 +471,7 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
         violations += loop.log.violations()
         violations += [f"worker exited on its own: {e}" for e in loop.log.unexpected_exits]
         violations += [f"harness: {e}" for e in stats.errors]
+        violations += [f"harness (hostile): {e}" for e in hostile.stats.errors]
         violations += [f"never settled: {i}" for i in busy]
         invariants = [
             InvariantRow(i.name, i.meaning, i.checked, len(i.violations)) for i in result.invariants
@@ -472,7 +491,7 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
                 "harness did what it planned",
                 "every request, decision, withdrawal and webhook delivered",
                 stats.started,
-                len(stats.errors) + len(busy),
+                len(stats.errors) + len(hostile.stats.errors) + len(busy),
             )
         )
         faults = _fault_rows(
@@ -496,6 +515,7 @@ async def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) 
             data_dir=None,
             workflow_runs=result.runs,
             operator_retries=retries,
+            hostile=[FaultRow(*row) for row in hostile.stats.rows()],
         )
     finally:
         if pool is not None:
