@@ -10,6 +10,7 @@ Its own workflow type, never part of the product's contract.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -81,6 +82,14 @@ class BenchLimitShape:
                 workflow.upsert_memo(step.memo)
             elif step.op == "patch":
                 workflow.patched(step.patch_id)
+            elif step.op == "signal":
+                # To a workflow that does not run: the same two events as the product's
+                # signal to a sibling that has ended.
+                nobody = workflow.get_external_workflow_handle(
+                    f"{workflow.info().workflow_id}~none"
+                )
+                with contextlib.suppress(Exception):
+                    await nobody.signal(step.label)
             elif step.op == "activity":
                 await workflow.execute_activity(
                     bench_noop,

@@ -44,7 +44,7 @@ class SaValue(BaseModel):
 
 
 class Step(BaseModel):
-    op: Literal["upsert", "activity", "wait", "memo", "patch"]
+    op: Literal["upsert", "activity", "wait", "memo", "patch", "signal"]
     attrs: list[SaValue] = Field(default_factory=list)
     # activity: payload sizes in bytes (JSON data), summary length; `label` is the product's
     # activity type (for reading histories), never sent to the server by the limit.
@@ -190,6 +190,10 @@ def derive_shape(path: str, events: Sequence[HistoryEvent]) -> Shape:
                     summary=_metadata_len(e, "summary"),
                 )
             )
+        elif t == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
+            # A sibling told that the coupon is settled (`coupon_settled`); one that has ended
+            # already answers with a failed signal, as the limit's signal to nobody does.
+            steps.append(Step(op="signal", label="coupon_settled"))
         elif t == EventType.EVENT_TYPE_TIMER_STARTED:
             timer = e.timer_started_event_attributes
             pending_wait = Step(
