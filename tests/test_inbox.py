@@ -267,15 +267,20 @@ async def test_a_seller_never_sees_another_sellers_row_by_any_filter(api: Api) -
     buyer_values = (None, *buyers)
     order_values = (None, *orders)
     statuses = (None, "awaiting_seller", "completed")
-    for seller, buyer, order_id, status in itertools.product(
+    for seller, buyer_f, order_f, status in itertools.product(
         sellers, buyer_values, order_values, statuses
     ):
-        filters = {"seller_id": seller, "buyer_id": buyer, "order_id": order_id, "status": status}
+        filters: dict[str, Any] = {
+            "seller_id": seller,
+            "buyer_id": buyer_f,
+            "order_id": order_f,
+            "status": status,
+        }
         as_seller = await listed(api, f"seller:{SELLER_A}", **filters)
         assert all(item["seller_id"] == SELLER_A for item in as_seller), (filters, as_seller)
         assert not {item["cancellation_id"] for item in as_seller} & theirs
         # Its own rows are all there: what an operator sees of seller A with those filters.
-        if seller in (None, SELLER_A) and (buyer is not None or order_id is not None):
+        if seller in (None, SELLER_A) and (buyer_f is not None or order_f is not None):
             as_sre = await listed(api, "sre", **{**filters, "seller_id": SELLER_A})
             assert as_seller == as_sre, filters
     # Unfiltered, page by page: only its own, each once.
