@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
-from helpers.stacks import ApiStack, api_stack
+from helpers.stacks import ApiStack, api_stack, run_command
 from helpers.wait import eventually
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowUpdateFailedError
@@ -36,6 +39,7 @@ from ledger.repository import Ledger
 from workflows.visibility import escape_markdown
 
 SELLER_A, SELLER_B = "S-61", "S-62"
+ORDERCANCEL = str(Path(sys.executable).parent / "ordercancel")
 PRINCIPALS = (
     "buyer-service",
     f"seller:{SELLER_A}",
@@ -165,6 +169,8 @@ async def test_a_cursor_not_handed_out_is_refused(pool: asyncpg.Pool) -> None:
 @dataclass
 class Api:
     stack: ApiStack
+    # What `ordercancel` needs to reach the same servers and worker.
+    cli_env: dict[str, str]
 
     async def call(
         self, method: str, path: str, principal: str, *, json: Any = None, **params: Any
@@ -224,7 +230,12 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
         principals=PRINCIPALS,
         webhook_secret="whsec_test_" + "i" * 32,
     ) as stack:
-        yield Api(stack)
+        env = {
+            "TEMPORAL_ADDRESS": temporal_address,
+            "DATABASE_URL": e2e_database_url,
+            "ORDERCANCEL_TASK_QUEUE": settings.task_queue,
+        }
+        yield Api(stack, env)
 
 
 def problem(response: httpx.Response, status: int, code: str) -> None:
@@ -578,3 +589,40 @@ async def test_a_raw_temporal_update_is_judged_like_the_api(api: Api) -> None:
     else:
         assert code == "already_decided"
     assert (await api.view(cancellation_id))["status"] == CancellationStatus.REJECTED.value
+
+
+@pytest.mark.e2e
+async def test_ordercancel_message_status_and_list(api: Api) -> None:
+    cancellation_id, buyer = await api.pending(SELLER_A)
+    env = api.cli_env
+    wrote = await run_command(
+        ORDERCANCEL, "message", cancellation_id, "Any news?", "--as", "buyer", env=env
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    assert f"buyer:{buyer}" in wrote.stdout
+    forged = await run_command(
+        ORDERCANCEL,
+        "message",
+        cancellation_id,
+        "hi",
+        "--as",
+        "seller",
+        "--author-id",
+        SELLER_B,
+        env=env,
+    )
+    assert forged.returncode == 1 and "wrong_seller" in forged.stderr + forged.stdout
+    status = await run_command(ORDERCANCEL, "status", cancellation_id, "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    view = json.loads(status.stdout)
+    assert [(m["author"], m["text"]) for m in view["messages"]] == [(f"buyer:{buyer}", "Any news?")]
+    shown = await run_command(ORDERCANCEL, "status", cancellation_id, env=env)
+    assert "messages" in shown.stdout and "Any news?" in shown.stdout
+    listed_ = await run_command(
+        ORDERCANCEL, "list", "--buyer", buyer, "--seller", SELLER_A, "--json", env=env
+    )
+    assert listed_.returncode == 0, listed_.stderr
+    page = json.loads(listed_.stdout)
+    assert [i["cancellation_id"] for i in page["items"]] == [cancellation_id]
+    bad = await run_command(ORDERCANCEL, "list", "--cursor", "nope", env=env)
+    assert bad.returncode != 0 and "cursor" in bad.stderr + bad.stdout
