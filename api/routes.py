@@ -215,7 +215,8 @@ def _filter(name: str, value: str | None) -> str | None:
 def _limit(value: str | None) -> int:
     if value is None:
         return LIST_LIMIT_DEFAULT
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= LIST_LIMIT_MAX:
+    digits = value.isascii() and value.isdigit() and len(value) <= 6
+    if not digits or not 1 <= int(value) <= LIST_LIMIT_MAX:
         raise ApiError(400, "invalid_limit", f"limit: a whole number from 1 to {LIST_LIMIT_MAX}")
     return int(value)
 

@@ -32,7 +32,7 @@ from domain.models import (
     RefundView,
     SubOrderStatus,
 )
-from domain.rules import refund_dots
+from domain.rules import parse_cancellation_id, refund_dots
 from ledger.repository import Ledger, refund_times
 
 LIST_LIMIT_DEFAULT = 50
@@ -74,7 +74,15 @@ def decode_cursor(cursor: str) -> tuple[int, datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         rank, at, cancellation_id = json.loads(raw)
         parsed = datetime.fromisoformat(at)
-        if rank not in (0, 1) or not isinstance(cancellation_id, str) or parsed.tzinfo is None:
+        # Exactly what `encode_cursor` writes: a rank (an int, not a bool or a float), a time
+        # with its zone, a cancellation id (nothing PostgreSQL could refuse).
+        if (
+            type(rank) is not int
+            or rank not in (0, 1)
+            or parsed.tzinfo is None
+            or not isinstance(cancellation_id, str)
+            or parse_cancellation_id(cancellation_id) is None
+        ):
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursor("not a cursor this service handed out") from None

@@ -10,13 +10,14 @@ access to Temporal could send them (issue 18: Temporal is not a side door).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import pytest
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
 from helpers.stacks import ApiStack, api_stack, run_command
 from helpers.wait import eventually
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
@@ -155,12 +158,29 @@ async def test_pages_are_stable_while_new_cancellations_arrive(pool: asyncpg.Poo
 
 
 async def test_a_cursor_not_handed_out_is_refused(pool: asyncpg.Pool) -> None:
-    naive = encode_cursor(0, datetime(2026, 1, 1), "c")  # no time zone: not ours
-    for bad in ("", "x", "bm90IGpzb24", naive):
+    naive = encode_cursor(0, datetime(2026, 1, 1), "cancel-O~S")  # no time zone: not ours
+    at = datetime(2026, 1, 1, tzinfo=UTC).isoformat()
+    forged = [
+        base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
+        for parts in ([True, at, "cancel-O~S"], [0.0, at, "cancel-O~S"], [0, at, "x\u0000"])
+    ]
+    for bad in ("", "x", "bm90IGpzb24", naive, *forged):
         with pytest.raises(InvalidCursor):
             decode_cursor(bad)
         with pytest.raises(InvalidCursor):
             await list_cancellations(pool, cursor=bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=150).map(base64.urlsafe_b64encode)))
+def test_any_text_is_a_cursor_or_refused_never_a_crash(text: str | bytes) -> None:
+    cursor = text.decode() if isinstance(text, bytes) else text
+    try:
+        rank, at, cancellation_id = decode_cursor(cursor)
+    except InvalidCursor:
+        return
+    assert encode_cursor(rank, at, cancellation_id)  # a well-formed key: it round-trips
+    assert decode_cursor(encode_cursor(rank, at, cancellation_id)) == (rank, at, cancellation_id)
 
 
 # --- through the API -----------------------------------------------------------------------------
@@ -324,7 +344,7 @@ async def test_the_inbox_puts_the_soonest_deadline_first(api: Api) -> None:
 
 @pytest.mark.e2e
 async def test_bad_list_parameters_are_400_with_a_code(api: Api) -> None:
-    for limit in ("0", "201", "-1", "ten", "1.5", ""):
+    for limit in ("0", "201", "-1", "ten", "1.5", "", "٣", "9" * 5000):
         problem(
             await api.call("GET", "/v1/cancellations", "sre", limit=limit), 400, "invalid_limit"
         )
