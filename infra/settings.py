@@ -106,6 +106,18 @@ class Settings(BaseSettings):
     payment_webhook_secret: SecretStr | None = None
     webhook_tolerance: Duration = timedelta(minutes=5)
 
+    # Outbound events (R16, docs/events.md): the subscribers, as a JSON list and/or a file
+    # holding one (outbound/subscribers.py), and how `ordercancel dispatch` delivers.
+    subscribers: SecretStr | None = None
+    subscribers_file: Path | None = None
+    dispatch_poll_interval: Duration = timedelta(seconds=1)
+    dispatch_retry_initial: Duration = timedelta(seconds=1)
+    dispatch_retry_max: Duration = timedelta(minutes=5)
+    dispatch_timeout: Duration = timedelta(seconds=10)
+    # Prometheus endpoint of `ordercancel dispatch` (0: off); `ordercancel dev` serves the
+    # dispatcher's metrics on the worker's endpoint.
+    dispatch_metrics_port: int = Field(default=9465, ge=0, le=65535)
+
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
