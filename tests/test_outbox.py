@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -25,10 +26,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from helpers.refunds import ORDERCANCEL
 from helpers.stacks import run_command
 from helpers.wait import eventually
+from rich.console import Console
 from test_ledger import (
     FUTURE,
     approve,
@@ -42,10 +45,12 @@ from test_ledger import (
 )
 
 from devstack.embedded import free_port
+from devstack.events import start_dev_events
 from domain.models import CancellationStatus, EventInput, TransitionInput
 from domain.orders import OrdersFile
 from domain.rules import cancellation_id
 from infra.metrics import DispatchMetrics, metrics_runtime
+from infra.settings import Settings
 from ledger.orders import load_orders
 from ledger.repository import Ledger
 from outbound.dispatcher import Dispatcher
@@ -696,3 +701,41 @@ async def test_a_type_filter_skips_other_types_and_tail_shows_the_stream(
         env={"DATABASE_URL": database_url},
     )
     assert ran.returncode == 2 and "unknown event type" in ran.stderr
+
+
+# --- make run: the dispatcher and the demo subscriber ------------------------------------------
+
+
+async def test_the_dev_stack_prints_what_seller_and_buyer_are_told(pool: asyncpg.Pool) -> None:
+    ledger = await load_demo(pool)
+    old = cancellation_id("O-1003", "S-8")
+    await ledger.open_cancellation(cancellation_id=old, request=request("O-1003", "S-8"))
+    out = io.StringIO()
+    console = Console(file=out, width=300)
+    settings = Settings(dispatch_poll_interval=timedelta(seconds=0.05))
+    events = await start_dev_events(settings, pool, console=console)
+    try:
+        cid = cancellation_id("O-1002", "S-7")
+        await ledger.open_cancellation(cancellation_id=cid, request=request("O-1002", "S-7"))
+        await approve(ledger, cid)
+
+        async def printed() -> None:
+            text = out.getvalue()
+            assert f"cancellation.requested {cid} (signature ok) -> seller S-7:" in text
+            assert f"cancellation.approved {cid} (signature ok) -> buyer B-502:" in text
+
+        await eventually(printed)
+        # What was there before this start is not shown again.
+        assert old not in out.getvalue()
+        # A request that is not signed with the demo subscriber's secret is refused.
+        body = b'{"id": "evt_forged"}'
+        async with httpx.AsyncClient() as http:
+            forged = await http.post(
+                events.subscriber.url,
+                content=body,
+                headers=signed_headers("not-the-secret-0123456789", body),
+            )
+        assert forged.status_code == 401
+        assert "evt_forged" not in [e["id"] for e in events.subscriber.received]
+    finally:
+        await events.stop()
