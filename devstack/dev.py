@@ -14,7 +14,13 @@ from devstack.demo import run_demo
 from devstack.dev_api import start_dev_api
 from devstack.events import start_dev_events
 from devstack.stack import open_dev_stack
-from infra.metrics import NO_DISPATCH_METRICS, DispatchMetrics, worker_metrics_runtime
+from infra.metrics import (
+    NO_API_METRICS,
+    NO_DISPATCH_METRICS,
+    ApiMetrics,
+    DispatchMetrics,
+    worker_metrics_runtime,
+)
 from infra.settings import Settings
 from infra.stack import FLOOR_VARIABLE
 from workers.worker import run_worker
@@ -42,7 +48,13 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
     runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
     async with open_dev_stack(settings, runtime=runtime) as stack:
         worker = asyncio.create_task(run_worker(settings, stack.client, stack.pool, stop))
-        api = await start_dev_api(settings, pool=stack.pool, client=stack.client, console=console)
+        api = await start_dev_api(
+            settings,
+            pool=stack.pool,
+            client=stack.client,
+            console=console,
+            metrics=ApiMetrics.for_runtime(runtime) if runtime else NO_API_METRICS,
+        )
         # R16: the dispatcher and a demo subscriber printing what sellers and buyers are told;
         # its metrics on the worker's endpoint.
         events = await start_dev_events(

@@ -276,3 +276,38 @@ class DispatchMetrics:
 
 
 NO_DISPATCH_METRICS: Final = DispatchMetrics()
+
+
+API_REQUESTS: Final = "ordercancel_api_requests"
+API_REQUEST_SECONDS: Final = "ordercancel_api_request_seconds"
+# Default port of `ordercancel api`'s endpoint (`ordercancel dev` serves the API's metrics on
+# the worker's).
+DEFAULT_API_METRICS_PORT: Final = 9466
+
+
+class ApiMetrics:
+    """The HTTP API's requests and latency, by route template (`/v1/cancellations/{id}`, never
+    the raw path, which carries ids), method and status code (api/middleware.py)."""
+
+    def __init__(self, meter: MetricMeter | None = None) -> None:
+        meter = meter or MetricMeter.noop
+        self._requests = meter.create_counter(
+            API_REQUESTS, "HTTP requests answered, by route template, method and status code"
+        )
+        self._seconds = meter.create_histogram_float(
+            API_REQUEST_SECONDS,
+            "Time to answer an HTTP request, by route template, method and status code",
+            "s",
+        )
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> ApiMetrics:
+        return cls(runtime.metric_meter)
+
+    def answered(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        labels = {"route": route, "method": method, "status": str(status)}
+        self._requests.add(1, labels)
+        self._seconds.record(seconds, labels)
+
+
+NO_API_METRICS: Final = ApiMetrics()

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # The HTTP API (`ordercancel api`, and beside the worker in `ordercancel dev`; docs/api.md).
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
+    # Prometheus endpoint of `ordercancel api` (0: off); `ordercancel dev` serves the API's
+    # metrics on the worker's endpoint.
+    api_metrics_port: int = Field(default=9466, ge=0, le=65535)
     # API keys, stored hashed (`ordercancel api hash-key`): a file, and/or the same lines in
     # ORDERCANCEL_API_KEYS (newline- or `;`-separated) for tests and dev.
     api_keys_file: Path | None = None
