@@ -79,8 +79,8 @@ BEGIN
     SELECT cn.*, s.cash_minor, rtrim(p.currency) AS currency
     INTO c
     FROM cancellations cn
-    JOIN sub_orders s ON s.order_id = cn.order_id AND s.seller_id = cn.seller_id
-    JOIN payments p ON p.order_id = cn.order_id
+    LEFT JOIN sub_orders s ON s.order_id = cn.order_id AND s.seller_id = cn.seller_id
+    LEFT JOIN payments p ON p.order_id = cn.order_id
     WHERE cn.cancellation_id = NEW.cancellation_id;
     -- Who, without the id for the system's own actors; the audit's detail is the text the
     -- audit trail shows (a reason, an error the provider gave, a message).
