@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -739,3 +740,17 @@ async def test_the_dev_stack_prints_what_seller_and_buyer_are_told(pool: asyncpg
         assert "evt_forged" not in [e["id"] for e in events.subscriber.received]
     finally:
         await events.stop()
+
+
+def test_the_receivers_example_in_the_docs_verifies_our_signature() -> None:
+    """docs/events.md's verification snippet, run as written, against what we send."""
+    text = (Path(__file__).parents[1] / "docs" / "events.md").read_text()
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(snippet, namespace)
+    body = b'{"id":"evt_1","type":"cancellation.requested"}'
+    headers = signed_headers(SECRET, body)
+    check = namespace["verify"]
+    assert check(SECRET, body, headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
+    assert not check(SECRET, body + b"x", headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
+    assert not check("x" * 20, body, headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
