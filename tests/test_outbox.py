@@ -754,3 +754,66 @@ def test_the_receivers_example_in_the_docs_verifies_our_signature() -> None:
     assert check(SECRET, body, headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
     assert not check(SECRET, body + b"x", headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
     assert not check("x" * 20, body, headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
+
+
+async def test_the_dispatch_command_resumes_after_a_crash_and_refuses_bad_config(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """`ordercancel dispatch` as a process: killed (SIGKILL) while a subscriber is failing, then
+    started again, it resumes from the stored position; nothing is lost. SIGTERM stops it."""
+    await two_stories(pool)
+    receiver = Receiver(fail=2)
+    config = json.dumps([{"name": "notify", "url": receiver.url, "secret": SECRET}])
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "ORDERCANCEL_SUBSCRIBERS": config,
+        "ORDERCANCEL_DISPATCH_POLL_INTERVAL": "100ms",
+        "ORDERCANCEL_DISPATCH_RETRY_INITIAL": "100ms",
+        "ORDERCANCEL_DISPATCH_RETRY_MAX": "200ms",
+        "ORDERCANCEL_DISPATCH_METRICS_PORT": str(free_port()),
+    }
+
+    async def start() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            ORDERCANCEL,
+            "dispatch",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    store = OutboxStore(pool)
+    with receivers(receiver):
+        first = await start()
+
+        async def failing() -> None:
+            state = await store.state("notify")
+            assert state is not None and state.attempts >= 1
+
+        await eventually(failing)
+        first.kill()
+        await first.wait()
+        state = await store.state("notify")
+        assert state is not None and state.position == 0
+
+        second = await start()
+        try:
+
+            async def caught_up() -> None:
+                current = await store.state("notify")
+                assert current is not None and current.position == 10
+
+            await eventually(caught_up)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(second.wait(), 30) == 0
+    assert [e["position"] for e in receiver.first_receipts()] == list(range(1, 11))
+
+    ran = await run_command(
+        ORDERCANCEL,
+        "dispatch",
+        env={**env, "ORDERCANCEL_SUBSCRIBERS": '[{"name": "x", "url": "nope"}]'},
+    )
+    assert ran.returncode == 1
+    assert "ORDERCANCEL_SUBSCRIBERS: 0.url" in ran.stderr and "0.secret" in ran.stderr
