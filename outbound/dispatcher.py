@@ -75,6 +75,11 @@ class Dispatcher:
                     asyncio.create_task(self._deliver_loop(sub, http, stop), name=sub.name)
                 )
             log.info("dispatch_started", subscribers=[s.name for s in self._subscribers])
+            if not self._subscribers:
+                log.warning(
+                    "dispatch_no_subscribers",
+                    hint="set ORDERCANCEL_SUBSCRIBERS or ORDERCANCEL_SUBSCRIBERS_FILE",
+                )
             try:
                 await stop.wait()
             finally:

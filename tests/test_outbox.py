@@ -814,3 +814,41 @@ async def test_the_dispatch_command_resumes_after_a_crash_and_refuses_bad_config
     )
     assert ran.returncode == 1
     assert "ORDERCANCEL_SUBSCRIBERS: 0.url" in ran.stderr and "0.secret" in ran.stderr
+
+
+async def test_tail_follow_prints_new_events_as_they_commit(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    ledger = await load_demo(pool)
+    first = cancellation_id("O-1002", "S-7")
+    later = cancellation_id("O-1003", "S-8")
+    await ledger.open_cancellation(cancellation_id=first, request=request("O-1002", "S-7"))
+    await ledger.open_cancellation(cancellation_id=later, request=request("O-1003", "S-8"))
+    await approve(ledger, first)
+    proc = await asyncio.create_subprocess_exec(
+        ORDERCANCEL,
+        "events",
+        "tail",
+        "--follow",
+        "--json",
+        "--type",
+        "cancellation.approved",
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "ORDERCANCEL_DISPATCH_POLL_INTERVAL": "100ms",
+        },
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        # The one already there first (the tail is running), then one committed afterwards.
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert json.loads(line)["cancellation_id"] == first
+        await approve(ledger, later)
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        event = json.loads(line)
+        assert (event["type"], event["cancellation_id"]) == ("cancellation.approved", later)
+    finally:
+        proc.terminate()
+        await proc.wait()
