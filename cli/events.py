@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -143,7 +145,12 @@ def tail(
                 await asyncio.sleep(settings.dispatch_poll_interval.total_seconds())
                 await store.sequence()
 
-    ui.run(main())
+    try:
+        ui.run(main())
+    except BrokenPipeError:
+        # `... | head -1`: the reader has what it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
 
 
 @events_app.command("replay")
