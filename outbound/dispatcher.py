@@ -96,7 +96,7 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 await self._store.sequence()
-            except (asyncpg.PostgresError, OSError) as err:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
                 log.warning("outbox_sequence_failed", error=str(err))
             await self._sleep(stop, self._poll)
 
@@ -106,9 +106,14 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 moved = await self._deliver_batch(sub, http, stop)
-            except (asyncpg.PostgresError, OSError) as err:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
                 # The ledger is unreachable: nothing is lost, the position is where it was.
                 log.warning("dispatch_ledger_error", subscriber=sub.name, error=str(err))
+                moved = False
+            except Exception:
+                # Never let one subscriber's task die quietly: log, wait, start again from the
+                # stored position.
+                log.exception("dispatch_subscriber_error", subscriber=sub.name)
                 moved = False
             if not moved:
                 await self._sleep(stop, self._poll)
