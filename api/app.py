@@ -20,15 +20,17 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 
 from api.deps import ApiContext
 from api.errors import ApiError, Problem, field_errors, problem_response
 from api.keys import KeyStore
-from api.middleware import MAX_BODY_BYTES, BodySizeLimit, CatchAll
+from api.middleware import MAX_BODY_BYTES, BodySizeLimit, CatchAll, RequestMetrics
 from api.routes import BODY_MODELS, router
 from api.service import CancellationService
 from api.stores import IdempotencyStore, SubOrders
+from infra.metrics import NO_API_METRICS, ApiMetrics
 from infra.settings import Settings
 from ledger.repository import Ledger
 
@@ -47,14 +49,15 @@ DESCRIPTION = (
 Resources = Callable[[], AbstractAsyncContextManager[tuple[asyncpg.Pool, Client]]]
 
 
-def connected(settings: Settings) -> Resources:
-    """The app's own connections (`ordercancel api`): the ledger migrated, then Temporal."""
+def connected(settings: Settings, runtime: Runtime | None = None) -> Resources:
+    """The app's own connections (`ordercancel api`): the ledger migrated, then Temporal (its
+    client on `runtime`, which serves the metrics, when given)."""
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[tuple[asyncpg.Pool, Client]]:
         from infra.stack import open_stack
 
-        async with open_stack(settings) as stack:
+        async with open_stack(settings, runtime=runtime) as stack:
             yield stack.pool, stack.client
 
     return resources
@@ -76,9 +79,10 @@ def create_app(
     resources: Resources | None = None,
     keys: KeyStore | None = None,
     webhook_secret: str | None = None,
+    metrics: ApiMetrics = NO_API_METRICS,
 ) -> FastAPI:
     """`keys` and `webhook_secret` default to the settings' (`api_keys_file`, `api_keys`,
-    `payment_webhook_secret`)."""
+    `payment_webhook_secret`); `metrics` records every answer (default: nothing)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +137,8 @@ def create_app(
     # The last added is the outermost: CatchAll sees everything, including a 413.
     app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(CatchAll)
+    # Outermost: it sees the status CatchAll answers with, and the route routing matched.
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -56,7 +56,19 @@ def serve(
     except KeyConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    app = create_app(settings, keys=keys)
+    from api.app import connected
+    from infra.metrics import ApiMetrics, metrics_address, metrics_runtime
+
+    # The API's metrics (requests and latency per route, the Temporal client's) on their own
+    # endpoint: ORDERCANCEL_API_METRICS_PORT (0: off).
+    address = metrics_address(settings.api_metrics_port, settings.metrics_host)
+    runtime = metrics_runtime(address) if address else None
+    app = create_app(
+        settings,
+        keys=keys,
+        resources=connected(settings, runtime),
+        metrics=ApiMetrics.for_runtime(runtime) if runtime else ApiMetrics(),
+    )
     config = uvicorn.Config(
         app,
         host=host or settings.api_host,

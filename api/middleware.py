@@ -1,12 +1,16 @@
-"""Two guards around the whole app, as plain ASGI: a body size limit, and a last-resort handler
-that turns an unexpected error into a logged 500 problem instead of a dropped connection."""
+"""Guards around the whole app, as plain ASGI: a body size limit, a last-resort handler that
+turns an unexpected error into a logged 500 problem instead of a dropped connection, and the
+requests' metrics."""
 
 from __future__ import annotations
+
+import time
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError, problem_response
+from infra.metrics import ApiMetrics
 
 log = structlog.get_logger("api")
 
@@ -102,3 +106,44 @@ class CatchAll:
                 scope, ApiError(500, "internal_error", "an unexpected error; it has been logged")
             )
             await response(scope, receive, send)
+
+
+# Methods outside this set are counted as "other" (the label stays a small set).
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+class RequestMetrics:
+    """Count and time every answer by route template, method and status (infra.metrics.
+    ApiMetrics). The template is the matched route's path (`/v1/cancellations/{cancellation_id}`),
+    `unmatched` when no route matched (a 404 of an unknown path, or one refused before routing),
+    never the raw path."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.answered(
+                route=template,
+                method=method if method in _METHODS else "other",
+                status=status,
+                seconds=time.perf_counter() - started,
+            )

@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 import typer
 
 from cli import cancellations, processes
+from cli.events import dispatch, events_app
 from cli.orders import orders_app
 from cli.provider import db, provider_app
 from cli.refunds import reconcile_command, refunds_app
@@ -37,6 +38,8 @@ app.add_typer(sellers_app, name="sellers")
 app.command("stuck")(stuck)
 app.add_typer(provider_app, name="provider")
 app.command("db")(db)
+app.command("dispatch")(dispatch)
+app.add_typer(events_app, name="events")
 for plugin in entry_points(group=COMMAND_GROUP):
     app.add_typer(plugin.load(), name=plugin.name)
 

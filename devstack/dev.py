@@ -12,8 +12,15 @@ from rich.console import Console
 
 from devstack.demo import run_demo
 from devstack.dev_api import start_dev_api
+from devstack.events import start_dev_events
 from devstack.stack import open_dev_stack
-from infra.metrics import worker_metrics_runtime
+from infra.metrics import (
+    NO_API_METRICS,
+    NO_DISPATCH_METRICS,
+    ApiMetrics,
+    DispatchMetrics,
+    worker_metrics_runtime,
+)
 from infra.settings import Settings
 from infra.stack import FLOOR_VARIABLE
 from workers.worker import run_worker
@@ -41,7 +48,21 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
     runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
     async with open_dev_stack(settings, runtime=runtime) as stack:
         worker = asyncio.create_task(run_worker(settings, stack.client, stack.pool, stop))
-        api = await start_dev_api(settings, pool=stack.pool, client=stack.client, console=console)
+        api = await start_dev_api(
+            settings,
+            pool=stack.pool,
+            client=stack.client,
+            console=console,
+            metrics=ApiMetrics.for_runtime(runtime) if runtime else NO_API_METRICS,
+        )
+        # R16: the dispatcher and a demo subscriber printing what sellers and buyers are told;
+        # its metrics on the worker's endpoint.
+        events = await start_dev_events(
+            settings,
+            stack.pool,
+            console=console,
+            metrics=DispatchMetrics.for_runtime(runtime) if runtime else NO_DISPATCH_METRICS,
+        )
         ui = stack.ui_url or "(Temporal UI of your own server)"
         if demo:
             await run_demo(
@@ -60,11 +81,13 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             "  ordercancel request O-3001 S-1 --buyer B-3001 --reason out_of_stock\n"
             "  ordercancel sellers policy S-2 --window 2m\n"
             "  ordercancel decide cancel-O-3001~S-1 accept --seller S-1 --reason sorry\n"
+            "  ordercancel events tail --follow        # the outbound events (R16)\n"
             "Ctrl-C stops everything; data stays in .data/ for the next start."
         )
         console.print(api.banner, markup=False, highlight=False)
         await stop.wait()
         console.print("stopping: draining the worker, then the servers")
         await api.stop()
+        await events.stop()
         await worker
     log.info("dev_stopped")

@@ -24,6 +24,7 @@ from temporalio.client import Client
 
 from api.app import borrowed, create_app
 from api.keys import KeyStore, generate_key
+from infra.metrics import NO_API_METRICS, ApiMetrics
 from infra.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -100,7 +101,12 @@ class DevApi:
 
 
 async def start_dev_api(
-    settings: Settings, *, pool: asyncpg.Pool, client: Client, console: Console
+    settings: Settings,
+    *,
+    pool: asyncpg.Pool,
+    client: Client,
+    console: Console,
+    metrics: ApiMetrics = NO_API_METRICS,
 ) -> DevApi:
     """Serve the API on settings.api_host:api_port; a port already taken is reported, and the
     rest of the stack goes on without the API."""
@@ -110,7 +116,13 @@ async def start_dev_api(
     secret = None
     if settings.payment_webhook_secret is None and credentials is not None:
         secret = credentials.webhook_secret
-    app = create_app(settings, resources=borrowed(pool, client), keys=keys, webhook_secret=secret)
+    app = create_app(
+        settings,
+        resources=borrowed(pool, client),
+        keys=keys,
+        webhook_secret=secret,
+        metrics=metrics,
+    )
     server = _InLoopServer(
         uvicorn.Config(
             app,

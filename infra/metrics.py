@@ -216,3 +216,98 @@ class BusinessMetrics:
 
 
 NO_METRICS: Final = BusinessMetrics()
+
+
+OUTBOX_LAG_EVENTS: Final = "ordercancel_outbox_lag_events"
+OUTBOX_OLDEST_UNDELIVERED_SECONDS: Final = "ordercancel_outbox_oldest_undelivered_seconds"
+OUTBOX_DELIVERIES: Final = "ordercancel_outbox_deliveries"
+OUTBOX_DELIVERY_FAILURES: Final = "ordercancel_outbox_delivery_failures"
+
+
+def delivery_failure_reason(status: int | None, error: BaseException | None) -> str:
+    """A small fixed set: http_4xx, http_5xx, timeout, connect, other."""
+    if status is not None:
+        return "http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "other"
+    name = type(error).__name__ if error is not None else ""
+    if "Timeout" in name:
+        return "timeout"
+    if "Connect" in name:
+        return "connect"
+    return "other"
+
+
+class DispatchMetrics:
+    """The outbound events' dispatcher (outbound/dispatcher.py), per subscriber: how far behind
+    it is (events, and the age of the oldest it has not acknowledged), deliveries, failures.
+    The subscriber label is a configured name (a few), never an event or cancellation id."""
+
+    def __init__(self, meter: MetricMeter | None = None) -> None:
+        meter = meter or MetricMeter.noop
+        self._lag = meter.create_gauge(
+            OUTBOX_LAG_EVENTS, "Events in the stream after the subscriber's position"
+        )
+        self._oldest = meter.create_gauge_float(
+            OUTBOX_OLDEST_UNDELIVERED_SECONDS,
+            "Age of the oldest event the subscriber has not acknowledged (0: none)",
+            "s",
+        )
+        self._deliveries = meter.create_counter(
+            OUTBOX_DELIVERIES, "Events the subscriber acknowledged (2xx)"
+        )
+        self._failures = meter.create_counter(
+            OUTBOX_DELIVERY_FAILURES,
+            "Failed delivery attempts, by subscriber and reason (http_4xx, http_5xx, timeout,"
+            " connect, other)",
+        )
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> DispatchMetrics:
+        return cls(runtime.metric_meter)
+
+    def lag(self, *, subscriber: str, events: int, oldest_seconds: float) -> None:
+        self._lag.set(events, {"subscriber": subscriber})
+        self._oldest.set(oldest_seconds, {"subscriber": subscriber})
+
+    def delivered(self, *, subscriber: str) -> None:
+        self._deliveries.add(1, {"subscriber": subscriber})
+
+    def failed(self, *, subscriber: str, reason: str) -> None:
+        self._failures.add(1, {"subscriber": subscriber, "reason": reason})
+
+
+NO_DISPATCH_METRICS: Final = DispatchMetrics()
+
+
+API_REQUESTS: Final = "ordercancel_api_requests"
+API_REQUEST_SECONDS: Final = "ordercancel_api_request_seconds"
+# Default port of `ordercancel api`'s endpoint (`ordercancel dev` serves the API's metrics on
+# the worker's).
+DEFAULT_API_METRICS_PORT: Final = 9466
+
+
+class ApiMetrics:
+    """The HTTP API's requests and latency, by route template (`/v1/cancellations/{id}`, never
+    the raw path, which carries ids), method and status code (api/middleware.py)."""
+
+    def __init__(self, meter: MetricMeter | None = None) -> None:
+        meter = meter or MetricMeter.noop
+        self._requests = meter.create_counter(
+            API_REQUESTS, "HTTP requests answered, by route template, method and status code"
+        )
+        self._seconds = meter.create_histogram_float(
+            API_REQUEST_SECONDS,
+            "Time to answer an HTTP request, by route template, method and status code",
+            "s",
+        )
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> ApiMetrics:
+        return cls(runtime.metric_meter)
+
+    def answered(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        labels = {"route": route, "method": method, "status": str(status)}
+        self._requests.add(1, labels)
+        self._seconds.record(seconds, labels)
+
+
+NO_API_METRICS: Final = ApiMetrics()

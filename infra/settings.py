@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # The HTTP API (`ordercancel api`, and beside the worker in `ordercancel dev`; docs/api.md).
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
+    # Prometheus endpoint of `ordercancel api` (0: off); `ordercancel dev` serves the API's
+    # metrics on the worker's endpoint.
+    api_metrics_port: int = Field(default=9466, ge=0, le=65535)
     # API keys, stored hashed (`ordercancel api hash-key`): a file, and/or the same lines in
     # ORDERCANCEL_API_KEYS (newline- or `;`-separated) for tests and dev.
     api_keys_file: Path | None = None
@@ -105,6 +108,18 @@ class Settings(BaseSettings):
     # The payment provider's webhook: shared HMAC secret and how old a signature may be.
     payment_webhook_secret: SecretStr | None = None
     webhook_tolerance: Duration = timedelta(minutes=5)
+
+    # Outbound events (R16, docs/events.md): the subscribers, as a JSON list and/or a file
+    # holding one (outbound/subscribers.py), and how `ordercancel dispatch` delivers.
+    subscribers: SecretStr | None = None
+    subscribers_file: Path | None = None
+    dispatch_poll_interval: Duration = timedelta(seconds=1)
+    dispatch_retry_initial: Duration = timedelta(seconds=1)
+    dispatch_retry_max: Duration = timedelta(minutes=5)
+    dispatch_timeout: Duration = timedelta(seconds=10)
+    # Prometheus endpoint of `ordercancel dispatch` (0: off); `ordercancel dev` serves the
+    # dispatcher's metrics on the worker's endpoint.
+    dispatch_metrics_port: int = Field(default=9465, ge=0, le=65535)
 
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

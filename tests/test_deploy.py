@@ -343,6 +343,7 @@ def one(kind: str, name: str) -> dict[str, Any]:
 
 WORKER = "order-cancellation-worker"
 API = "order-cancellation-api"
+DISPATCH = "order-cancellation-dispatch"
 # Kinds the vendored bundle (tests/data/k8s-schemas.json) lacks: it cannot be extended offline
 # (no kubernetes-validate wheel here), so their shape is checked by a strict schema below.
 HAND_CHECKED = {"networking.k8s.io/v1/NetworkPolicy"}
@@ -355,8 +356,10 @@ def test_k8s_has_the_objects_the_issue_asks_for() -> None:
             "ConfigMap",
             "Deployment",
             "Deployment",
+            "Deployment",
             "HorizontalPodAutoscaler",
             "Job",
+            "NetworkPolicy",
             "NetworkPolicy",
             "NetworkPolicy",
             "NetworkPolicy",
@@ -403,7 +406,11 @@ def test_k8s_names_only_settings_the_code_reads_and_every_required_one() -> None
     secret = one("Secret", "order-cancellation-secrets")["stringData"]
     for name in (*config, *secret):
         assert is_known(name), f"{name} is not read by the code"
-    for deployment in (one("Deployment", WORKER), one("Deployment", API)):
+    for deployment in (
+        one("Deployment", WORKER),
+        one("Deployment", API),
+        one("Deployment", DISPATCH),
+    ):
         for container in containers(deployment):
             refs = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
             assert refs == {
@@ -417,7 +424,7 @@ def test_k8s_names_only_settings_the_code_reads_and_every_required_one() -> None
 
 
 def test_k8s_probes_resources_and_security() -> None:
-    for name in (WORKER, API):
+    for name in (WORKER, API, DISPATCH):
         deployment = one("Deployment", name)
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True

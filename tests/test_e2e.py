@@ -51,6 +51,7 @@ from infra.settings import Settings
 from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
+from outbound.store import OutboxStore
 from starter.requests import start_cancellation
 from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
@@ -611,3 +612,41 @@ async def test_starting_the_same_cancellation_twice_makes_one_run(stack: Stack) 
     again = await start_cancellation(stack.client, request, task_queue=stack.task_queue)
     assert (await again.result()).status is CancellationStatus.REJECTED
     await assert_listed(stack.client, f'WorkflowId="{first.id}"', {first.id})
+
+
+async def test_every_story_is_in_the_outbound_stream_in_order(
+    demo: dict[str, Outcome], stack: Stack
+) -> None:
+    """R16 end to end: the workflows' ledger writes put each change's event in the outbox, in
+    the order of the audit trail, with positions once sequenced."""
+    await OutboxStore(stack.pool).sequence()
+    audit = await stack.pool.fetch(
+        "SELECT e.cancellation_id, e.event_id, outbox_type(e.kind) AS type, o.position"
+        " FROM cancellation_events e LEFT JOIN outbox o ON o.audit_event_id = e.event_id"
+        " WHERE e.cancellation_id = ANY($1::text[]) ORDER BY e.event_id",
+        sorted(DEMO_IDS),
+    )
+    types: dict[str, list[str]] = {}
+    for row in audit:
+        # Every audit row of an event type has its event, with a position; none other has one.
+        assert (row["type"] is None) == (row["position"] is None), row
+        if row["type"] is not None:
+            types.setdefault(row["cancellation_id"], []).append(row["type"])
+    for wid in DEMO_IDS:
+        positions = [r["position"] for r in audit if r["cancellation_id"] == wid and r["type"]]
+        assert positions == sorted(positions), wid
+    refund = ["refund.stage_changed"] * 3
+    assert types[INSTANT] == [
+        "cancellation.requested",
+        "cancellation.approved",
+        *refund,
+        "coupon.decided",
+    ]
+    assert types[REJECTED] == ["cancellation.requested", "cancellation.rejected"]
+    assert types[ACCEPTED][:2] == ["cancellation.requested", "cancellation.approved"]
+    requested = await stack.pool.fetchval(
+        "SELECT data->>'seller_deadline' FROM outbox"
+        " WHERE cancellation_id = $1 AND type = 'cancellation.requested'",
+        ACCEPTED,
+    )
+    assert requested is not None

@@ -3,17 +3,25 @@ and a worker without metrics recording nothing. (test_observability.py scrapes a
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.request
 
+import httpx
 import pytest
 
+from api.app import create_app
+from api.keys import KeyStore
 from devstack.embedded import free_port
 from infra.metrics import (
+    API_REQUEST_SECONDS,
+    API_REQUESTS,
     DEFAULT_METRICS_PORT,
     NO_METRICS,
+    ApiMetrics,
     BusinessMetrics,
     decided_by,
+    delivery_failure_reason,
     failure_reason,
     metrics_address,
     metrics_runtime,
@@ -82,3 +90,56 @@ def test_business_metrics_come_out_of_the_runtime_endpoint() -> None:
         line.startswith(bucket) and 'le="129600"' in line and line.endswith(" 1")
         for line in text.splitlines()
     )
+
+
+async def test_api_requests_are_counted_by_route_template_method_and_status() -> None:
+    """The API's answers on a real Prometheus endpoint: the route's template, never the raw
+    path with its ids; a path no route matches is `unmatched`."""
+    port = free_port()
+    runtime = metrics_runtime(f"127.0.0.1:{port}")
+    app = create_app(
+        Settings(), keys=KeyStore.from_keys({}), metrics=ApiMetrics.for_runtime(runtime)
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api.test"
+    ) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/healthz")).status_code == 200
+        # Served without its lifespan (no ledger, no Temporal): not ready, 503.
+        refused = await http.get("/v1/cancellations/cancel-O-7~S-9")
+        assert refused.status_code == 503
+        assert (await http.get("/no/such/path")).status_code == 404
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+        return text
+
+    text = await asyncio.to_thread(scrape)
+    lines = text.splitlines()
+
+    def value(name: str, **labels: str) -> float:
+        found = [
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+        ]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+    assert value(API_REQUESTS, route="/healthz", method="GET", status="200") == 2
+    assert (
+        value(API_REQUESTS, route="/v1/cancellations/{cancellation_id}", method="GET", status="503")
+        == 1
+    )
+    assert value(API_REQUESTS, route="unmatched", method="GET", status="404") == 1
+    assert value(API_REQUEST_SECONDS + "_count", route="/healthz", method="GET", status="200") == 2
+    assert "cancel-O-7" not in text and "/no/such/path" not in text
+
+
+def test_dispatch_failure_reasons_are_a_small_set() -> None:
+    assert delivery_failure_reason(503, None) == "http_5xx"
+    assert delivery_failure_reason(404, None) == "http_4xx"
+    assert delivery_failure_reason(None, httpx.ReadTimeout("slow")) == "timeout"
+    assert delivery_failure_reason(None, httpx.ConnectError("refused")) == "connect"
+    assert delivery_failure_reason(None, httpx.RemoteProtocolError("bad")) == "other"
