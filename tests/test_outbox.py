@@ -29,11 +29,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers.refunds import ORDERCANCEL
-from helpers.stacks import run_command
-from helpers.wait import eventually
-from rich.console import Console
-from test_ledger import (
+from helpers.ledger_steps import (
     FUTURE,
     approve,
     ask_refund,
@@ -44,6 +40,10 @@ from test_ledger import (
     request,
     some_eta,
 )
+from helpers.refunds import ORDERCANCEL
+from helpers.stacks import run_command
+from helpers.wait import eventually
+from rich.console import Console
 
 from devstack.embedded import free_port
 from devstack.events import start_dev_events
