@@ -22,7 +22,14 @@ from temporalio.service import RPCError
 from api.errors import ApiError
 from api.schemas import CancellationAccepted, CancellationDetails, WithdrawalReceipt
 from api.stores import SubOrders
-from domain.errors import RefusalCode
+from domain.errors import (
+    CaptureExceedsAuthorisation,
+    OrderConflict,
+    OrderEventConflict,
+    OrderNotFound,
+    RefusalCode,
+    SubOrderNotFound,
+)
 from domain.models import (
     CancellationPath,
     CancellationResult,
@@ -36,7 +43,10 @@ from domain.models import (
     SubOrderStatus,
     WithdrawRequest,
 )
+from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
+from domain.orders import CheckoutOrderIn
 from domain.rules import cancellation_id as cancellation_id_of
+from ledger.order_events import post_order
 from ledger.repository import Ledger
 from ledger.stuck import StuckCancellation, stuck_cancellations
 from starter import cancellations
@@ -48,6 +58,7 @@ from starter.cancellations import (
     Refused,
     StatusUnavailable,
 )
+from starter.order_events import NotTold, deliver_order_event
 from starter.payment_events import ForwardResult, forward_payment_event
 from starter.requests import start_cancellation
 
@@ -132,6 +143,13 @@ class CancellationService:
                 "sub_order_not_found",
                 f"order {request.order_id} has no sub-order of seller {request.seller_id} for"
                 f" buyer {request.buyer_id}",
+            )
+        if state.shipped and state.cancellation_id is None:
+            raise ApiError(
+                409,
+                "already_shipped",
+                f"sub-order {request.order_id}/{request.seller_id} has shipped: it cannot be"
+                " cancelled here (a return or a dispute can) (R14)",
             )
         if state.status is SubOrderStatus.CANCELLED and state.cancellation_id is None:
             raise ApiError(
@@ -329,6 +347,29 @@ class CancellationService:
         return await forward_payment_event(
             self._client, self._ledger, event, task_queue=self._task_queue
         )
+
+    # --- the order system (R13, R14) --------------------------------------------------------
+
+    async def post_order(self, order: CheckoutOrderIn) -> OrderAccepted:
+        try:
+            return await post_order(self._ledger.pool, order)
+        except OrderConflict as err:
+            raise ApiError(409, "order_conflict", str(err)) from None
+
+    async def order_event(self, order_id: str, event: OrderEventIn) -> OrderEventResult:
+        try:
+            return await deliver_order_event(self._client, self._ledger.pool, order_id, event)
+        except OrderNotFound as err:
+            raise ApiError(404, "order_not_found", str(err)) from None
+        except SubOrderNotFound as err:
+            raise ApiError(404, "sub_order_not_found", str(err)) from None
+        except OrderEventConflict as err:
+            raise ApiError(409, "event_conflict", str(err)) from None
+        except CaptureExceedsAuthorisation as err:
+            raise ApiError(422, "amount_exceeds_authorisation", str(err)) from None
+        except NotTold as err:
+            log.error("order_shipped_not_told", event_id=event.event_id, reason=str(err))
+            raise ApiError(503, "workflow_unavailable", str(err)) from None
 
 
 def workflow_id_for(request: RequestCancellationInput) -> str:

@@ -21,6 +21,7 @@ from domain.errors import (
     CaptureExceedsAuthorisation,
     OrderEventConflict,
     OrderNotFound,
+    SubOrderAlreadyShipped,
     SubOrderNotFound,
 )
 from domain.models import CaptureState, PaymentValidation, SubOrderStatus
@@ -36,7 +37,14 @@ from domain.order_events import (
 from domain.orders import CheckoutOrderIn, OrdersFile
 from ledger.orders import load_orders
 
-__all__ = ["apply_order_event", "event_hash", "mark_notified", "order_state", "post_order"]
+__all__ = [
+    "apply_order_event",
+    "event_hash",
+    "mark_notified",
+    "order_state",
+    "post_order",
+    "refuse_if_shipped",
+]
 
 PENDING = ("awaiting_seller", "escalated")
 
@@ -433,3 +441,23 @@ async def mark_notified(pool: asyncpg.Pool, event_id: str) -> None:
         " WHERE event_id = $1",
         event_id,
     )
+
+
+async def refuse_if_shipped(pool: asyncpg.Pool, *, order_id: str, seller_id: str) -> None:
+    """R14, before a cancellation is started: a shipped sub-order without a cancellation is not
+    cancelled here (`SubOrderAlreadyShipped`). The opening refuses it again, under the lock."""
+    shipped = await pool.fetchval(
+        """
+        SELECT s.shipped_at IS NOT NULL AND c.cancellation_id IS NULL
+        FROM sub_orders s
+        LEFT JOIN cancellations c ON c.order_id = s.order_id AND c.seller_id = s.seller_id
+        WHERE s.order_id = $1 AND s.seller_id = $2
+        """,
+        order_id,
+        seller_id,
+    )
+    if shipped:
+        raise SubOrderAlreadyShipped(
+            f"already_shipped: sub-order {order_id}/{seller_id} has shipped; it cannot be"
+            " cancelled here (a return or a dispute can)"
+        )
