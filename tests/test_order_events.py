@@ -5,13 +5,18 @@ event racing an instant cancellation of the same sub-order (R1): exactly one win
 from __future__ import annotations
 
 import asyncio
+import json
+import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from helpers.orders import one_seller_order
 
+from api.keys import KeyStore, Principal, Role
+from devstack.dev_api import DEV_PRINCIPALS, dev_credentials
 from domain.errors import (
     CaptureExceedsAuthorisation,
     OrderConflict,
@@ -290,3 +295,22 @@ async def test_an_event_racing_an_instant_cancellation_exactly_one_wins(
             assert "waits for the seller" in applied.detail
     # Both sides won some rounds, so both orders of commit were checked.
     assert wins["cancellation"] > 0 and wins["event"] > 0, wins
+
+
+def test_a_dev_keys_file_made_before_the_order_system_gets_its_key(tmp_path: Path) -> None:
+    """`.data/dev-api-keys.json` made by an earlier `make run` keeps its keys and gains the
+    order-system's, still private."""
+    made = dev_credentials(tmp_path)
+    document = json.loads(made.path.read_text())
+    del document["keys"]["order-system"]
+    made.path.write_text(json.dumps(document))
+
+    upgraded = dev_credentials(tmp_path)
+
+    assert set(upgraded.keys) == set(DEV_PRINCIPALS)
+    assert {p: k for p, k in upgraded.keys.items() if p != "order-system"} == document["keys"]
+    assert upgraded.webhook_secret == made.webhook_secret
+    assert stat.S_IMODE(upgraded.path.stat().st_mode) == 0o600
+    assert dev_credentials(tmp_path) == upgraded
+    store = KeyStore.from_keys(upgraded.keys)
+    assert store.authenticate(upgraded.keys["order-system"]) == Principal(Role.ORDER_SYSTEM)
