@@ -66,19 +66,23 @@ def orders_event(
         ),
     ] = None,
     at: Annotated[
-        datetime | None,
-        typer.Option(help="When it happened (ISO 8601; default: now, UTC)"),
+        str | None,
+        typer.Option(help="When it happened, ISO 8601 (e.g. 2026-11-20T10:05:00Z; default: now)"),
     ] = None,
 ) -> None:
     """Apply what happened to an order: payment validated or captured, seller accepted, shipped
     (once per event id; causal order whatever the arrival order, R13)."""
+    try:
+        occurred_at = datetime.fromisoformat(at) if at is not None else datetime.now(UTC)
+    except ValueError:
+        raise ui.bad_argument(f"--at: not an ISO 8601 time: {at!r}") from None
     try:
         event = OrderEventIn(
             event_id=event_id or f"cli-{uuid.uuid4().hex}",
             type=type_,
             seller_id=seller,
             amount_minor=amount,
-            occurred_at=at or datetime.now(UTC),
+            occurred_at=occurred_at,
         )
     except ValidationError as err:
         problems = "; ".join(

@@ -271,11 +271,19 @@ async def test_the_cli_sends_an_event_and_exits_non_zero_on_a_refusal(
         "ORDERCANCEL_TASK_QUEUE": api.settings.task_queue,
     }
 
-    ran = await run_command(
-        ORDERCANCEL, "orders", "event", order_id, "seller_accepted", "--seller", SELLER, env=env
-    )
+    accepted = ("orders", "event", order_id, "seller_accepted", "--seller", SELLER)
+    same = ("--event-id", f"E-cli-{order_id}", "--at", "2026-11-20T10:05:00Z")
+    ran = await run_command(ORDERCANCEL, *accepted, *same, env=env)
     assert ran.returncode == 0, ran.stderr
     assert "applied" in ran.stdout
+    again = await run_command(ORDERCANCEL, *accepted, *same, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "(delivered before)" in again.stdout
+    other_time = await run_command(
+        ORDERCANCEL, *accepted, "--event-id", f"E-cli-{order_id}", "--at", "2026-11-21", env=env
+    )
+    assert other_time.returncode == 1
+    assert "already recorded with another document" in other_time.stderr
     unknown = await run_command(
         ORDERCANCEL, "orders", "event", order_id, "sub_order_shipped", "--seller", "S-X", env=env
     )
