@@ -16,6 +16,7 @@ import pytest
 from helpers.orders import one_seller_order
 
 from api.keys import KeyStore, Principal, Role
+from devstack.demo import DEMO_FILE
 from devstack.dev_api import DEV_PRINCIPALS, dev_credentials
 from domain.errors import (
     CaptureExceedsAuthorisation,
@@ -314,3 +315,14 @@ def test_a_dev_keys_file_made_before_the_order_system_gets_its_key(tmp_path: Pat
     assert dev_credentials(tmp_path) == upgraded
     store = KeyStore.from_keys(upgraded.keys)
     assert store.authenticate(upgraded.keys["order-system"]) == Principal(Role.ORDER_SYSTEM)
+
+
+@pytest.mark.parametrize("name", ["order-by-api.json", "order-by-events.json"])
+async def test_the_posted_demo_orders_are_orders_as_posted(pool: asyncpg.Pool, name: str) -> None:
+    """The README's `POST /v1/orders` body and the demo's posted order: valid, unvalidated, so
+    a payment_validated event is what puts them on the request path."""
+    document = (Path(DEMO_FILE).parent / name).read_text()
+    posted = await post_order(pool, CheckoutOrderIn.model_validate_json(document))
+    assert posted.created
+    assert posted.payment.validation is PaymentValidation.UNVALIDATED
+    assert {s.status for s in posted.sub_orders} == {SubOrderStatus.UNVALIDATED}

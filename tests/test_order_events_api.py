@@ -18,6 +18,8 @@ import pytest
 from helpers.orders import one_seller_order, unique
 from helpers.stacks import ApiStack, api_stack, run_command
 from helpers.wait import eventually
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from test_api import OpenApiCheck
 
 from domain.models import CancellationStatus
@@ -333,3 +335,38 @@ async def test_order_shipped_from_anyone_else_is_refused_and_changes_nothing(api
     details = [e["detail"] for e in view["audit"] if e["kind"] == "order_shipped_refused"]
     assert details[0].startswith("invalid_payload") and "sent_by" in details[0]
     assert details[1].startswith("wrong_seller")
+
+
+async def test_a_workflow_started_for_a_shipped_sub_order_fails_and_writes_nothing(
+    api: Api,
+) -> None:
+    """R14 holds for any client that starts the workflow itself, past the API's check: the
+    opening refuses the shipped sub-order under its lock."""
+    document = one_seller_order(unique("O"), buyer_id=BUYER, seller_id=SELLER, validated=True)
+    order_id = document["order_id"]
+    assert (await api.post_order(document)).status_code == 200
+    await api.event(order_id, type="sub_order_shipped", seller_id=SELLER)
+    from domain.models import CancellationReason, RequestCancellationInput
+
+    handle = await start_cancellation(
+        api.stack.client,
+        RequestCancellationInput(
+            order_id=order_id,
+            seller_id=SELLER,
+            buyer_id=BUYER,
+            reason=CancellationReason.OUT_OF_STOCK,
+        ),
+        task_queue=api.settings.task_queue,
+    )
+    with pytest.raises(WorkflowFailureError) as failed:
+        await handle.result()
+    cause = failed.value.cause
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ApplicationError) and cause.type == "SubOrderAlreadyShipped"
+    assert (
+        await api.stack.pool.fetchval(
+            "SELECT count(*) FROM cancellations WHERE order_id = $1", order_id
+        )
+        == 0
+    )
