@@ -17,6 +17,7 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from api.errors import ApiError
@@ -28,6 +29,7 @@ from domain.errors import (
     OrderEventConflict,
     OrderNotFound,
     RefusalCode,
+    SubOrderAlreadyShipped,
     SubOrderNotFound,
 )
 from domain.models import (
@@ -68,6 +70,7 @@ log = structlog.get_logger("api")
 WITHDRAW_WAIT = 3.0
 _POLL = 0.1
 PENDING = (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED)
+SHIPPED_TYPE = SubOrderAlreadyShipped.error_type
 
 
 def details(located: Located) -> CancellationDetails:
@@ -248,6 +251,9 @@ class CancellationService:
                 while cause is not None and cause.__cause__ is not None:
                     cause = cause.__cause__
                 reason = str(cause or err)
+                if isinstance(cause, ApplicationError) and cause.type == SHIPPED_TYPE:
+                    # R14: shipped between our check and the opening (the opening refused it).
+                    raise ApiError(409, "already_shipped", reason) from None
             raise ApiError(409, "cancellation_failed", f"the cancellation could not open: {reason}")
 
     # --- decisions --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from test_api import OpenApiCheck
 
+from api.service import CancellationService
 from domain.models import CancellationStatus
 from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
@@ -364,6 +366,33 @@ async def test_a_workflow_started_for_a_shipped_sub_order_fails_and_writes_nothi
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, ApplicationError) and cause.type == "SubOrderAlreadyShipped"
+    assert (
+        await api.stack.pool.fetchval(
+            "SELECT count(*) FROM cancellations WHERE order_id = $1", order_id
+        )
+        == 0
+    )
+
+
+async def test_a_shipment_between_the_check_and_the_opening_is_still_already_shipped(
+    api: Api,
+) -> None:
+    """The API checks before it starts the workflow; a shipment landing in between is refused
+    by the opening, and the caller still gets 409 `already_shipped`."""
+    document = one_seller_order(unique("O"), buyer_id=BUYER, seller_id=SELLER, validated=True)
+    order_id = document["order_id"]
+    assert (await api.post_order(document)).status_code == 200
+    check = CancellationService.check_cancellable
+
+    async def check_then_ship(self: CancellationService, request: Any) -> None:
+        await check(self, request)
+        shipped = await api.event(order_id, type="sub_order_shipped", seller_id=SELLER)
+        assert shipped.status_code == 200, shipped.text
+
+    with mock.patch.object(CancellationService, "check_cancellable", check_then_ship):
+        refused = await api.request(order_id)
+
+    assert (refused.status_code, refused.json()["code"]) == (409, "already_shipped")
     assert (
         await api.stack.pool.fetchval(
             "SELECT count(*) FROM cancellations WHERE order_id = $1", order_id
