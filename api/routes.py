@@ -20,6 +20,7 @@ from api.schemas import (
     CancellationDetails,
     EscalationDecisionBody,
     Health,
+    MessageBody,
     Readiness,
     RetryRefundBody,
     WithdrawalReceipt,
@@ -29,7 +30,10 @@ from api.signing import SIGNATURE_HEADER, SignatureRefused, verify_signature
 from api.stores import request_hash
 from domain.models import (
     WINDOW_NOT_ALLOWED,
+    CancellationStatus,
     DecisionReceipt,
+    MessageAuthor,
+    MessageReceipt,
     OperatorDecision,
     PaymentEvent,
     RequestCancellationInput,
@@ -40,6 +44,7 @@ from domain.models import (
 from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
 from domain.orders import CheckoutOrderIn
 from domain.rules import parse_duration
+from ledger.inbox import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, CancellationPage, OrderView
 from ledger.stuck import StuckCancellation
 from starter.cancellations import Located
 from starter.payment_events import ForwardResult
@@ -61,6 +66,7 @@ BODY_MODELS: list[type[BaseModel]] = [
     PaymentEvent,
     CheckoutOrderIn,
     OrderEventIn,
+    MessageBody,
 ]
 
 
@@ -83,6 +89,14 @@ Seller = Annotated[Principal, Depends(allow(Role.SELLER, action="decide on cance
 Reader = Annotated[
     Principal,
     Depends(allow(Role.BUYER_SERVICE, Role.SELLER, Role.SRE, action="read cancellations")),
+]
+Writer = Annotated[
+    Principal,
+    Depends(allow(Role.BUYER_SERVICE, Role.SELLER, action="write messages on requests")),
+]
+OrderReader = Annotated[
+    Principal,
+    Depends(allow(Role.BUYER_SERVICE, Role.SELLER, Role.SRE, action="read orders")),
 ]
 Sre = Annotated[Principal, Depends(allow(Role.SRE, action="retry refunds"))]
 SreOperator = Annotated[Principal, Depends(allow(Role.SRE, action="resolve escalations"))]
@@ -192,6 +206,110 @@ async def request_cancellation(
     return accepted
 
 
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # domain.models.Identifier
+
+
+def _filter(name: str, value: str | None) -> str | None:
+    if value is not None and not _IDENTIFIER.fullmatch(value):
+        raise ApiError(
+            400,
+            "invalid_filter",
+            f"{name}: an identifier ([A-Za-z0-9][A-Za-z0-9_.:-], at most 64 characters)",
+        )
+    return value
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return LIST_LIMIT_DEFAULT
+    digits = value.isascii() and value.isdigit() and len(value) <= 6
+    if not digits or not 1 <= int(value) <= LIST_LIMIT_MAX:
+        raise ApiError(400, "invalid_limit", f"limit: a whole number from 1 to {LIST_LIMIT_MAX}")
+    return int(value)
+
+
+def _status(value: str | None) -> CancellationStatus | None:
+    if value is None:
+        return None
+    try:
+        return CancellationStatus(value)
+    except ValueError:
+        raise ApiError(
+            400,
+            "invalid_status",
+            "status: one of " + ", ".join(s.value for s in CancellationStatus),
+        ) from None
+
+
+@router.get(
+    "/v1/cancellations",
+    response_model=CancellationPage,
+    summary="List cancellations: a seller's inbox, a search (R17; the ledger's view)",
+    description=(
+        "Filters `seller_id`, `buyer_id`, `order_id`, `status` (all optional, combined)."
+        " Requests awaiting their seller come first, the soonest deadline first; then every"
+        " other cancellation, oldest first. A seller key sees only its own sub-orders, whatever"
+        " filter it sends (another seller's id gives an empty page). Keyset pagination: pass"
+        " `next_cursor` back as `cursor`; new cancellations arriving meanwhile neither repeat"
+        f" nor hide a row. `limit`: 1-{LIST_LIMIT_MAX}, default {LIST_LIMIT_DEFAULT}. 400"
+        " `invalid_limit`, `invalid_cursor`, `invalid_status`, `invalid_filter`."
+    ),
+    responses=problem_responses(400, 401, 403, 503),
+)
+async def list_cancellations(
+    ctx: Context,
+    principal: Reader,
+    seller_id: Annotated[str | None, Query(description="Only this seller's")] = None,
+    buyer_id: Annotated[str | None, Query(description="Only this buyer's")] = None,
+    order_id: Annotated[str | None, Query(description="Only this checkout order's")] = None,
+    status: Annotated[str | None, Query(description="Only in this status")] = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the last page")] = None,
+    limit: Annotated[
+        str | None, Query(description=f"1-{LIST_LIMIT_MAX}, default {LIST_LIMIT_DEFAULT}")
+    ] = None,
+) -> CancellationPage:
+    seller = _filter("seller_id", seller_id)
+    if principal.role is Role.SELLER:
+        if seller is not None and seller != principal.seller_id:
+            # Another seller's: nothing, as for a seller with no cancellation.
+            return CancellationPage(items=[])
+        seller = principal.seller_id
+    if cursor is not None and len(cursor) > 1024:
+        raise ApiError(400, "invalid_cursor", "cursor: not a cursor this service handed out")
+    return await ctx.service.list(
+        seller_id=seller,
+        buyer_id=_filter("buyer_id", buyer_id),
+        order_id=_filter("order_id", order_id),
+        status=_status(status),
+        cursor=cursor,
+        limit=_limit(limit),
+    )
+
+
+@router.get(
+    "/v1/orders/{order_id}/cancellations",
+    response_model=OrderView,
+    summary="The buyer's order view: every sub-order with its cancellation (R17)",
+    description=(
+        "Every sub-order of the checkout order, each with its cancellation if any: status,"
+        " the seller's deadline, the three refund dots each with when it happened, the ETA,"
+        " and the coupon outcome as it stands now (a sibling's later restoration included)."
+        " From the ledger. A seller key sees its own sub-order only. 404 `order_not_found`."
+    ),
+    responses=problem_responses(401, 403, 404, 503),
+)
+async def order_cancellations(ctx: Context, principal: OrderReader, order_id: str) -> OrderView:
+    if not _IDENTIFIER.fullmatch(order_id):
+        raise ApiError(404, "order_not_found", "no such order")
+    view = await ctx.service.order(order_id)
+    if principal.role is Role.SELLER:
+        own = [s for s in view.sub_orders if s.seller_id == principal.seller_id]
+        if not own:
+            raise ApiError(404, "order_not_found", f"no order {order_id}")
+        view = view.model_copy(update={"sub_orders": own})
+    return view
+
+
 @router.get(
     "/v1/cancellations/{cancellation_id}",
     response_model=CancellationDetails,
@@ -233,6 +351,36 @@ async def seller_decision(
     located = await ctx.service.locate(checked_id(cancellation_id))
     _ensure_own(principal, located)
     return await ctx.service.decide(located, decision)
+
+
+@router.post(
+    "/v1/cancellations/{cancellation_id}/messages",
+    response_model=MessageReceipt,
+    summary="The buyer or the seller writes on a waiting request (update `message`, R18)",
+    description=(
+        "Who writes is the caller's key: a seller key as its seller (another seller's"
+        " cancellation is 404), the buyer service as the cancellation's buyer; never the body."
+        " Taken while the request waits for the seller: 409 `already_decided` once answered or"
+        " withdrawn, `not_pending` otherwise; 422 `message_too_long` past 500 characters, 409"
+        " `too_many_messages` past 20 per cancellation. A refused message changes nothing."
+    ),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
+    openapi_extra=_body(MessageBody),
+)
+async def post_message(
+    ctx: Context,
+    principal: Writer,
+    cancellation_id: str,
+    body: Annotated[MessageBody, Depends(json_body(MessageBody))],
+) -> MessageReceipt:
+    located = await ctx.service.locate(checked_id(cancellation_id))
+    _ensure_own(principal, located)
+    if principal.role is Role.SELLER:
+        assert principal.seller_id is not None
+        author, author_id = MessageAuthor.SELLER, principal.seller_id
+    else:
+        author, author_id = MessageAuthor.BUYER, located.view.buyer_id
+    return await ctx.service.message(located, author, author_id, body.text)
 
 
 @router.post(

@@ -3,9 +3,9 @@ bodies are the workflow's own models (domain.models)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from domain.models import (
     CancellationPath,
@@ -84,3 +84,11 @@ class EscalationDecisionBody(Strict):
     operator_id: Identifier | None = _OPERATOR_ID
     decision: Decision
     reason: FreeText = ""
+
+
+class MessageBody(Strict):
+    """Body of POST /v1/cancellations/{id}/messages (R18): the text only. Who writes is the
+    caller's key: a seller key writes as its seller, the buyer service as the cancellation's
+    buyer. At most 500 characters once trimmed (`message_too_long`), printable (R20)."""
+
+    text: Annotated[FreeText, StringConstraints(min_length=1)]

@@ -37,6 +37,9 @@ from domain.models import (
     CancellationResult,
     CancellationStatus,
     DecisionReceipt,
+    MessageAuthor,
+    MessageReceipt,
+    MessageRequest,
     OperatorDecision,
     PaymentEvent,
     RequestCancellationInput,
@@ -48,6 +51,13 @@ from domain.models import (
 from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
 from domain.orders import CheckoutOrderIn
 from domain.rules import cancellation_id as cancellation_id_of
+from ledger.inbox import (
+    CancellationPage,
+    InvalidCursor,
+    OrderView,
+    list_cancellations,
+    order_view,
+)
 from ledger.order_events import post_order
 from ledger.repository import Ledger
 from ledger.stuck import StuckCancellation, stuck_cancellations
@@ -92,7 +102,8 @@ def _as_api_errors(ended: str) -> Iterator[None]:
     try:
         yield
     except Refused as err:
-        status = 422 if err.code == RefusalCode.INVALID_PAYLOAD else 409
+        bad_body = err.code in (RefusalCode.INVALID_PAYLOAD, RefusalCode.MESSAGE_TOO_LONG)
+        status = 422 if bad_body else 409
         raise ApiError(status, err.code, err.message) from None
     except NoAnswer:
         raise ApiError(
@@ -284,6 +295,52 @@ class CancellationService:
     async def stuck(self, *, older_than: timedelta, limit: int) -> list[StuckCancellation]:
         """Requests waiting for their seller or escalated, oldest first (ledger.stuck)."""
         return await stuck_cancellations(self._ledger.pool, older_than=older_than, limit=limit)
+
+    async def list(
+        self,
+        *,
+        seller_id: str | None,
+        buyer_id: str | None,
+        order_id: str | None,
+        status: CancellationStatus | None,
+        cursor: str | None,
+        limit: int,
+    ) -> CancellationPage:
+        """R17: the ledger's list (ledger.inbox), the caller's scope already applied."""
+        try:
+            return await list_cancellations(
+                self._ledger.pool,
+                seller_id=seller_id,
+                buyer_id=buyer_id,
+                order_id=order_id,
+                status=status,
+                cursor=cursor,
+                limit=limit,
+            )
+        except InvalidCursor as err:
+            raise ApiError(400, "invalid_cursor", f"cursor: {err}") from None
+
+    async def order(self, order_id: str) -> OrderView:
+        """R17: the buyer's order view (ledger.inbox)."""
+        view = await order_view(self._ledger, order_id=order_id)
+        if view is None:
+            raise ApiError(404, "order_not_found", f"no order {order_id}")
+        return view
+
+    async def message(
+        self, located: Located, author: MessageAuthor, author_id: str, text: str
+    ) -> MessageReceipt:
+        """R18: a message on a waiting request; the workflow's validator judges it."""
+        view = located.view
+        if not located.running:
+            raise ApiError(
+                409,
+                RefusalCode.NOT_PENDING,
+                f"this cancellation has ended (status: {view.status.value}): messages are closed",
+            )
+        request = MessageRequest(author=author, author_id=author_id, text=text)
+        with _as_api_errors(RefusalCode.NOT_PENDING):
+            return await cancellations.message(self._client, view.cancellation_id, request)
 
     async def resolve_escalation(
         self, located: Located, decision: OperatorDecision

@@ -1,4 +1,5 @@
-"""The cancellation commands: `request`, `decide`, `withdraw`, `status` (the public CLI)."""
+"""The cancellation commands: `request`, `decide`, `withdraw`, `message`, `status`, `list` (the
+public CLI)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,27 @@ import typer
 
 from cli import console as ui
 from cli.console import CommandError, console, err_console
-from cli.render import render_view
+from cli.render import render_page, render_view
 from domain.models import (
     CancellationReason,
+    CancellationStatus,
     CancellationView,
     Decision,
+    MessageAuthor,
+    MessageRequest,
     RequestCancellationInput,
     SellerDecision,
     WithdrawRequest,
 )
 from domain.rules import cancellation_id as workflow_id_of
 from infra.stack import open_stack
+from ledger.inbox import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    CancellationPage,
+    InvalidCursor,
+    list_cancellations,
+)
 from ledger.repository import Ledger
 from starter import cancellations
 
@@ -174,3 +185,86 @@ def status(
         sys.stdout.write(view.model_dump_json(indent=2) + "\n")
     else:
         render_view(console, view)
+
+
+@app.command()
+def message(
+    cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002~S-7")],
+    text: Annotated[str, typer.Argument(help="The message (at most 500 characters)")],
+    author: Annotated[
+        MessageAuthor, typer.Option("--as", help="Who writes: the buyer or the seller")
+    ],
+    author_id: Annotated[
+        str | None,
+        typer.Option(help="The buyer's or seller's id (default: the cancellation's own)"),
+    ] = None,
+) -> None:
+    """Write on a request waiting for its seller (update `message`, R18): refused once it is
+    answered, past 500 characters or 20 messages, or from another buyer or seller."""
+    settings = ui.settings()
+    structlog.contextvars.bind_contextvars(workflow_id=cancellation_id)
+
+    async def main() -> None:
+        async with open_stack(settings) as stack:
+            with _as_command_errors():
+                who = author_id
+                if who is None:
+                    located = await cancellations.locate(
+                        stack.client, Ledger(stack.pool), cancellation_id
+                    )
+                    if located is None:
+                        raise CommandError(f"no cancellation {cancellation_id}")
+                    view = located.view
+                    who = view.buyer_id if author is MessageAuthor.BUYER else view.seller_id
+                try:
+                    request = MessageRequest(author=author, author_id=who, text=text)
+                except ValueError as err:
+                    raise CommandError(f"invalid message: {err}") from None
+                receipt = await cancellations.message(stack.client, cancellation_id, request)
+            console.print(
+                f"[green]message recorded[/green] from {receipt.author}"
+                f" ({receipt.messages_left} more allowed)",
+                highlight=False,
+            )
+
+    ui.run(main())
+
+
+@app.command("list")
+def list_command(
+    seller: Annotated[str | None, typer.Option(help="Only this seller's")] = None,
+    buyer: Annotated[str | None, typer.Option(help="Only this buyer's")] = None,
+    order: Annotated[str | None, typer.Option(help="Only this checkout order's")] = None,
+    status: Annotated[CancellationStatus | None, typer.Option(help="Only in this status")] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=LIST_LIMIT_MAX, help="At most this many per page")
+    ] = LIST_LIMIT_DEFAULT,
+    cursor: Annotated[
+        str | None, typer.Option(help="Where the last page ended (its next cursor)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Cancellations from the ledger (R17): requests awaiting their seller first, the soonest
+    deadline first, then the others, oldest first; a page at a time (--cursor)."""
+    settings = ui.settings()
+
+    async def main() -> CancellationPage:
+        async with open_stack(settings) as stack:
+            try:
+                return await list_cancellations(
+                    stack.pool,
+                    seller_id=seller,
+                    buyer_id=buyer,
+                    order_id=order,
+                    status=status,
+                    cursor=cursor,
+                    limit=limit,
+                )
+            except InvalidCursor as err:
+                raise CommandError(f"--cursor: {err}") from None
+
+    page = ui.run(main())
+    if as_json:
+        sys.stdout.write(page.model_dump_json(indent=2) + "\n")
+    else:
+        render_page(console, page)

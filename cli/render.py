@@ -9,6 +9,7 @@ from rich.text import Text
 
 from domain.models import CancellationView
 from domain.rules import refund_dots
+from ledger.inbox import CancellationPage
 
 
 def render_view(console: Console, view: CancellationView) -> None:
@@ -47,9 +48,35 @@ def render_view(console: Console, view: CancellationView) -> None:
     if view.coupon is not None:
         console.print(f"coupon: [bold]{view.coupon.outcome.value}[/bold] — {view.coupon.reason}")
 
+    if view.messages:
+        messages = Table(title="messages", show_lines=False)
+        for column in ("when (UTC)", "who", "message"):
+            messages.add_column(column, overflow="fold")
+        for m in view.messages:
+            messages.add_row(f"{m.at:%Y-%m-%d %H:%M:%S}", Text(m.author), Text(m.text))
+        console.print(messages)
+
     table = Table(title="audit trail", show_lines=False)
     for column in ("when (UTC)", "who", "what", "detail"):
         table.add_column(column)
     for entry in view.audit:
         table.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.actor, entry.kind, entry.detail or "")
     console.print(table)
+
+
+def render_page(console: Console, page: CancellationPage) -> None:
+    """One page of `ordercancel list`, and how to read the next one."""
+    table = Table(title=f"{len(page.items)} cancellation(s)", title_justify="left")
+    for column in ("id", "status", "buyer", "seller deadline (UTC)", "requested (UTC)"):
+        table.add_column(column, overflow="fold")
+    for item in page.items:
+        table.add_row(
+            Text(item.cancellation_id),
+            item.status.value,
+            Text(item.buyer_id),
+            f"{item.seller_deadline:%Y-%m-%d %H:%M:%S}" if item.seller_deadline else "",
+            f"{item.requested_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+    if page.next_cursor is not None:
+        console.print(Text(f"next page: --cursor {page.next_cursor}"))

@@ -17,6 +17,9 @@ class RefusalCode(StrEnum):
     NOT_REFUND_FAILED = "not_refund_failed"
     INVALID_PAYLOAD = "invalid_payload"
     UNKNOWN_REFUND = "unknown_refund"
+    # R18: a message on a request (update `message`).
+    MESSAGE_TOO_LONG = "message_too_long"
+    TOO_MANY_MESSAGES = "too_many_messages"
 
 
 class DecisionRefused(Exception):

@@ -265,6 +265,42 @@ class WithdrawRequest(Strict):
     reason: FreeText = ""
 
 
+class MessageAuthor(StrEnum):
+    BUYER = "buyer"
+    SELLER = "seller"
+
+
+class MessageRequest(Strict):
+    """Payload of update `message` (R18): a short message from the cancellation's buyer or its
+    seller while the request waits for the seller. `author_id` must be the cancellation's buyer
+    (author `buyer`) or seller (author `seller`); the API sets both from the caller's key. The
+    text is printable (R20) and at most `MESSAGE_TEXT_MAX` characters once trimmed (longer:
+    `message_too_long`); a cancellation takes at most `MESSAGES_MAX` (`too_many_messages`)."""
+
+    author: MessageAuthor
+    author_id: Identifier
+    text: Annotated[FreeText, StringConstraints(min_length=1)]
+
+
+class Message(Record):
+    """A message on a cancellation as the status view shows it (R18)."""
+
+    at: datetime
+    author: str  # `buyer:<id>` or `seller:<id>`
+    text: str
+
+
+class MessageReceipt(Record):
+    """What update `message` returns: the message as recorded, and how many more it takes."""
+
+    cancellation_id: str
+    author: str
+    text: str
+    at: datetime
+    messages: int
+    messages_left: int
+
+
 class OperatorDecision(Strict):
     """Payload of update `resolve_escalation`: an operator decides an escalated request."""
 
@@ -380,6 +416,8 @@ class CancellationView(Record):
     audit: list[AuditEntry] = Field(default_factory=list)
     # Messages refused so far (R20): the audit trail holds only the first few of them.
     refused_messages: int = 0
+    # R18: what buyer and seller wrote on the request, oldest first (also in `audit`).
+    messages: list[Message] = Field(default_factory=list)
 
 
 class CancellationResult(Record):

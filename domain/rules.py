@@ -11,12 +11,15 @@ from datetime import datetime, timedelta
 
 from domain.errors import DecisionRefused, RefusalCode
 from domain.models import (
+    AuditEntry,
     CancellationStatus,
     CaptureState,
     CouponOutcome,
     CouponOutcomeKind,
     Decision,
     EtaRange,
+    Message,
+    MessageAuthor,
     PaymentMethod,
     RefundDot,
     RefundKind,
@@ -272,17 +275,86 @@ DOT_LABELS = (
 )
 
 
-def refund_dots(refund: RefundView | None) -> list[RefundDot]:
-    """What the buyer sees: three dots, each done or not, the last one with its ETA."""
+def refund_dots(
+    refund: RefundView | None, times: Mapping[RefundStage, datetime | None] | None = None
+) -> list[RefundDot]:
+    """What the buyer sees: three dots, each done or not, the last one with its ETA; with
+    `times` (when the ledger recorded each stage), each done dot says when it happened (R17)."""
     reached = refund.stage.dots if refund is not None else 0
     return [
         RefundDot(
             stage=stage,
             label=label,
             done=n < reached,
+            at=(times or {}).get(stage) if n < reached else None,
             eta=refund.eta if refund is not None and stage is RefundStage.CONFIRMED else None,
         )
         for n, (stage, label) in enumerate(DOT_LABELS)
+    ]
+
+
+# --- messages on a request (R18) ------------------------------------------------------------------
+
+# How long a message may be (characters, once trimmed) and how many a cancellation takes.
+MESSAGE_TEXT_MAX = 500
+MESSAGES_MAX = 20
+MESSAGE_KIND = "message"
+
+
+def check_message(
+    *,
+    status: CancellationStatus,
+    answered: bool,
+    author: MessageAuthor,
+    author_id: str,
+    buyer_id: str,
+    seller_id: str,
+    text: str,
+    count: int,
+) -> str:
+    """R18: the cancellation's buyer or seller, while the request waits for the seller (not
+    once it is answered, withdrawn or escalated), a bounded text, a bounded number of them.
+    Returns the text as recorded (trimmed); raises `DecisionRefused` otherwise."""
+    if author is MessageAuthor.BUYER and author_id != buyer_id:
+        raise DecisionRefused(
+            RefusalCode.WRONG_BUYER, f"buyer {author_id!r} did not request this cancellation"
+        )
+    if author is MessageAuthor.SELLER and author_id != seller_id:
+        raise DecisionRefused(
+            RefusalCode.WRONG_SELLER,
+            f"seller {author_id!r} may not write on a sub-order of seller {seller_id!r}",
+        )
+    if answered:
+        raise DecisionRefused(
+            RefusalCode.ALREADY_DECIDED,
+            "the request was already decided or withdrawn: messages are closed",
+        )
+    if status is not CancellationStatus.AWAITING_SELLER:
+        raise DecisionRefused(
+            RefusalCode.NOT_PENDING,
+            f"messages are taken only while the request waits for the seller (status:"
+            f" {status.value})",
+        )
+    trimmed = text.strip()
+    if not trimmed:
+        raise DecisionRefused(RefusalCode.INVALID_PAYLOAD, "invalid payload: text: empty message")
+    if len(trimmed) > MESSAGE_TEXT_MAX:
+        raise DecisionRefused(
+            RefusalCode.MESSAGE_TOO_LONG,
+            f"a message is at most {MESSAGE_TEXT_MAX} characters (this one: {len(trimmed)})",
+        )
+    if count >= MESSAGES_MAX:
+        raise DecisionRefused(
+            RefusalCode.TOO_MANY_MESSAGES,
+            f"this cancellation has its {MESSAGES_MAX} messages already",
+        )
+    return trimmed
+
+
+def messages_of(audit: Sequence[AuditEntry]) -> list[Message]:
+    """The messages (R18) of an audit trail, oldest first."""
+    return [
+        Message(at=e.at, author=e.actor, text=e.detail) for e in audit if e.kind == MESSAGE_KIND
     ]
 
 

@@ -47,6 +47,8 @@ from domain.models import (
 )
 from domain.rules import (
     decide_coupon,
+    messages_of,
+    refund_dots,
     refund_eta,
     refund_idempotency_key,
     refund_kind,
@@ -953,6 +955,8 @@ class Ledger:
         async with self._pool.acquire() as conn:
             refund = await self._refund_row(conn, cancellation_id=cancellation_id)
         coupon = await self.coupon_outcome(cancellation_id=cancellation_id)
+        audit = await self.audit_trail(cancellation_id=cancellation_id)
+        # R17: once it has ended too, the seller's deadline and when each dot happened.
         return CancellationView(
             cancellation_id=cancellation_id,
             order_id=row["order_id"],
@@ -961,11 +965,34 @@ class Ledger:
             reason=CancellationReason(row["reason"]),
             path=CancellationPath(row["path"]),
             status=CancellationStatus(row["status"]),
+            seller_deadline=row["seller_deadline"],
             refund=refund.view if refund else None,
+            dots=refund_dots(refund.view if refund else None, refund_times(refund)),
             coupon=coupon,
             last_error=refund.view.last_error if refund else None,
-            audit=await self.audit_trail(cancellation_id=cancellation_id),
+            audit=audit,
+            messages=messages_of(audit),
         )
+
+    async def latest_refund(self, *, cancellation_id: str) -> RefundRecord | None:
+        """The cancellation's newest refund (None: no refund yet)."""
+        async with self._pool.acquire() as conn:
+            return await self._refund_row(conn, cancellation_id=cancellation_id)
+
+    async def refund_times(self, *, cancellation_id: str) -> dict[RefundStage, datetime | None]:
+        """When the ledger recorded each stage of the cancellation's newest refund (R17)."""
+        return refund_times(await self.latest_refund(cancellation_id=cancellation_id))
+
+
+def refund_times(refund: RefundRecord | None) -> dict[RefundStage, datetime | None]:
+    """The refund's dots' times: requested, submitted, confirmed (ledger clock)."""
+    if refund is None:
+        return {}
+    return {
+        RefundStage.REQUESTED: refund.requested_at,
+        RefundStage.SUBMITTED: refund.submitted_at,
+        RefundStage.CONFIRMED: refund.confirmed_at,
+    }
 
 
 def _coupon_outcome(row: asyncpg.Record) -> CouponOutcome:

@@ -9,6 +9,7 @@ The workflow stays the judge of every decision. What a caller learns:
   workflow's public refusal code, `Ended` when nothing runs to take it, `NoAnswer` when the
   workflow did not answer in time;
 - a signal (`seller_decision`, `withdraw`): delivered, or `Ended`.
+- `message` (update, R18): the receipt, or `Refused` as for a decision.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from domain.models import (
     AuditEntry,
     CancellationView,
     DecisionReceipt,
+    MessageReceipt,
+    MessageRequest,
     OperatorDecision,
     RetryRefundRequest,
     SellerDecision,
     WithdrawRequest,
 )
-from domain.rules import refund_dots
+from domain.rules import messages_of, refund_dots
 from ledger.repository import Ledger
 from workflows.order_cancellation import OrderCancellation
 
@@ -144,7 +147,14 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
             # earlier runs' stories (a cancellation reopened by a reversed refund).
             coupon = await ledger.coupon_outcome(cancellation_id=cancellation_id)
             trail = await ledger.audit_trail(cancellation_id=cancellation_id)
-            update: dict[str, Any] = {"audit": one_story(trail, view.audit)}
+            story = one_story(trail, view.audit)
+            # R17: when each dot happened, as the ledger recorded it.
+            times = await ledger.refund_times(cancellation_id=cancellation_id)
+            update: dict[str, Any] = {
+                "audit": story,
+                "messages": messages_of(story),
+                "dots": refund_dots(view.refund, times),
+            }
             if coupon is not None:
                 update["coupon"] = coupon
             return Located(view.model_copy(update=update), running=True, source="workflow")
@@ -157,8 +167,6 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
                 " yet; retry shortly"
             ) from None
         return None
-    if not view.dots:
-        view = view.model_copy(update={"dots": refund_dots(view.refund)})
     return Located(view, running=running, source="ledger")
 
 
@@ -231,3 +239,12 @@ async def retry_refund(
 async def withdraw(client: Client, cancellation_id: str, request: WithdrawRequest) -> None:
     """The buyer's withdrawal (a signal): the caller reads the status to see it applied."""
     await _signal(client, cancellation_id, OrderCancellation.withdraw, request)
+
+
+async def message(client: Client, cancellation_id: str, request: MessageRequest) -> MessageReceipt:
+    """A message of the buyer or the seller on a waiting request (R18), by update: refused at
+    once (with its code) when not allowed, recorded in the audit trail when accepted."""
+    receipt: MessageReceipt = await _update(
+        client, cancellation_id, OrderCancellation.message, request
+    )
+    return receipt

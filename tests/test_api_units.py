@@ -221,6 +221,8 @@ def test_openapi_document_is_in_sync() -> None:
         "/v1/cancellations/{cancellation_id}/withdraw",
         "/v1/cancellations/{cancellation_id}/retry-refund",
         "/v1/cancellations/{cancellation_id}/escalation-decision",
+        "/v1/cancellations/{cancellation_id}/messages",
+        "/v1/orders/{order_id}/cancellations",
         "/v1/stuck",
         "/v1/payment-events",
         "/v1/orders",

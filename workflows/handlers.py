@@ -27,6 +27,8 @@ from domain.models import (
     CouponOutcome,
     Decision,
     DecisionReceipt,
+    MessageReceipt,
+    MessageRequest,
     OpenCancellationResult,
     OperatorDecision,
     PaymentEvent,
@@ -40,6 +42,7 @@ from domain.models import (
 )
 from domain.order_events import ORDER_SYSTEM, SHIPPED_REASON
 from workflows import messages, steps
+from workflows.visibility import Visibility
 
 # Refused signals written to the audit trail, per cancellation; the rest are counted.
 REFUSALS_RECORDED = 20
@@ -70,6 +73,7 @@ class CancellationInbox:
     _refused: int
     # R14: the shipment event that ended the request (a redelivery of it changes nothing).
     _shipped_event: str | None = None
+    _visible: Visibility
 
     def _answered(self) -> bool:
         """Decided, or withdrawn by the buyer: whichever came first stands (R3, R5)."""
@@ -267,6 +271,58 @@ class CancellationInbox:
     def _validate_retry(self, *args: Any) -> None:
         messages.refuse_unless(self._check_retry, args)
 
+    # Buyer and seller write on a request while it waits for the seller (R18). The messages
+    # are the audit notes of kind `message` (carried across continue-as-new with the rest).
+
+    def _message_count(self) -> int:
+        return sum(1 for e in self._audit if e.kind == rules.MESSAGE_KIND)
+
+    def _check_message(self, payload: Any) -> MessageRequest:
+        return messages.message(
+            payload,
+            status=self._status,
+            answered=self._answered(),
+            buyer_id=self._request.buyer_id,
+            seller_id=self._request.seller_id,
+            count=self._message_count(),
+        )
+
+    def _show_latest_message(self) -> None:
+        """The latest message in the Web UI's current details (none: nothing changes)."""
+        latest = next((e for e in reversed(self._audit) if e.kind == rules.MESSAGE_KIND), None)
+        if latest is not None:
+            self._visible.message(latest.actor, latest.detail, latest.at)
+
+    @workflow.update
+    async def message(self, *args: Any) -> MessageReceipt:
+        # Checked again here: another message or a decision may have come in since the
+        # validator ran. The note is taken before the activity, so the count holds at once.
+        request = self._check_message(messages.one(args))
+        author = f"{request.author.value}:{request.author_id}"
+        self._note(author, rules.MESSAGE_KIND, request.text)
+        at = workflow.now()
+        count = self._message_count()
+        self._show_latest_message()
+        await steps.record_event(
+            self._id,
+            author,
+            rules.MESSAGE_KIND,
+            request.text,
+            event_key=self._key(rules.MESSAGE_KIND),
+        )
+        return MessageReceipt(
+            cancellation_id=self._id,
+            author=author,
+            text=request.text,
+            at=at,
+            messages=count,
+            messages_left=max(rules.MESSAGES_MAX - count, 0),
+        )
+
+    @message.validator
+    def _validate_message(self, *args: Any) -> None:
+        messages.refuse_unless(self._check_message, args)
+
     # --- status: what the API and the buyer's order page read (R17) ---------------------
 
     @workflow.query
@@ -286,4 +342,5 @@ class CancellationInbox:
             last_error=self._last_error,
             audit=list(self._audit),
             refused_messages=self._refused,
+            messages=rules.messages_of(self._audit),
         )

@@ -19,6 +19,7 @@ from domain.errors import DecisionRefused, RefusalCode
 from domain.models import (
     CancellationPath,
     CancellationStatus,
+    MessageRequest,
     OperatorDecision,
     PaymentEvent,
     RefundView,
@@ -100,6 +101,31 @@ def withdrawal(
             RefusalCode.ALREADY_DECIDED, "the request was already decided or withdrawn"
         )
     return request
+
+
+def message(
+    payload: Any,
+    *,
+    status: CancellationStatus,
+    answered: bool,
+    buyer_id: str,
+    seller_id: str,
+    count: int,
+) -> MessageRequest:
+    """R18: a message from the cancellation's buyer or seller while the request waits for the
+    seller; the text as it will be recorded (trimmed)."""
+    request = parse(MessageRequest, payload)
+    text = rules.check_message(
+        status=status,
+        answered=answered,
+        author=request.author,
+        author_id=request.author_id,
+        buyer_id=buyer_id,
+        seller_id=seller_id,
+        text=request.text,
+        count=count,
+    )
+    return request.model_copy(update={"text": text})
 
 
 OPERATOR_DECIDES = (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED)

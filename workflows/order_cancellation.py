@@ -605,6 +605,7 @@ class OrderCancellation(CancellationInbox):
         opened = self._opened
         assert opened is not None
         self._visible.resumed(opened)
+        self._show_latest_message()
         self._visible.show(
             self._status,
             self._refund,

@@ -104,6 +104,8 @@ class Visibility:
         # What the search attributes hold now, as far as this run has set them.
         self._shown_deadline: datetime | None = None
         self._shown_coupon: str | None = None
+        # R18: the latest message on the request (who, what, when).
+        self._message: tuple[str, str, datetime] | None = None
 
     def start(self, request: RequestCancellationInput) -> None:
         """The attributes a cancellation is found by, set once, and only those the starter did
@@ -174,6 +176,11 @@ class Visibility:
             workflow.upsert_search_attributes(updates)
         workflow.set_current_details(self.details())
 
+    def message(self, author: str, text: str, at: datetime) -> None:
+        """A message on the request (R18): the latest one in the details (no command)."""
+        self._message = (author, text, at)
+        workflow.set_current_details(self.details())
+
     def next_check(self, refund: RefundView, at: datetime) -> None:
         """The provider said "pending": when it is asked again (details only, no command)."""
         self._refund = refund
@@ -228,6 +235,12 @@ class Visibility:
         if self._coupon is not None:
             lines.append(
                 f"Coupon: {self._coupon.outcome.value} ({escape_markdown(self._coupon.reason)})"
+            )
+        if self._message is not None:
+            author, text, at = self._message
+            lines.append(
+                f"Latest message: {escape_markdown(author)} at {at:%Y-%m-%d %H:%M:%S} UTC:"
+                f" {escape_markdown(text)}"
             )
         if self._last_error and self._status is CancellationStatus.REFUND_FAILED:
             lines.append(f"Last error: {escape_markdown(self._last_error)}")
