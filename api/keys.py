@@ -32,6 +32,8 @@ class Role(StrEnum):
     SELLER = "seller"
     SRE = "sre"
     PAYMENT_PROVIDER = "payment-provider"
+    # The order system: posts checkout orders and the events that follow them (R13).
+    ORDER_SYSTEM = "order-system"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Principal:
         except ValueError:
             raise ValueError(
                 f"unknown principal {text!r} (buyer-service, seller:<seller_id>, sre,"
-                " sre:<operator>, payment-provider)"
+                " sre:<operator>, payment-provider, order-system)"
             ) from None
         if role is Role.SELLER:
             raise ValueError("a seller principal names its seller: seller:<seller_id>")

@@ -41,6 +41,8 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
+from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
+from domain.orders import CheckoutOrderIn
 from domain.rules import parse_duration
 from ledger.inbox import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, CancellationPage, OrderView
 from ledger.stuck import StuckCancellation
@@ -62,6 +64,8 @@ BODY_MODELS: list[type[BaseModel]] = [
     RetryRefundBody,
     EscalationDecisionBody,
     PaymentEvent,
+    CheckoutOrderIn,
+    OrderEventIn,
     MessageBody,
 ]
 
@@ -97,6 +101,9 @@ OrderReader = Annotated[
 Sre = Annotated[Principal, Depends(allow(Role.SRE, action="retry refunds"))]
 SreOperator = Annotated[Principal, Depends(allow(Role.SRE, action="resolve escalations"))]
 SreReader = Annotated[Principal, Depends(allow(Role.SRE, action="list stuck requests"))]
+OrderSystem = Annotated[
+    Principal, Depends(allow(Role.ORDER_SYSTEM, action="post orders and order events"))
+]
 Provider = Annotated[
     Principal, Depends(allow(Role.PAYMENT_PROVIDER, action="deliver payment events"))
 ]
@@ -530,6 +537,60 @@ async def payment_event(ctx: Context, principal: Provider, request: Request) -> 
     # Parsed only once the signature proves who sent it.
     event = await json_body(PaymentEvent)(request)
     return await ctx.service.payment_event(event)
+
+
+# --- the order system (R13, R14) ----------------------------------------------------------------
+
+_ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # domain.models.Identifier
+
+
+@router.post(
+    "/v1/orders",
+    response_model=OrderAccepted,
+    summary="One checkout order, in the orders-file format (idempotent by order id)",
+    description=(
+        "The order as one entry of the orders file (docs/orders-format.md). The same document"
+        " again changes nothing (`created: false`); another document under the same order id,"
+        " or a payment or redemption id of another order, is refused (409 `order_conflict`)."
+    ),
+    responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
+    openapi_extra=_body(CheckoutOrderIn),
+)
+async def post_order(
+    ctx: Context,
+    principal: OrderSystem,
+    order: Annotated[CheckoutOrderIn, Depends(json_body(CheckoutOrderIn))],
+) -> OrderAccepted:
+    return await ctx.service.post_order(order)
+
+
+@router.post(
+    "/v1/orders/{order_id}/events",
+    response_model=OrderEventResult,
+    summary="What happened to an order: payment validated or captured, seller accepted, shipped",
+    description=(
+        "Applied once per `event_id` and in causal order whatever the arrival order (R13):"
+        " captured implies validated, shipped implies accepted, a late fact already implied"
+        " changes nothing (`outcome: unchanged`). The same event again gets the same answer"
+        " (`duplicate: true`); another document under the same id is 409 `event_conflict`."
+        " 404 `order_not_found` / `sub_order_not_found`; 422 `amount_exceeds_authorisation`"
+        " for a capture above the authorisation. A shipment that ends a request waiting for"
+        " its seller (`outcome: request_rejected`, R14) is told to its workflow before the"
+        " answer; if that fails, 503 `workflow_unavailable` (the event is recorded: deliver it"
+        " again)."
+    ),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+    openapi_extra=_body(OrderEventIn),
+)
+async def order_event(
+    ctx: Context,
+    principal: OrderSystem,
+    order_id: str,
+    event: Annotated[OrderEventIn, Depends(json_body(OrderEventIn))],
+) -> OrderEventResult:
+    if not _ORDER_ID.fullmatch(order_id):
+        raise ApiError(404, "order_not_found", "no such order")
+    return await ctx.service.order_event(order_id, event)
 
 
 # --- operations ---------------------------------------------------------------------------------

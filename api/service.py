@@ -17,12 +17,21 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.schemas import CancellationAccepted, CancellationDetails, WithdrawalReceipt
 from api.stores import SubOrders
-from domain.errors import RefusalCode
+from domain.errors import (
+    CaptureExceedsAuthorisation,
+    OrderConflict,
+    OrderEventConflict,
+    OrderNotFound,
+    RefusalCode,
+    SubOrderAlreadyShipped,
+    SubOrderNotFound,
+)
 from domain.models import (
     CancellationPath,
     CancellationResult,
@@ -39,6 +48,8 @@ from domain.models import (
     SubOrderStatus,
     WithdrawRequest,
 )
+from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
+from domain.orders import CheckoutOrderIn
 from domain.rules import cancellation_id as cancellation_id_of
 from ledger.inbox import (
     CancellationPage,
@@ -47,6 +58,7 @@ from ledger.inbox import (
     list_cancellations,
     order_view,
 )
+from ledger.order_events import post_order
 from ledger.repository import Ledger
 from ledger.stuck import StuckCancellation, stuck_cancellations
 from starter import cancellations
@@ -58,6 +70,7 @@ from starter.cancellations import (
     Refused,
     StatusUnavailable,
 )
+from starter.order_events import NotTold, deliver_order_event
 from starter.payment_events import ForwardResult, forward_payment_event
 from starter.requests import start_cancellation
 
@@ -67,6 +80,7 @@ log = structlog.get_logger("api")
 WITHDRAW_WAIT = 3.0
 _POLL = 0.1
 PENDING = (CancellationStatus.AWAITING_SELLER, CancellationStatus.ESCALATED)
+SHIPPED_TYPE = SubOrderAlreadyShipped.error_type
 
 
 def details(located: Located) -> CancellationDetails:
@@ -143,6 +157,13 @@ class CancellationService:
                 "sub_order_not_found",
                 f"order {request.order_id} has no sub-order of seller {request.seller_id} for"
                 f" buyer {request.buyer_id}",
+            )
+        if state.shipped and state.cancellation_id is None:
+            raise ApiError(
+                409,
+                "already_shipped",
+                f"sub-order {request.order_id}/{request.seller_id} has shipped: it cannot be"
+                " cancelled here (a return or a dispute can) (R14)",
             )
         if state.status is SubOrderStatus.CANCELLED and state.cancellation_id is None:
             raise ApiError(
@@ -241,6 +262,9 @@ class CancellationService:
                 while cause is not None and cause.__cause__ is not None:
                     cause = cause.__cause__
                 reason = str(cause or err)
+                if isinstance(cause, ApplicationError) and cause.type == SHIPPED_TYPE:
+                    # R14: shipped between our check and the opening (the opening refused it).
+                    raise ApiError(409, "already_shipped", reason) from None
             raise ApiError(409, "cancellation_failed", f"the cancellation could not open: {reason}")
 
     # --- decisions --------------------------------------------------------------------------
@@ -386,6 +410,29 @@ class CancellationService:
         return await forward_payment_event(
             self._client, self._ledger, event, task_queue=self._task_queue
         )
+
+    # --- the order system (R13, R14) --------------------------------------------------------
+
+    async def post_order(self, order: CheckoutOrderIn) -> OrderAccepted:
+        try:
+            return await post_order(self._ledger.pool, order)
+        except OrderConflict as err:
+            raise ApiError(409, "order_conflict", str(err)) from None
+
+    async def order_event(self, order_id: str, event: OrderEventIn) -> OrderEventResult:
+        try:
+            return await deliver_order_event(self._client, self._ledger.pool, order_id, event)
+        except OrderNotFound as err:
+            raise ApiError(404, "order_not_found", str(err)) from None
+        except SubOrderNotFound as err:
+            raise ApiError(404, "sub_order_not_found", str(err)) from None
+        except OrderEventConflict as err:
+            raise ApiError(409, "event_conflict", str(err)) from None
+        except CaptureExceedsAuthorisation as err:
+            raise ApiError(422, "amount_exceeds_authorisation", str(err)) from None
+        except NotTold as err:
+            log.error("order_shipped_not_told", event_id=event.event_id, reason=str(err))
+            raise ApiError(503, "workflow_unavailable", str(err)) from None
 
 
 def workflow_id_for(request: RequestCancellationInput) -> str:

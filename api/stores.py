@@ -59,6 +59,7 @@ class SubOrderState(Record):
     buyer_id: str
     status: SubOrderStatus
     cancellation_id: str | None = None
+    shipped: bool = False
 
 
 class SubOrders:
@@ -71,7 +72,7 @@ class SubOrders:
     async def state(self, *, order_id: str, seller_id: str) -> SubOrderState | None:
         row = await self._pool.fetchrow(
             """
-            SELECT o.buyer_id, s.status, c.cancellation_id
+            SELECT o.buyer_id, s.status, c.cancellation_id, s.shipped_at IS NOT NULL AS shipped
             FROM sub_orders s
             JOIN checkout_orders o ON o.order_id = s.order_id
             LEFT JOIN cancellations c ON c.order_id = s.order_id AND c.seller_id = s.seller_id

@@ -23,14 +23,21 @@ from domain.models import (
     RequestCancellationInput,
     SellerDecision,
 )
+from domain.order_events import OrderEventIn, OrderEventType
+from domain.orders import CheckoutOrderIn
+from ledger.order_events import post_order
 from ledger.orders import load_orders, parse_orders_file
 from ledger.policies import set_policy
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider, SimulatorFaults
+from starter.order_events import deliver_order_event
 from starter.requests import start_cancellation
 from workflows.order_cancellation import OrderCancellation
 
 DEMO_FILE = Path(__file__).resolve().parent / "demo-data" / "orders.json"
+# The order the demo posts as the order system would (POST /v1/orders), then moves on by events.
+EVENTS_ORDER_FILE = DEMO_FILE.with_name("order-by-events.json")
+EVENTS_SCENARIO = "by events: validated, then shipped"
 # The demo's seller S-9 has a short window by policy (R19), for its "seller silent" scenario
 # (the dev stack lowers the floor below it: devstack.dev).
 DEMO_WINDOW = timedelta(seconds=5)
@@ -103,6 +110,24 @@ async def run_demo(
         "P-1005", SimulatorFaults(transient_failures=2, lose_response=True)
     )
 
+    # R13/R14, driven by events: the order arrives unvalidated (instant path), its payment is
+    # validated by an event, so the cancellation waits for the seller (request path); the
+    # sub-order then ships, which is the seller's answer: rejected, reason "shipped".
+    by_events = CheckoutOrderIn.model_validate_json(EVENTS_ORDER_FILE.read_text())
+    buyers[by_events.order_id] = by_events.buyer_id
+    await post_order(pool, by_events)
+    validated = await deliver_order_event(
+        client,
+        pool,
+        by_events.order_id,
+        OrderEventIn(
+            event_id="E-1006-validated",
+            type=OrderEventType.PAYMENT_VALIDATED,
+            occurred_at=by_events.placed_at + timedelta(minutes=5),
+        ),
+    )
+    console.print(f"order {by_events.order_id} posted; payment_validated: {validated.detail}")
+
     async def start(name: str, request: RequestCancellationInput) -> Outcome:
         return Outcome(
             name,
@@ -138,6 +163,10 @@ async def run_demo(
             "provider fails transiently",
             _request("O-1005", "S-10", CancellationReason.OUT_OF_STOCK),
         ),
+        await start(
+            EVENTS_SCENARIO,
+            _request(by_events.order_id, "S-7", CancellationReason.ORDERED_BY_MISTAKE),
+        ),
     ]
     by_name = {o.scenario: o for o in outcomes}
     decisions = [
@@ -148,7 +177,22 @@ async def run_demo(
         _decide(by_name["one of two sellers (coupon stays)"].handle, "S-7", Decision.ACCEPT, "ok"),
         _decide(by_name["provider fails transiently"].handle, "S-10", Decision.ACCEPT, "ok"),
     ]
-    await asyncio.gather(*decisions, return_exceptions=True)
+
+    async def ships() -> None:
+        await _wait_pending(by_name[EVENTS_SCENARIO].handle)
+        await deliver_order_event(
+            client,
+            pool,
+            by_events.order_id,
+            OrderEventIn(
+                event_id="E-1006-shipped",
+                type=OrderEventType.SUB_ORDER_SHIPPED,
+                seller_id="S-7",
+                occurred_at=by_events.placed_at + timedelta(hours=2),
+            ),
+        )
+
+    await asyncio.gather(*decisions, ships(), return_exceptions=True)
 
     async def finish(outcome: Outcome) -> None:
         try:

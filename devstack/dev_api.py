@@ -35,6 +35,7 @@ DEV_PRINCIPALS = (
     "buyer-service",
     "sre",
     "payment-provider",
+    "order-system",
     "seller:S-1",
     "seller:S-2",
     "seller:S-7",
@@ -55,28 +56,37 @@ def dev_credentials(data_dir: Path) -> DevCredentials:
     if path.exists():
         try:
             stored = json.loads(path.read_text())
-            return DevCredentials(
-                keys={str(p): str(k) for p, k in stored["keys"].items()},
-                webhook_secret=str(stored["payment_webhook_secret"]),
-                path=path,
-            )
+            keys = {str(p): str(k) for p, k in stored["keys"].items()}
+            webhook_secret = str(stored["payment_webhook_secret"])
         except (ValueError, KeyError, AttributeError) as err:
             raise RuntimeError(f"{path} is unreadable ({err}); delete it to make new keys") from err
+        missing = [p for p in DEV_PRINCIPALS if p not in keys]
+        if missing:
+            # A principal added since the file was made (e.g. order-system): its key is made
+            # now, the others are kept.
+            keys.update({principal: generate_key() for principal in missing})
+            _write(path, keys, webhook_secret, replace=True)
+        return DevCredentials(keys=keys, webhook_secret=webhook_secret, path=path)
     credentials = DevCredentials(
         keys={principal: generate_key() for principal in DEV_PRINCIPALS},
         webhook_secret="whsec_" + secrets.token_urlsafe(32),
         path=path,
     )
     data_dir.mkdir(parents=True, exist_ok=True)
+    _write(path, credentials.keys, credentials.webhook_secret, replace=False)
+    return credentials
+
+
+def _write(path: Path, keys: dict[str, str], webhook_secret: str, *, replace: bool) -> None:
     document = {
         "warning": "development keys of `ordercancel dev`; never use them elsewhere",
-        "keys": credentials.keys,
-        "payment_webhook_secret": credentials.webhook_secret,
+        "keys": keys,
+        "payment_webhook_secret": webhook_secret,
     }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "w") as file:
         json.dump(document, file, indent=2)
-    return credentials
 
 
 class _InLoopServer(uvicorn.Server):
@@ -165,5 +175,6 @@ async def start_dev_api(
         lines.append(
             f"  export API={url} BUYER_KEY={buyer} SRE_KEY={credentials.keys['sre']}"
             f" SELLER_S1_KEY={credentials.keys['seller:S-1']}"
+            f" ORDER_SYSTEM_KEY={credentials.keys['order-system']}"
         )
     return DevApi(url=url, banner="\n".join(lines), server=server, task=task)

@@ -105,3 +105,27 @@ class ProviderReadError(ProviderError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class SubOrderAlreadyShipped(LedgerError):
+    """R14: a shipped sub-order is not cancelled here (a return or a dispute is)."""
+
+    error_type = "SubOrderAlreadyShipped"
+
+
+class OrderNotFound(LedgerError):
+    """An order event names an order the ledger does not have."""
+
+    error_type = "OrderNotFound"
+
+
+class OrderEventConflict(LedgerError):
+    """An order event id already recorded with another document."""
+
+    error_type = "OrderEventConflict"
+
+
+class CaptureExceedsAuthorisation(LedgerError):
+    """A capture of more than the payment authorised."""
+
+    error_type = "CaptureExceedsAuthorisation"

@@ -262,8 +262,11 @@ async def _insert_details(conn: asyncpg.Connection, orders: list[CheckoutOrderIn
     await conn.executemany(
         """
         INSERT INTO payments
-            (payment_id, order_id, method, validation, capture, amount_minor, currency)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+            (payment_id, order_id, method, validation, capture, amount_minor, currency,
+             captured_minor)
+        -- Captured at checkout: captured in full (migration 009).
+        VALUES ($1, $2, $3, $4, $5, $6::bigint, $7,
+                CASE WHEN $5 = 'captured' THEN $6::bigint ELSE 0 END)
         """,
         [
             (

@@ -20,6 +20,7 @@ from domain.errors import (
     RefundLimitExceeded,
     RefundWouldRepeatRefusal,
     SubOrderAlreadyCancelled,
+    SubOrderAlreadyShipped,
     SubOrderNotFound,
 )
 from domain.models import (
@@ -303,6 +304,12 @@ class Ledger:
                 )
             case "already_cancelled":
                 raise SubOrderAlreadyCancelled(f"sub-order {sub_order} is already cancelled")
+            case "already_shipped":
+                # R14: the buyer goes through a return or a dispute instead.
+                raise SubOrderAlreadyShipped(
+                    f"sub-order {sub_order} has shipped: it cannot be cancelled (a return or a"
+                    " dispute can)"
+                )
             case "wrong_buyer":
                 # Only the buyer of the order may cancel it; a wrong buyer id is a caller bug,
                 # not a reason to reveal whose order it is.

@@ -33,6 +33,7 @@ from domain.models import (
 )
 from domain.rules import cancellation_id
 from infra.settings import TASK_QUEUE
+from ledger.order_events import refuse_if_shipped
 from ledger.repository import Ledger
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
@@ -81,6 +82,9 @@ async def start_cancellation(
     termination, when the first one never completed).
     """
     workflow_id = cancellation_id(request.order_id, request.seller_id)
+    if ledger is not None:
+        # R14: a shipped sub-order is refused before a workflow exists for it.
+        await refuse_if_shipped(ledger.pool, order_id=request.order_id, seller_id=request.seller_id)
     amount = (
         await ledger.sub_order_amount(order_id=request.order_id, seller_id=request.seller_id)
         if ledger is not None

@@ -46,7 +46,14 @@ T = TypeVar("T")
 OPENAPI = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 SECRET = "whsec_schemathesis_" + "s" * 32
 SELLER, BUYER = "S-51", "B-510"
-PRINCIPALS = ("buyer-service", f"seller:{SELLER}", "seller:S-52", "sre", "payment-provider")
+PRINCIPALS = (
+    "buyer-service",
+    f"seller:{SELLER}",
+    "seller:S-52",
+    "sre",
+    "payment-provider",
+    "order-system",
+)
 CALLERS = (*PRINCIPALS, None, "garbage")
 CHECKS = [
     not_a_server_error,

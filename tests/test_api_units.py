@@ -225,6 +225,8 @@ def test_openapi_document_is_in_sync() -> None:
         "/v1/orders/{order_id}/cancellations",
         "/v1/stuck",
         "/v1/payment-events",
+        "/v1/orders",
+        "/v1/orders/{order_id}/events",
         "/healthz",
         "/readyz",
     }

@@ -69,8 +69,20 @@ COUPON_S7 = cancellation_id("O-2001", "S-7")
 COUPON_S8 = cancellation_id("O-2001", "S-8")
 PARTIAL = cancellation_id("O-2002", "S-7")
 FLAKY_PROVIDER = cancellation_id("O-1005", "S-10")
-DEMO_IDS = {INSTANT, ACCEPTED, REJECTED, SILENT, COUPON_S7, COUPON_S8, PARTIAL, FLAKY_PROVIDER}
-APPROVED_IDS = DEMO_IDS - {REJECTED}
+# Posted as by the order system, validated by an event, ended by its shipment (R13, R14).
+SHIPPED = cancellation_id("O-1006", "S-7")
+DEMO_IDS = {
+    INSTANT,
+    ACCEPTED,
+    REJECTED,
+    SILENT,
+    COUPON_S7,
+    COUPON_S8,
+    PARTIAL,
+    FLAKY_PROVIDER,
+    SHIPPED,
+}
+APPROVED_IDS = DEMO_IDS - {REJECTED, SHIPPED}
 DEMO_ORDERS = ("O-1001", "O-1002", "O-1003", "O-1004", "O-1005", "O-2001", "O-2002")
 
 
@@ -239,6 +251,32 @@ async def test_seller_rejects_and_nothing_is_refunded(demo: dict[str, Outcome]) 
     assert r.coupon is None
 
 
+async def test_an_order_moved_on_by_events_ends_rejected_when_it_ships(
+    demo: dict[str, Outcome], stack: Stack
+) -> None:
+    """R13, R14: posted unvalidated, validated by an event (so the request path), and the
+    shipment is the seller's answer: rejected, reason "shipped", nothing refunded."""
+    r = result(demo, SHIPPED)
+    assert (r.status, r.path, r.refund) == (
+        CancellationStatus.REJECTED,
+        CancellationPath.REQUEST,
+        None,
+    )
+    events = await stack.pool.fetch(
+        "SELECT event_id, outcome, notified_at IS NOT NULL AS told FROM order_events"
+        " WHERE order_id = 'O-1006' ORDER BY occurred_at"
+    )
+    assert [tuple(e) for e in events] == [
+        ("E-1006-validated", "applied", False),
+        ("E-1006-shipped", "request_rejected", True),
+    ]
+    detail = await stack.pool.fetchval(
+        "SELECT detail FROM cancellation_events WHERE cancellation_id = $1 AND kind = 'rejected'",
+        SHIPPED,
+    )
+    assert detail == "shipped"
+
+
 async def test_silent_seller_is_approved_by_the_timer(demo: dict[str, Outcome]) -> None:
     r = result(demo, SILENT)
     assert r.status is CancellationStatus.COMPLETED
@@ -314,8 +352,9 @@ async def test_ledger_has_exactly_one_confirmed_refund_per_approved_cancellation
         assert refund["stage"] == "confirmed", wid
         assert refund["amount_minor"] == refund["cash_minor"], wid
         assert refund["idempotency_key"] == result(demo, wid).refund.idempotency_key  # type: ignore[union-attr]
-    (rejected,) = by_id[REJECTED]
-    assert rejected["idempotency_key"] is None  # no refund row at all
+    for wid in (REJECTED, SHIPPED):
+        (rejected,) = by_id[wid]
+        assert rejected["idempotency_key"] is None, wid  # no refund row at all
 
 
 async def test_payments_never_refund_more_than_was_paid(
@@ -398,6 +437,7 @@ async def test_audit_trail_tells_each_story_in_order(
         "completed",
     ]
     assert kinds[REJECTED] == ["requested", "awaiting_seller", "rejected"]
+    assert kinds[SHIPPED] == ["requested", "awaiting_seller", "rejected"]
     for wid in APPROVED_IDS - {INSTANT}:
         story = kinds[wid]
         assert story[:3] == ["requested", "awaiting_seller", "approved"], wid
@@ -412,6 +452,7 @@ async def test_audit_trail_tells_each_story_in_order(
     assert ("timer", "approved") in actors[SILENT]
     assert ("seller:S-7", "approved") in actors[ACCEPTED]
     assert ("seller:S-8", "rejected") in actors[REJECTED]
+    assert ("order-system", "rejected") in actors[SHIPPED]
     statuses = dict(
         await stack.pool.fetch(
             "SELECT cancellation_id, status FROM cancellations"
@@ -419,7 +460,9 @@ async def test_audit_trail_tells_each_story_in_order(
             sorted(DEMO_IDS),
         )
     )
-    assert statuses == {wid: ("rejected" if wid == REJECTED else "completed") for wid in DEMO_IDS}
+    assert statuses == {
+        wid: ("rejected" if wid in (REJECTED, SHIPPED) else "completed") for wid in DEMO_IDS
+    }
 
 
 async def test_provider_made_each_refund_once(demo: dict[str, Outcome], stack: Stack) -> None:

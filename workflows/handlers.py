@@ -19,7 +19,7 @@ from typing import Any
 from temporalio import workflow
 
 from domain import rules
-from domain.errors import DecisionRefused
+from domain.errors import DecisionRefused, RefusalCode
 from domain.models import (
     AuditEntry,
     CancellationStatus,
@@ -40,6 +40,7 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
+from domain.order_events import ORDER_SYSTEM, SHIPPED_REASON
 from workflows import messages, steps
 from workflows.visibility import Visibility
 
@@ -70,6 +71,8 @@ class CancellationInbox:
     _reversal: PaymentEvent | None
     _audit: list[AuditEntry]
     _refused: int
+    # R14: the shipment event that ended the request (a redelivery of it changes nothing).
+    _shipped_event: str | None = None
     _visible: Visibility
 
     def _answered(self) -> bool:
@@ -189,6 +192,42 @@ class CancellationInbox:
             # Before confirmation the provider's own answer reports a failure; after it, only
             # this tells the workflow to look again.
             self._reversal = event
+
+    # The sub-order shipped while its request waited for the seller (R14): sent by the
+    # order-events service once the ledger recorded the shipment. The shipment is the seller's
+    # answer: the request ends rejected, reason "shipped", and the order goes on.
+
+    @workflow.signal
+    async def order_shipped(self, *args: Any) -> None:
+        await workflow.wait_condition(lambda: self._opened is not None)
+        assert self._opened is not None
+        if self._shipped_event is not None and messages.claimed(args, "event_id") == (
+            self._shipped_event
+        ):
+            return  # told again (the service redelivers until it knows this was received)
+        try:
+            shipped = messages.order_shipped(
+                messages.one(args),
+                status=self._status,
+                seller_id=self._request.seller_id,
+                path=self._opened.path,
+            )
+        except DecisionRefused as err:
+            await self._refuse(messages.claimed(args, "sent_by"), "order_shipped_refused", err)
+            return
+        if self._answered():
+            await self._refuse(
+                ORDER_SYSTEM,
+                "order_shipped_refused",
+                DecisionRefused(
+                    RefusalCode.ALREADY_DECIDED,
+                    f"shipped ({shipped.event_id}) after the request was answered: that answer"
+                    " stands",
+                ),
+            )
+            return
+        self._shipped_event = shipped.event_id
+        self._take_decision(Decision.REJECT, ORDER_SYSTEM, SHIPPED_REASON)
 
     # A sibling cancellation decided its coupon (R11): one that waits for it reads its own
     # again. Any payload is ignored: the ledger, read by the workflow, is the truth.

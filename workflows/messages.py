@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError
 from domain import rules
 from domain.errors import DecisionRefused, RefusalCode
 from domain.models import (
+    CancellationPath,
     CancellationStatus,
     MessageRequest,
     OperatorDecision,
@@ -26,6 +27,7 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
+from domain.order_events import OrderShipped
 
 M = TypeVar("M", bound=BaseModel)
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # domain.models.Identifier
@@ -171,6 +173,35 @@ def payment_event(payload: Any, refund: RefundView | None) -> PaymentEvent:
             f"event {event.event_id} names no refund of this cancellation",
         )
     return event
+
+
+# A shipment ends a request that has not been answered yet: opening (the ledger has it waiting
+# already), waiting for the seller, or escalated.
+SHIPMENT_ENDS = (
+    CancellationStatus.OPENING,
+    CancellationStatus.AWAITING_SELLER,
+    CancellationStatus.ESCALATED,
+)
+
+
+def order_shipped(
+    payload: Any, *, status: CancellationStatus, seller_id: str, path: CancellationPath | None
+) -> OrderShipped:
+    """R14: the order-events service tells a request waiting for its seller that the sub-order
+    shipped. `sent_by` must name that service (issue 18: not a door for anyone else), the
+    seller must be this sub-order's, and the request must still wait for an answer."""
+    shipped = parse(OrderShipped, payload)
+    if shipped.seller_id != seller_id:
+        raise DecisionRefused(
+            RefusalCode.WRONG_SELLER,
+            f"seller {shipped.seller_id} did not receive this sub-order ({seller_id} did)",
+        )
+    if path is not CancellationPath.REQUEST or status not in SHIPMENT_ENDS:
+        raise DecisionRefused(
+            RefusalCode.NOT_PENDING,
+            f"only a request waiting for its seller ends when it ships (status: {status.value})",
+        )
+    return shipped
 
 
 def refuse_unless(check: Callable[[Any], object], args: tuple[Any, ...]) -> None:
