@@ -144,7 +144,10 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
             # earlier runs' stories (a cancellation reopened by a reversed refund).
             coupon = await ledger.coupon_outcome(cancellation_id=cancellation_id)
             trail = await ledger.audit_trail(cancellation_id=cancellation_id)
-            update: dict[str, Any] = {"audit": one_story(trail, view.audit)}
+            update: dict[str, Any] = {
+                "audit": one_story(trail, view.audit),
+                "payment": await ledger.payment_amounts(cancellation_id=cancellation_id),
+            }
             if coupon is not None:
                 update["coupon"] = coupon
             return Located(view.model_copy(update=update), running=True, source="workflow")
