@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable
 from typing import Annotated, Any
 
+import stripe
 import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
@@ -40,6 +41,7 @@ from domain.rules import parse_duration
 from ledger.stuck import StuckCancellation
 from starter.cancellations import Located
 from starter.payment_events import ForwardResult
+from starter.stripe_events import StripeWebhookResult
 
 log = structlog.get_logger("api")
 
@@ -381,6 +383,71 @@ async def payment_event(ctx: Context, principal: Provider, request: Request) -> 
     # Parsed only once the signature proves who sent it.
     event = await json_body(PaymentEvent)(request)
     return await ctx.service.payment_event(event)
+
+
+STRIPE_SIGNATURE_HEADER = "Stripe-Signature"
+
+
+@router.post(
+    "/v1/providers/stripe/webhook",
+    response_model=StripeWebhookResult,
+    summary="Stripe's webhook events, as Stripe sends them (Stripe-Signature; no API key)",
+    description=(
+        f"Verified with the Stripe SDK: the `{STRIPE_SIGNATURE_HEADER}` header"
+        " (`t=<unix>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>`) against the endpoint secret"
+        " (`ORDERCANCEL_STRIPE_WEBHOOK_SECRET`), `t` within the webhook tolerance. Refund"
+        " updated / failed, charge refunded, PaymentIntent captured / canceled become the"
+        " product's payment events (`forwarded`, each as `/v1/payment-events` answers it;"
+        " deduplicated by the Stripe event id); any other type is acknowledged with"
+        " `handled: false`. A bad signature is refused (400) and changes nothing."
+    ),
+    responses=problem_responses(400, 413, 503),
+    openapi_extra={
+        "parameters": [
+            {
+                "name": STRIPE_SIGNATURE_HEADER,
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    },
+)
+async def stripe_webhook(ctx: Context, request: Request) -> StripeWebhookResult:
+    if ctx.stripe_webhook_secret is None:
+        raise ApiError(
+            503, "webhook_not_configured", "no Stripe webhook endpoint secret is configured"
+        )
+    header = request.headers.get(STRIPE_SIGNATURE_HEADER)
+    if not header:
+        raise ApiError(400, "missing_signature", f"the {STRIPE_SIGNATURE_HEADER} header is missing")
+    body = await request.body()
+    try:
+        event = stripe.Webhook.construct_event(
+            body.decode("utf-8"),
+            header,
+            ctx.stripe_webhook_secret,
+            tolerance=int(ctx.settings.webhook_tolerance.total_seconds()),
+        )
+    except stripe.SignatureVerificationError:
+        raise ApiError(
+            400,
+            "invalid_signature",
+            f"the {STRIPE_SIGNATURE_HEADER} does not match this body and the endpoint secret,"
+            " or is too old",
+        ) from None
+    except (ValueError, UnicodeDecodeError):
+        # Signed by the secret's holder but not an event: nothing to do with it.
+        raise ApiError(400, "invalid_json", "the body is not a Stripe event (JSON)") from None
+    data = event.to_dict()
+    if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
+        raise ApiError(400, "invalid_event", "a Stripe event needs an `id` and a `type`")
+    return await ctx.service.stripe_event(data)
 
 
 # --- operations ---------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from starter.cancellations import (
 )
 from starter.payment_events import ForwardResult, forward_payment_event
 from starter.requests import start_cancellation
+from starter.stripe_events import StripeWebhookResult, forward_stripe_event
 
 log = structlog.get_logger("api")
 
@@ -327,6 +328,11 @@ class CancellationService:
 
     async def payment_event(self, event: PaymentEvent) -> ForwardResult:
         return await forward_payment_event(
+            self._client, self._ledger, event, task_queue=self._task_queue
+        )
+
+    async def stripe_event(self, event: dict[str, Any]) -> StripeWebhookResult:
+        return await forward_stripe_event(
             self._client, self._ledger, event, task_queue=self._task_queue
         )
 

@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     # The payment provider's webhook: shared HMAC secret and how old a signature may be.
     payment_webhook_secret: SecretStr | None = None
     webhook_tolerance: Duration = timedelta(minutes=5)
+    # Stripe's webhook endpoint secret (`whsec_...`) for POST /v1/providers/stripe/webhook.
+    stripe_webhook_secret: SecretStr | None = None
 
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
