@@ -443,7 +443,7 @@ async def stripe_webhook(ctx: Context, request: Request) -> StripeWebhookResult:
         ) from None
     except (ValueError, UnicodeDecodeError):
         # Signed by the secret's holder but not an event: nothing to do with it.
-        raise ApiError(400, "invalid_json", "the body is not a Stripe event (JSON)") from None
+        raise ApiError(400, "malformed_json", "the body is not a Stripe event (JSON)") from None
     data = event.to_dict()
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
         raise ApiError(400, "invalid_event", "a Stripe event needs an `id` and a `type`")
