@@ -66,6 +66,18 @@ class PaymentProvider(Protocol):
         ...
 
 
+class CapturesRemaining(Protocol):
+    """A provider that captures what is left of an authorisation once shares were released
+    from it (R15): authorised minus released (Stripe's `amount_to_capture`). Both the simulator
+    and the Stripe adapter have it; a capture flow (the order system's `payment_captured`)
+    can use it."""
+
+    async def capture_remaining(self, *, payment_id: str, idempotency_key: str) -> Money:
+        """The amount captured. Capturing again returns the same amount; a voided
+        authorisation raises ProviderFinalError."""
+        ...
+
+
 class SimulatorFaults(BaseModel):
     """Faults injected for one payment (see provider_sim.faults)."""
 
@@ -326,7 +338,7 @@ class SimulatedProvider:
             raise ProviderTransientError("simulated timeout after the provider recorded the refund")
         return result
 
-    async def capture(self, *, payment_id: str, idempotency_key: str) -> Money:
+    async def capture_remaining(self, *, payment_id: str, idempotency_key: str) -> Money:
         """Capture what is left of the authorisation: authorised minus released (R15), like
         Stripe's `amount_to_capture`. Capturing again returns the same amount."""
         await self._network()

@@ -223,6 +223,7 @@ def test_openapi_document_is_in_sync() -> None:
         "/v1/cancellations/{cancellation_id}/escalation-decision",
         "/v1/stuck",
         "/v1/payment-events",
+        "/v1/providers/stripe/webhook",
         "/healthz",
         "/readyz",
     }

@@ -7,6 +7,7 @@ constraint refuses amounts that do not add up.
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from typing import Any
 import asyncpg
 import pytest
 from helpers.orders import fast_refund_settings, orders_file, unique
+from rich.console import Console
 from temporalio.client import Client
 
+from cli.render import render_view
 from domain.errors import ProviderFinalError
 from domain.models import (
     CancellationReason,
@@ -144,6 +147,16 @@ async def test_one_share_is_released_and_the_last_one_voids_the_authorisation(
         refunded_minor=0,
     )
 
+    # What `ordercancel status` prints of it.
+    out = io.StringIO()
+    located = await locate(stack.client, stack.ledger, first)
+    assert located is not None
+    render_view(Console(file=out, width=200), located.view)
+    assert (
+        f"payment {payment_id} (EUR, minor units): authorised 5700, released 2300, captured 0,"
+        " refunded 0"
+    ) in out.getvalue()
+
     second = await cancel(stack, order_id, "S-2")
     # Nothing left to capture: now the authorisation is voided.
     held = await stack.provider.authorisation(payment_id)
@@ -159,7 +172,9 @@ async def test_one_share_is_released_and_the_last_one_voids_the_authorisation(
     assert [c["outcome"] for c in calls] == ["created", "created"]
     # A capture now finds nothing to take.
     with pytest.raises(ProviderFinalError, match="nothing to capture"):
-        await stack.provider.capture(payment_id=payment_id, idempotency_key=f"{order_id}:cap")
+        await stack.provider.capture_remaining(
+            payment_id=payment_id, idempotency_key=f"{order_id}:cap"
+        )
 
 
 async def test_the_capture_after_one_release_takes_only_what_is_left(stack: Stack) -> None:
@@ -168,11 +183,11 @@ async def test_the_capture_after_one_release_takes_only_what_is_left(stack: Stac
     await load_orders(stack.pool, parse_orders_file(orders_file(two_seller_order(order_id))))
     await cancel(stack, order_id, "S-1")
 
-    captured = await stack.provider.capture(
+    captured = await stack.provider.capture_remaining(
         payment_id=payment_id, idempotency_key=f"{order_id}:capture"
     )
     assert captured == Money(amount_minor=3400, currency="EUR")
-    again = await stack.provider.capture(
+    again = await stack.provider.capture_remaining(
         payment_id=payment_id, idempotency_key=f"{order_id}:capture"
     )
     assert again == captured
