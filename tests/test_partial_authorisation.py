@@ -15,9 +15,16 @@ from typing import Any
 
 import asyncpg
 import pytest
+import stripe
 from helpers.orders import fast_refund_settings, orders_file, unique
 from rich.console import Console
 from temporalio.client import Client
+from test_stripe_provider import (  # noqa: F401 (fixtures)
+    API_KEY,
+    localstripe_url,
+    payment_intent,
+    stripe_client,
+)
 
 from cli.render import render_view
 from domain.errors import ProviderFinalError
@@ -35,6 +42,7 @@ from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider
+from payments.stripe_provider import StripeProvider
 from starter.cancellations import locate
 from starter.requests import start_cancellation
 from workers.worker import build_worker
@@ -175,6 +183,42 @@ async def test_one_share_is_released_and_the_last_one_voids_the_authorisation(
         await stack.provider.capture_remaining(
             payment_id=payment_id, idempotency_key=f"{order_id}:cap"
         )
+
+
+async def test_on_stripe_the_first_share_is_noted_and_the_last_cancels_the_intent(
+    temporal_address: str, e2e_database_url: str, request: pytest.FixtureRequest
+) -> None:
+    # The same story with the worker on the Stripe adapter, against localstripe: the payment id
+    # of the order is the PaymentIntent's.
+    localstripe: str = request.getfixturevalue("localstripe_url")
+    stripe_api: stripe.StripeClient = request.getfixturevalue("stripe_client")
+    intent = await payment_intent(stripe_api, 5700, captured=False)
+    order = two_seller_order(unique("O-r15s"))
+    order["payment"]["payment_id"] = intent.id
+    client = await connect(temporal_address)
+    pool = await create_pool(e2e_database_url, min_size=1, max_size=8)
+    provider = StripeProvider.connect(API_KEY, api_base=localstripe)
+    task_queue = f"partial-auth-stripe-{uuid.uuid4()}"
+    try:
+        await load_orders(pool, parse_orders_file(orders_file(order)))
+        async with build_worker(
+            client, pool, fast_refund_settings(), provider=provider, task_queue=task_queue
+        ):
+            stack = Stack(client, pool, Ledger(pool), SimulatedProvider(pool), task_queue)
+            first = await cancel(stack, order["order_id"], "S-1")
+            seen = await stripe_api.v1.payment_intents.retrieve_async(intent.id)
+            assert seen.status == "requires_capture"  # S-2's share is still to be captured
+            refund = await stack.ledger.get_refund(cancellation_id=first)
+            (entry,) = [k for k in seen.metadata.to_dict() if k.startswith("oc_rel_")]
+            assert refund.view.provider_ref == f"{intent.id}:release:{entry[len('oc_rel_') :]}"
+            assert (await amounts(stack, first)).released_minor == 2300
+
+            await cancel(stack, order["order_id"], "S-2")
+            seen = await stripe_api.v1.payment_intents.retrieve_async(intent.id)
+            assert seen.status == "canceled"
+            assert (await amounts(stack, first)).released_minor == 5700
+    finally:
+        await pool.close()
 
 
 async def test_the_capture_after_one_release_takes_only_what_is_left(stack: Stack) -> None:
