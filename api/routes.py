@@ -441,8 +441,8 @@ async def stripe_webhook(ctx: Context, request: Request) -> StripeWebhookResult:
             f"the {STRIPE_SIGNATURE_HEADER} does not match this body and the endpoint secret,"
             " or is too old",
         ) from None
-    except (ValueError, UnicodeDecodeError):
-        # Signed by the secret's holder but not an event: nothing to do with it.
+    except (ValueError, TypeError, AttributeError):
+        # Not UTF-8, not JSON, or JSON that is no object: signed or not, nothing to do with it.
         raise ApiError(400, "malformed_json", "the body is not a Stripe event (JSON)") from None
     data = event.to_dict()
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
