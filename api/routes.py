@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import stripe
 import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from api.deps import Context, allow, checked_id, checked_idempotency_key, json_body
 from api.errors import ApiError, problem_responses
@@ -401,7 +401,7 @@ STRIPE_SIGNATURE_HEADER = "Stripe-Signature"
         " deduplicated by the Stripe event id); any other type is acknowledged with"
         " `handled: false`. A bad signature is refused (400) and changes nothing."
     ),
-    responses=problem_responses(400, 413, 503),
+    responses=problem_responses(400, 413, 422, 503),
     openapi_extra={
         "parameters": [
             {
@@ -447,7 +447,16 @@ async def stripe_webhook(ctx: Context, request: Request) -> StripeWebhookResult:
     data = event.to_dict()
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
         raise ApiError(400, "invalid_event", "a Stripe event needs an `id` and a `type`")
-    return await ctx.service.stripe_event(data)
+    try:
+        return await ctx.service.stripe_event(data)
+    except ValidationError as err:
+        # Signed, but an id or code no payment event may carry (a control character, too
+        # long): refused before anything is forwarded or recorded.
+        raise ApiError(
+            422,
+            "invalid_event",
+            f"the Stripe event cannot be mapped: {err.errors()[0]['msg']}",
+        ) from None
 
 
 # --- operations ---------------------------------------------------------------------------------

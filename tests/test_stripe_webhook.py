@@ -254,3 +254,16 @@ async def test_a_charge_refunded_event_reports_each_refund_of_ours(api: ApiStack
     (forwarded,) = answer["forwarded"]
     assert forwarded["event_id"] == f"{event['id']}:{refund.view.provider_ref}"
     assert forwarded["cancellation_id"] == cancellation_id
+
+
+async def test_a_signed_event_with_an_id_no_event_may_carry_is_a_422_and_changes_nothing(
+    api: ApiStack,
+) -> None:
+    event = stripe_event(
+        "refund.updated",
+        {"id": "re_\x00nul", "object": "refund", "status": "succeeded"},
+        "evt_control_char",
+    )
+    status, problem = await post(api, event)
+    assert (status, problem["code"]) == (422, "invalid_event")
+    assert await events_recorded(api, "evt_control_char") == 0
