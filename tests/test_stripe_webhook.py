@@ -20,6 +20,7 @@ from helpers.orders import fast_refund_settings, one_seller_order, orders_file, 
 from helpers.stacks import ApiStack, api_stack
 from helpers.wait import eventually, wait_for_status
 from pydantic import SecretStr
+from test_api import OpenApiCheck
 
 from domain.models import CancellationReason, CancellationStatus, RequestCancellationInput
 from ledger.orders import load_orders, parse_orders_file
@@ -76,6 +77,8 @@ async def post(
     headers = {"Content-Type": "application/json"}
     headers["Stripe-Signature"] = signature if signature is not None else signed(body)
     response = await api.http.post(ROUTE, content=body, headers=headers)
+    # Every answer is the one docs/openapi.json documents.
+    OpenApiCheck(api.app.openapi())(response)
     return response.status_code, response.json()
 
 
