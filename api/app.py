@@ -116,6 +116,11 @@ def create_app(
                 ),
                 idempotency=IdempotencyStore(pool),
                 ping_database=ping_database,
+                stripe_webhook_secret=(
+                    settings.stripe_webhook_secret.get_secret_value()
+                    if settings.stripe_webhook_secret is not None
+                    else None
+                ),
             )
             log.info("api_ready", keys=len(key_store), webhook_configured=secret is not None)
             try:

@@ -39,6 +39,8 @@ class ApiContext:
     service: CancellationService
     idempotency: IdempotencyStore
     ping_database: Callable[[], Awaitable[object]]
+    # Stripe's endpoint secret (POST /v1/providers/stripe/webhook); None: not configured.
+    stripe_webhook_secret: str | None = None
 
 
 def context(request: Request) -> ApiContext:

@@ -8,9 +8,10 @@ import time
 from collections.abc import Awaitable
 from typing import Annotated, Any
 
+import stripe
 import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from api.deps import Context, allow, checked_id, checked_idempotency_key, json_body
 from api.errors import ApiError, problem_responses
@@ -48,6 +49,7 @@ from ledger.inbox import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, CancellationPage, O
 from ledger.stuck import StuckCancellation
 from starter.cancellations import Located
 from starter.payment_events import ForwardResult
+from starter.stripe_events import StripeWebhookResult
 
 log = structlog.get_logger("api")
 
@@ -591,6 +593,80 @@ async def order_event(
     if not _ORDER_ID.fullmatch(order_id):
         raise ApiError(404, "order_not_found", "no such order")
     return await ctx.service.order_event(order_id, event)
+
+
+STRIPE_SIGNATURE_HEADER = "Stripe-Signature"
+
+
+@router.post(
+    "/v1/providers/stripe/webhook",
+    response_model=StripeWebhookResult,
+    summary="Stripe's webhook events, as Stripe sends them (Stripe-Signature; no API key)",
+    description=(
+        f"Verified with the Stripe SDK: the `{STRIPE_SIGNATURE_HEADER}` header"
+        " (`t=<unix>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>`) against the endpoint secret"
+        " (`ORDERCANCEL_STRIPE_WEBHOOK_SECRET`), `t` within the webhook tolerance. Refund"
+        " updated / failed, charge refunded, PaymentIntent captured / canceled become the"
+        " product's payment events (`forwarded`, each as `/v1/payment-events` answers it;"
+        " deduplicated by the Stripe event id); any other type is acknowledged with"
+        " `handled: false`. A bad signature is refused (400) and changes nothing."
+    ),
+    responses=problem_responses(400, 413, 422, 503),
+    openapi_extra={
+        "parameters": [
+            {
+                "name": STRIPE_SIGNATURE_HEADER,
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    },
+)
+async def stripe_webhook(ctx: Context, request: Request) -> StripeWebhookResult:
+    if ctx.stripe_webhook_secret is None:
+        raise ApiError(
+            503, "webhook_not_configured", "no Stripe webhook endpoint secret is configured"
+        )
+    header = request.headers.get(STRIPE_SIGNATURE_HEADER)
+    if not header:
+        raise ApiError(400, "missing_signature", f"the {STRIPE_SIGNATURE_HEADER} header is missing")
+    body = await request.body()
+    try:
+        event = stripe.Webhook.construct_event(
+            body.decode("utf-8"),
+            header,
+            ctx.stripe_webhook_secret,
+            tolerance=int(ctx.settings.webhook_tolerance.total_seconds()),
+        )
+    except stripe.SignatureVerificationError:
+        raise ApiError(
+            400,
+            "invalid_signature",
+            f"the {STRIPE_SIGNATURE_HEADER} does not match this body and the endpoint secret,"
+            " or is too old",
+        ) from None
+    except (ValueError, TypeError, AttributeError):
+        # Not UTF-8, not JSON, or JSON that is no object: signed or not, nothing to do with it.
+        raise ApiError(400, "malformed_json", "the body is not a Stripe event (JSON)") from None
+    data = event.to_dict()
+    if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
+        raise ApiError(400, "invalid_event", "a Stripe event needs an `id` and a `type`")
+    try:
+        return await ctx.service.stripe_event(data)
+    except ValidationError as err:
+        # Signed, but an id or code no payment event may carry (a control character, too
+        # long): refused before anything is forwarded or recorded.
+        raise ApiError(
+            422,
+            "invalid_event",
+            f"the Stripe event cannot be mapped: {err.errors()[0]['msg']}",
+        ) from None
 
 
 # --- operations ---------------------------------------------------------------------------------

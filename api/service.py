@@ -73,6 +73,7 @@ from starter.cancellations import (
 from starter.order_events import NotTold, deliver_order_event
 from starter.payment_events import ForwardResult, forward_payment_event
 from starter.requests import start_cancellation
+from starter.stripe_events import StripeWebhookResult, forward_stripe_event
 
 log = structlog.get_logger("api")
 
@@ -433,6 +434,10 @@ class CancellationService:
         except NotTold as err:
             log.error("order_shipped_not_told", event_id=event.event_id, reason=str(err))
             raise ApiError(503, "workflow_unavailable", str(err)) from None
+    async def stripe_event(self, event: dict[str, Any]) -> StripeWebhookResult:
+        return await forward_stripe_event(
+            self._client, self._ledger, event, task_queue=self._task_queue
+        )
 
 
 def workflow_id_for(request: RequestCancellationInput) -> str:

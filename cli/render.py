@@ -43,6 +43,13 @@ def render_view(console: Console, view: CancellationView) -> None:
             console.print(
                 f"ETA: between {refund.eta.earliest:%Y-%m-%d} and {refund.eta.latest:%Y-%m-%d}"
             )
+    if view.payment is not None:
+        amounts = view.payment
+        console.print(
+            f"payment {amounts.payment_id} ({amounts.currency}, minor units): authorised"
+            f" {amounts.authorised_minor}, released {amounts.released_minor}, captured"
+            f" {amounts.captured_minor}, refunded {amounts.refunded_minor}"
+        )
     if view.last_error:
         console.print(f"[red]last error:[/red] {view.last_error}")
     if view.coupon is not None:

@@ -398,6 +398,19 @@ class AuditEntry(Record):
     detail: str = ""
 
 
+class PaymentAmounts(Record):
+    """R15: the money of the payment a cancellation belongs to, as the ledger counts it. What
+    was authorised; released from the authorisation (sub-orders cancelled before capture); of
+    the rest, captured; and of that, refunded (or promised back by a live refund)."""
+
+    payment_id: str
+    currency: Currency
+    authorised_minor: MinorUnits
+    released_minor: MinorUnits
+    captured_minor: MinorUnits
+    refunded_minor: MinorUnits
+
+
 class CancellationView(Record):
     """Query `status` result (and the CLI's view of a finished cancellation, from the ledger)."""
 
@@ -418,6 +431,8 @@ class CancellationView(Record):
     refused_messages: int = 0
     # R18: what buyer and seller wrote on the request, oldest first (also in `audit`).
     messages: list[Message] = Field(default_factory=list)
+    # From the ledger (the workflow does not keep it): None in the workflow's own answer.
+    payment: PaymentAmounts | None = None
 
 
 class CancellationResult(Record):

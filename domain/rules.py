@@ -362,7 +362,12 @@ def messages_of(audit: Sequence[AuditEntry]) -> list[Message]:
 
 # Provider refusals of a refund *as asked* (its kind and amount on this payment), not of the
 # moment: the same request under a new key gets the same answer.
-REFUSALS_OF_THE_REQUEST = ("partial_void_unsupported", "payment_not_voidable")
+REFUSALS_OF_THE_REQUEST = (
+    "partial_void_unsupported",
+    "payment_not_voidable",
+    # R15: releasing more than is left of the authorisation.
+    "release_exceeds_authorisation",
+)
 
 
 def repeated_refusal(

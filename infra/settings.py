@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     # The payment provider's webhook: shared HMAC secret and how old a signature may be.
     payment_webhook_secret: SecretStr | None = None
     webhook_tolerance: Duration = timedelta(minutes=5)
+    # Stripe's webhook endpoint secret (`whsec_...`) for POST /v1/providers/stripe/webhook.
+    stripe_webhook_secret: SecretStr | None = None
 
     # Outbound events (R16, docs/events.md): the subscribers, as a JSON list and/or a file
     # holding one (outbound/subscribers.py), and how `ordercancel dispatch` delivers.

@@ -164,7 +164,7 @@ async def _apply(
     if not subs:
         raise OrderNotFound(f"no order {order_id}")
     payment = await conn.fetchrow(
-        "SELECT validation, capture, amount_minor, captured_minor FROM payments"
+        "SELECT validation, capture, amount_minor, captured_minor, released_minor FROM payments"
         " WHERE order_id = $1 FOR UPDATE",
         order_id,
     )
@@ -306,11 +306,14 @@ async def _payment_event(
             + _cancelled_note(cancelled)
         )
     # Captured implies validated (R13).
+    # R15: the shares released by cancellations before the capture are not captured.
     authorised: int = payment["amount_minor"]
-    amount = event.amount_minor if event.amount_minor is not None else authorised
-    if amount > authorised:
+    capturable = authorised - payment["released_minor"]
+    amount = event.amount_minor if event.amount_minor is not None else capturable
+    if amount > capturable:
         raise CaptureExceedsAuthorisation(
-            f"amount_minor {amount} exceeds what the payment authorised ({authorised})"
+            f"amount_minor {amount} exceeds what the payment can capture ({capturable}:"
+            f" authorised {authorised}, released {payment['released_minor']})"
         )
     if payment["capture"] == "captured":
         return EventOutcome.UNCHANGED, (

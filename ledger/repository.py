@@ -35,6 +35,7 @@ from domain.models import (
     EtaRange,
     EventInput,
     Money,
+    PaymentAmounts,
     PaymentEvent,
     PaymentMethod,
     Record,
@@ -207,7 +208,9 @@ WITH upd AS (
     WHERE cancellation_id = $1 AND stage NOT IN ('confirmed', 'declined', 'reversed')
     RETURNING *
 ), pay AS (
-    UPDATE payments p SET refunded_minor = p.refunded_minor - upd.amount_minor
+    UPDATE payments p SET refunded_minor = p.refunded_minor - upd.amount_minor,
+        released_minor = p.released_minor
+            - CASE WHEN upd.kind = 'void' THEN upd.amount_minor ELSE 0 END
     FROM upd
     WHERE $4 AND p.payment_id = upd.payment_id
 ), st AS (
@@ -229,7 +232,10 @@ WITH upd AS (
 # $10 status, $11 event key, $12 detail.
 _RESERVE_REFUND = """
 WITH pay AS (
-    UPDATE payments SET refunded_minor = refunded_minor + $4 WHERE payment_id = $3
+    UPDATE payments SET refunded_minor = refunded_minor + $4,
+        -- R15: a void reserves a released share of the authorisation.
+        released_minor = released_minor + CASE WHEN $5::text = 'void' THEN $4 ELSE 0 END
+    WHERE payment_id = $3
     RETURNING method
 ), ins AS (
     INSERT INTO refunds (idempotency_key, cancellation_id, payment_id, kind,
@@ -576,7 +582,8 @@ class Ledger:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """
-                SELECT r.idempotency_key, r.amount_minor, r.payment_id, r.stage, r.generation
+                SELECT r.idempotency_key, r.amount_minor, r.payment_id, r.stage, r.generation,
+                    r.kind
                 FROM refunds r
                 WHERE r.cancellation_id = $1 AND r.stage NOT IN ('declined', 'reversed')
                 FOR UPDATE
@@ -597,10 +604,12 @@ class Ledger:
                     failure[:2000],
                 )
                 await conn.execute(
-                    "UPDATE payments SET refunded_minor = refunded_minor - $2"
+                    "UPDATE payments SET refunded_minor = refunded_minor - $2,"
+                    " released_minor = released_minor - CASE WHEN $3 THEN $2 ELSE 0 END"
                     " WHERE payment_id = $1",
                     row["payment_id"],
                     row["amount_minor"],
+                    row["kind"] == RefundKind.VOID.value,
                 )
                 await conn.execute(
                     _SET_STATUS, cancellation_id, CancellationStatus.REFUND_FAILED.value
@@ -945,6 +954,30 @@ class Ledger:
         )
         return _coupon_outcome(row) if row is not None else None
 
+    async def payment_amounts(self, *, cancellation_id: str) -> PaymentAmounts | None:
+        """R15: authorised, released, captured and refunded on this cancellation's payment.
+        `refunded_minor` counts voids and refunds alike (001), `released_minor` the voids among
+        them (010); captured is what the capture took (009, at most what was not released)."""
+        row = await self._pool.fetchrow(
+            """
+            SELECT p.payment_id, p.currency, p.amount_minor, p.released_minor, p.captured_minor,
+                p.refunded_minor - p.released_minor AS refunded_minor
+            FROM cancellations c JOIN payments p ON p.order_id = c.order_id
+            WHERE c.cancellation_id = $1
+            """,
+            cancellation_id,
+        )
+        if row is None:
+            return None
+        return PaymentAmounts(
+            payment_id=row["payment_id"],
+            currency=row["currency"].strip(),
+            authorised_minor=row["amount_minor"],
+            released_minor=row["released_minor"],
+            captured_minor=row["captured_minor"],
+            refunded_minor=row["refunded_minor"],
+        )
+
     async def view(self, *, cancellation_id: str) -> CancellationView:
         """The full story of one cancellation, from the ledger alone."""
         row = await self._pool.fetchrow(
@@ -972,6 +1005,7 @@ class Ledger:
             last_error=refund.view.last_error if refund else None,
             audit=audit,
             messages=messages_of(audit),
+            payment=await self.payment_amounts(cancellation_id=cancellation_id),
         )
 
     async def latest_refund(self, *, cancellation_id: str) -> RefundRecord | None:

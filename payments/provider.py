@@ -66,6 +66,18 @@ class PaymentProvider(Protocol):
         ...
 
 
+class CapturesRemaining(Protocol):
+    """A provider that captures what is left of an authorisation once shares were released
+    from it (R15): authorised minus released (Stripe's `amount_to_capture`). Both the simulator
+    and the Stripe adapter have it; a capture flow (the order system's `payment_captured`)
+    can use it."""
+
+    async def capture_remaining(self, *, payment_id: str, idempotency_key: str) -> Money:
+        """The amount captured. Capturing again returns the same amount; a voided
+        authorisation raises ProviderFinalError."""
+        ...
+
+
 class SimulatorFaults(BaseModel):
     """Faults injected for one payment (see provider_sim.faults)."""
 
@@ -223,8 +235,13 @@ class SimulatedProvider:
     ) -> ProviderRefund:
         await self._network()
         new_refund = _new_refund(idempotency_key, payment_id, kind, amount)
-        fast = await self._pool.fetchrow(
-            _CREATE_WITHOUT_FAULTS, *new_refund, self._confirm_after_polls
+        # A void releases a share of an authorisation (R15): the full path keeps the account.
+        fast = (
+            None
+            if kind is RefundKind.VOID
+            else await self._pool.fetchrow(
+                _CREATE_WITHOUT_FAULTS, *new_refund, self._confirm_after_polls
+            )
         )
         if fast is not None and fast["provider_ref"] is not None:
             if fast["outcome"] == "mismatch":
@@ -234,6 +251,7 @@ class SimulatedProvider:
         # yet visible to this statement): nothing was recorded or logged; the full path decides.
         lost_response = False
         key_reused = False
+        release_refused: str | None = None
         async with self._pool.acquire() as conn, conn.transaction():
             fault = await conn.fetchrow(
                 "SELECT * FROM provider_sim.faults WHERE payment_id = $1 FOR UPDATE", payment_id
@@ -248,6 +266,10 @@ class SimulatedProvider:
                 # Commit the decrement, then fail like a timeout would.
             elif fault is not None and fault["final_failure"]:
                 await self._log(conn, "create_refund", idempotency_key, payment_id, "final")
+            elif kind is RefundKind.VOID and (
+                release_refused := await _release(conn, idempotency_key, payment_id, amount)
+            ):
+                await self._log(conn, "create_refund", idempotency_key, payment_id, "refused")
             else:
                 confirm_after = (
                     fault["confirm_after_polls"] if fault is not None else self._confirm_after_polls
@@ -305,11 +327,53 @@ class SimulatedProvider:
             raise ProviderTransientError("simulated provider unavailable (503)")
         if key_reused:
             raise _key_reused()
+        if release_refused:
+            raise ProviderFinalError(
+                release_refused,
+                f"cannot release {amount} of payment {payment_id}: {_REFUSALS[release_refused]}",
+            )
         if fault is not None and fault["final_failure"]:
             raise ProviderFinalError(fault["final_failure"], "refund refused by the provider")
         if lost_response:
             raise ProviderTransientError("simulated timeout after the provider recorded the refund")
         return result
+
+    async def capture_remaining(self, *, payment_id: str, idempotency_key: str) -> Money:
+        """Capture what is left of the authorisation: authorised minus released (R15), like
+        Stripe's `amount_to_capture`. Capturing again returns the same amount."""
+        await self._network()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_KNOW_AUTHORISATION, payment_id)
+            held = await conn.fetchrow(
+                "SELECT * FROM provider_sim.authorisations WHERE payment_id = $1 FOR UPDATE",
+                payment_id,
+            )
+            if held is None:
+                await self._log(conn, "capture", idempotency_key, payment_id, "unknown")
+            elif held["status"] == "authorised":
+                held = await conn.fetchrow(
+                    "UPDATE provider_sim.authorisations SET status = 'captured',"
+                    " captured_minor = amount_minor - released_minor"
+                    " WHERE payment_id = $1 RETURNING *",
+                    payment_id,
+                )
+                await self._log(conn, "capture", idempotency_key, payment_id, "captured")
+            else:
+                await self._log(conn, "capture", idempotency_key, payment_id, held["status"])
+        if held is None:
+            raise ProviderFinalError("resource_missing", f"no authorisation {payment_id}")
+        if held["status"] == "voided":
+            raise ProviderFinalError(
+                "payment_intent_unexpected_state", f"{payment_id} was voided: nothing to capture"
+            )
+        return Money(amount_minor=held["captured_minor"], currency=held["currency"].strip())
+
+    async def authorisation(self, payment_id: str) -> asyncpg.Record | None:
+        """The simulator's account of an authorisation (held, released, captured, status)."""
+        row: asyncpg.Record | None = await self._pool.fetchrow(
+            "SELECT * FROM provider_sim.authorisations WHERE payment_id = $1", payment_id
+        )
+        return row
 
     async def get_refund(self, *, provider_ref: str) -> ProviderRefund:
         await self._network()
@@ -411,6 +475,54 @@ SELECT polled.*, false AS read_error FROM polled
 UNION ALL
 SELECT r.*, true FROM provider_sim.refunds r, read_error WHERE r.provider_ref = $1
 """
+
+
+# The simulator learns an authorisation the first time a void or a capture names it, from the
+# order's payment (a real provider knows it since checkout). Unknown payments stay unknown.
+_KNOW_AUTHORISATION = """
+INSERT INTO provider_sim.authorisations (payment_id, amount_minor, currency)
+SELECT payment_id, amount_minor, currency FROM payments
+WHERE payment_id = $1 AND capture = 'authorized'
+ON CONFLICT (payment_id) DO NOTHING
+"""
+
+_REFUSALS = {
+    "payment_not_voidable": "it was captured (captured money is refunded)",
+    "release_exceeds_authorisation": "more than is left of the authorisation",
+}
+
+
+async def _release(
+    conn: asyncpg.Connection, idempotency_key: str, payment_id: str, amount: Money
+) -> str | None:
+    """R15, inside the call's transaction: a void of a share releases it from the
+    authorisation, which is voided once nothing is left to capture. Returns a refusal code, or
+    None (released; or a replay of this key; or a payment the simulator does not know, whose
+    void is taken as it comes)."""
+    if await conn.fetchval(
+        "SELECT 1 FROM provider_sim.refunds WHERE idempotency_key = $1", idempotency_key
+    ):
+        return None
+    await conn.execute(_KNOW_AUTHORISATION, payment_id)
+    held = await conn.fetchrow(
+        "SELECT * FROM provider_sim.authorisations WHERE payment_id = $1 FOR UPDATE", payment_id
+    )
+    if held is None:
+        return None
+    if held["status"] == "captured":
+        return "payment_not_voidable"
+    if amount.amount_minor > held["amount_minor"] - held["released_minor"]:
+        return "release_exceeds_authorisation"
+    await conn.execute(
+        """
+        UPDATE provider_sim.authorisations SET released_minor = released_minor + $2,
+            status = CASE WHEN released_minor + $2 = amount_minor THEN 'voided' ELSE status END
+        WHERE payment_id = $1
+        """,
+        payment_id,
+        amount.amount_minor,
+    )
+    return None
 
 
 def _new_refund(

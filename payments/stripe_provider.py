@@ -7,8 +7,13 @@ Mapping (docs/runbook.md says the same for operators):
 * **Void** (money only authorised, R2) = cancel the PaymentIntent while it is uncaptured
   (`requires_capture`). Its reference (`provider_ref`) is the PaymentIntent id; our idempotency
   key is written to the PaymentIntent's `metadata.refund_id` first, so reconciliation finds it.
-  Stripe cannot void part of an authorisation: a void of less than the authorised amount is
-  refused for good (`partial_void_unsupported`) and the cancellation parks for an operator.
+  Stripe cannot void part of an authorisation, so a void of one seller's share (R15) is a
+  **release** kept on the PaymentIntent itself: its metadata gets `oc_rel_<hash>` =
+  `<amount>:<our key>` and nothing else changes at Stripe; its reference is
+  `<pi>:release:<hash>`. The share that releases the last of the amount cancels the
+  PaymentIntent (a void as above). Every release re-reads the PaymentIntent after writing its
+  entry, so of two concurrent last shares at least one sees the total and cancels.
+  `capture_remaining` captures `amount_to_capture` = authorised - released.
 * **Refund** (money captured) = a Refund on the PaymentIntent, with `metadata.refund_id` = our
   idempotency key and the same key as `Idempotency-Key`. Before creating one, the refunds of the
   PaymentIntent are listed and the one whose `metadata.refund_id` is our key is returned if it
@@ -26,6 +31,7 @@ Mapping (docs/runbook.md says the same for operators):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,6 +49,9 @@ if TYPE_CHECKING:
 
 # Where our idempotency key travels with a Stripe object.
 METADATA_KEY = "refund_id"
+# A released share of an authorisation (R15): `oc_rel_<hash of our key>` = `<amount>:<our key>`.
+RELEASE_PREFIX = "oc_rel_"
+RELEASE_REF = ":release:"
 # Stripe's answer time we wait for; shorter than the submit activity's timeout (60 s).
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
@@ -122,6 +131,13 @@ class StripeProvider:
     async def get_refund(self, *, provider_ref: str) -> ProviderRefund:
         """A 4xx here is Stripe refusing the *read* (unknown id, our key refused): a
         ProviderReadError, never a decline of the refund, which may still settle."""
+        if RELEASE_REF in provider_ref:
+            intent_id, entry = provider_ref.split(RELEASE_REF, 1)
+            intent = await _read(self._client.v1.payment_intents.retrieve_async(intent_id))
+            released = _releases(intent).get(RELEASE_PREFIX + entry)
+            if released is None:
+                raise ProviderReadError("resource_missing", f"no release {provider_ref}")
+            return _release_of(intent, *released)
         if provider_ref.startswith("pi_"):
             intent = await _read(self._client.v1.payment_intents.retrieve_async(provider_ref))
             return _void_of(intent)
@@ -149,9 +165,35 @@ class StripeProvider:
                 found.append(_refund(refund))
         intents = await _call(self._client.v1.payment_intents.list_async(intent_params))
         async for intent in intents.auto_paging_iter():
-            if intent.status == "canceled" and _metadata_key(intent) is not None:
+            voided = _metadata_key(intent) if intent.status == "canceled" else None
+            for amount, key in _releases(intent).values():
+                if key != voided:
+                    found.append(_release_of(intent, amount, key))
+            if voided is not None:
                 found.append(_void_of(intent))
         return found
+
+    async def capture_remaining(self, *, payment_id: str, idempotency_key: str) -> Money:
+        """Capture what is left of the authorisation (R15): `amount_to_capture` = authorised
+        - released. Already captured: the amount Stripe received."""
+        intent = await _call(self._client.v1.payment_intents.retrieve_async(payment_id))
+        released = sum(amount for amount, _ in _releases(intent).values())
+        if intent.status == "requires_capture":
+            intent = await _call(
+                self._client.v1.payment_intents.capture_async(
+                    payment_id,
+                    {"amount_to_capture": intent.amount - released},
+                    {"idempotency_key": f"{idempotency_key}:capture"},
+                )
+            )
+        if intent.status != "succeeded":
+            raise ProviderFinalError(
+                "payment_intent_unexpected_state",
+                f"PaymentIntent {payment_id} is {intent.status}: nothing to capture",
+            )
+        # Stripe says what it received; localstripe does not (it has no `amount_received`).
+        received = _fields(intent).get("amount_received") or intent.amount - released
+        return Money(amount_minor=received, currency=intent.currency.upper())
 
     # --- inside -----------------------------------------------------------------------------
 
@@ -171,7 +213,10 @@ class StripeProvider:
         intent = await _call(self._client.v1.payment_intents.retrieve_async(payment_id))
         if intent.status == "canceled":
             # Ours after a lost response, or released anyway (authorisations expire): either
-            # way the money is no longer held.
+            # way the money is no longer held. A share released before: that release again.
+            mine = _releases(intent).get(_release_entry(idempotency_key))
+            if mine is not None and _metadata_key(intent) != idempotency_key:
+                return _release_of(intent, mine[0], idempotency_key)
             return _void_of(intent, idempotency_key=idempotency_key, amount=amount)
         if intent.status not in _VOIDABLE:
             raise ProviderFinalError(
@@ -179,12 +224,35 @@ class StripeProvider:
                 f"PaymentIntent {payment_id} is {intent.status}: only an uncaptured one can be"
                 " voided (captured money is refunded)",
             )
-        held = Money(amount_minor=intent.amount, currency=intent.currency.upper())
-        if held != amount:
+        if amount.currency != intent.currency.upper():
             raise ProviderFinalError(
-                "partial_void_unsupported",
-                f"PaymentIntent {payment_id} holds {held}; Stripe cannot void {amount} of it",
+                "currency_mismatch", f"PaymentIntent {payment_id} is in {intent.currency}"
             )
+        entry = _release_entry(idempotency_key)
+        others = sum(a for k, (a, _) in _releases(intent).items() if k != entry)
+        if others + amount.amount_minor > intent.amount:
+            raise ProviderFinalError(
+                "release_exceeds_authorisation",
+                f"PaymentIntent {payment_id} holds {intent.amount}, {others} of it released:"
+                f" {amount} more cannot be released",
+            )
+        if others + amount.amount_minor < intent.amount:
+            # A share (R15): noted on the PaymentIntent, nothing released at Stripe yet.
+            if entry not in _releases(intent):
+                await _call(
+                    self._client.v1.payment_intents.update_async(
+                        payment_id,
+                        {"metadata": {entry: f"{amount.amount_minor}:{idempotency_key}"}},
+                        {"idempotency_key": f"{idempotency_key}:release"},
+                    )
+                )
+            intent = await _call(self._client.v1.payment_intents.retrieve_async(payment_id))
+            released = sum(a for a, _ in _releases(intent).values())
+            if released >= intent.amount and intent.status in _VOIDABLE:
+                # A concurrent share released the rest meanwhile and may not have seen ours:
+                # whoever sees the total cancels.
+                await self._cancel(payment_id, idempotency_key)
+            return _release_of(intent, amount.amount_minor, idempotency_key)
         # Mark it first, so that reconciliation knows the void is ours; then cancel. Each call
         # has its own idempotency key (Stripe scopes a key to one request).
         await _call(
@@ -194,12 +262,22 @@ class StripeProvider:
                 {"idempotency_key": f"{idempotency_key}:mark"},
             )
         )
-        intent = await _call(
-            self._client.v1.payment_intents.cancel_async(
-                payment_id, None, {"idempotency_key": f"{idempotency_key}:void"}
-            )
-        )
+        intent = await self._cancel(payment_id, idempotency_key)
         return _void_of(intent, idempotency_key=idempotency_key, amount=amount)
+
+    async def _cancel(self, payment_id: str, idempotency_key: str) -> Any:
+        """Cancel the PaymentIntent; one a concurrent call canceled first is as good."""
+        try:
+            return await _call(
+                self._client.v1.payment_intents.cancel_async(
+                    payment_id, None, {"idempotency_key": f"{idempotency_key}:void"}
+                )
+            )
+        except ProviderFinalError:
+            intent = await _call(self._client.v1.payment_intents.retrieve_async(payment_id))
+            if intent.status != "canceled":
+                raise
+            return intent
 
 
 async def _call(request: Awaitable[T]) -> T:
@@ -264,6 +342,35 @@ def _refund(refund: Any, *, payment_id: str | None = None) -> ProviderRefund:
     )
 
 
+def _release_entry(idempotency_key: str) -> str:
+    """The metadata key of a released share (Stripe keys are at most 40 characters)."""
+    return RELEASE_PREFIX + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
+
+
+def _releases(intent: Any) -> dict[str, tuple[int, str]]:
+    """The shares released from this PaymentIntent: metadata key -> (amount, our key)."""
+    found: dict[str, tuple[int, str]] = {}
+    for name, value in (_fields(intent).get("metadata") or {}).items():
+        if name.startswith(RELEASE_PREFIX) and isinstance(value, str) and ":" in value:
+            amount, key = value.split(":", 1)
+            if amount.isdigit():
+                found[name] = (int(amount), key)
+    return found
+
+
+def _release_of(intent: Any, amount_minor: int, idempotency_key: str) -> ProviderRefund:
+    """A released share: done once noted, whether or not the PaymentIntent is canceled yet."""
+    entry = _release_entry(idempotency_key)
+    return ProviderRefund(
+        provider_ref=f"{intent.id}{RELEASE_REF}{entry.removeprefix(RELEASE_PREFIX)}",
+        idempotency_key=idempotency_key,
+        payment_id=intent.id,
+        kind=RefundKind.VOID,
+        amount=Money(amount_minor=amount_minor, currency=intent.currency.upper()),
+        status=ProviderRefundStatus.SUCCEEDED,
+    )
+
+
 def _void_of(
     intent: Any, *, idempotency_key: str | None = None, amount: Money | None = None
 ) -> ProviderRefund:
@@ -279,7 +386,13 @@ def _void_of(
         idempotency_key=idempotency_key or _metadata_key(intent) or "",
         payment_id=intent.id,
         kind=RefundKind.VOID,
-        amount=amount or Money(amount_minor=intent.amount, currency=intent.currency.upper()),
+        # The void takes what the releases before it left (R15).
+        amount=amount
+        or Money(
+            amount_minor=intent.amount
+            - sum(a for a, key in _releases(intent).values() if key != _metadata_key(intent)),
+            currency=intent.currency.upper(),
+        ),
         status=status,
         failure_code=failure,
     )

@@ -154,6 +154,7 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
                 "audit": story,
                 "messages": messages_of(story),
                 "dots": refund_dots(view.refund, times),
+                "payment": await ledger.payment_amounts(cancellation_id=cancellation_id),
             }
             if coupon is not None:
                 update["coupon"] = coupon

@@ -55,21 +55,7 @@ async def forward_payment_event(
     elif event.type is PaymentEventType.REFUND_REVERSED and not await _running(
         client, cancellation_id
     ):
-        # The cancellation has ended: a new run of the same id, started with the event. (Had it
-        # been started meanwhile, USE_EXISTING turns this into a plain signal.)
-        request = await ledger.original_request(cancellation_id=cancellation_id)
-        await client.start_workflow(
-            OrderCancellation.run,
-            request,
-            id=cancellation_id,
-            task_queue=task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            start_signal="payment_event",
-            start_signal_args=[event],
-            search_attributes=start_attributes(request),
-        )
-        outcome = ForwardOutcome.REOPENED
+        outcome = await _reopen(client, ledger, event, cancellation_id, task_queue)
     else:
         try:
             await client.get_workflow_handle(cancellation_id).signal(
@@ -79,7 +65,14 @@ async def forward_payment_event(
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
-            outcome = ForwardOutcome.IGNORED
+            if event.type is PaymentEventType.REFUND_REVERSED:
+                # The run closed between the look and the signal: a reversal still matters,
+                # so it reopens the cancellation like one that arrived later (issue 16 item 7).
+                outcome = await _reopen(client, ledger, event, cancellation_id, task_queue)
+            else:
+                # The cancellation has ended and its refund stands: a late confirmation or
+                # failure report changes nothing (the workflow only acts on reversals then).
+                outcome = ForwardOutcome.IGNORED
     recorded = await ledger.record_payment_event(
         event, cancellation_id=cancellation_id, outcome=outcome.value
     )
@@ -89,6 +82,26 @@ async def forward_payment_event(
         cancellation_id=cancellation_id,
         duplicate=recorded != outcome.value,
     )
+
+
+async def _reopen(
+    client: Client, ledger: Ledger, event: PaymentEvent, cancellation_id: str, task_queue: str
+) -> ForwardOutcome:
+    """A new run of the ended cancellation, started with the event. (Had one been started
+    meanwhile, USE_EXISTING turns this into a plain signal to it.)"""
+    request = await ledger.original_request(cancellation_id=cancellation_id)
+    await client.start_workflow(
+        OrderCancellation.run,
+        request,
+        id=cancellation_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        start_signal="payment_event",
+        start_signal_args=[event],
+        search_attributes=start_attributes(request),
+    )
+    return ForwardOutcome.REOPENED
 
 
 async def _running(client: Client, workflow_id: str) -> bool:

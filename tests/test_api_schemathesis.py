@@ -26,6 +26,7 @@ from helpers.orders import one_seller_order, orders_file
 from helpers.stacks import ApiStack, api_stack
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -73,6 +74,7 @@ async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[A
         refund_poll_interval=timedelta(seconds=1),
         refund_submit_initial_interval=timedelta(milliseconds=100),
         api_instant_wait=timedelta(seconds=2),
+        stripe_webhook_secret=SecretStr(SECRET),
     )
     try:
         async with api_stack(

@@ -227,6 +227,7 @@ def test_openapi_document_is_in_sync() -> None:
         "/v1/payment-events",
         "/v1/orders",
         "/v1/orders/{order_id}/events",
+        "/v1/providers/stripe/webhook",
         "/healthz",
         "/readyz",
     }

@@ -195,16 +195,87 @@ async def test_void_cancels_the_uncaptured_payment_intent(
     assert await provider.get_refund(provider_ref=intent.id) == voided
     assert (await provider.find_refund(idempotency_key=k)) == voided
 
-    # Stripe cannot void part of an authorisation: refused for good, nothing changed.
-    other = await payment_intent(stripe_client, 5000, captured=False)
+
+async def test_shares_are_released_on_the_intent_and_the_last_one_cancels_it(
+    localstripe_url: str, stripe_client: stripe.StripeClient
+) -> None:
+    # R15: a checkout of two sellers, 20.00 + 30.00, authorised as one PaymentIntent.
+    provider = StripeProvider.connect(API_KEY, api_base=localstripe_url)
+    intent = await payment_intent(stripe_client, 5000, captured=False)
+    first, second = key(), key()
+
+    released = await provider.create_refund(
+        idempotency_key=first, payment_id=intent.id, kind=RefundKind.VOID, amount=eur(2000)
+    )
+    assert released.kind is RefundKind.VOID and released.amount == eur(2000)
+    assert released.status is ProviderRefundStatus.SUCCEEDED
+    assert released.provider_ref.startswith(f"{intent.id}:release:")
+    # Stripe cannot release part of an authorisation: nothing happened there but the note.
+    seen = await stripe_client.v1.payment_intents.retrieve_async(intent.id)
+    assert seen.status == "requires_capture" and seen.amount == 5000
+    assert await provider.get_refund(provider_ref=released.provider_ref) == released
+    again = await provider.create_refund(
+        idempotency_key=first, payment_id=intent.id, kind=RefundKind.VOID, amount=eur(2000)
+    )
+    assert again == released
+
+    # More than is left: refused for good, nothing changed.
     with pytest.raises(ProviderFinalError) as refused:
         await provider.create_refund(
-            idempotency_key=key(), payment_id=other.id, kind=RefundKind.VOID, amount=eur(2000)
+            idempotency_key=key(), payment_id=intent.id, kind=RefundKind.VOID, amount=eur(3001)
         )
-    assert refused.value.code == "partial_void_unsupported"
-    assert (await stripe_client.v1.payment_intents.retrieve_async(other.id)).status == (
+    assert refused.value.code == "release_exceeds_authorisation"
+    assert (await stripe_client.v1.payment_intents.retrieve_async(intent.id)).status == (
         "requires_capture"
     )
+
+    # The last share: nothing is left to capture, the PaymentIntent is canceled.
+    voided = await provider.create_refund(
+        idempotency_key=second, payment_id=intent.id, kind=RefundKind.VOID, amount=eur(3000)
+    )
+    assert voided.provider_ref == intent.id and voided.amount == eur(3000)
+    assert voided.status is ProviderRefundStatus.SUCCEEDED
+    seen = await stripe_client.v1.payment_intents.retrieve_async(intent.id)
+    assert seen.status == "canceled" and seen.metadata[METADATA_KEY] == second
+    assert await provider.get_refund(provider_ref=intent.id) == voided
+    # The first share asked again after the cancel: still its own release.
+    assert (
+        await provider.create_refund(
+            idempotency_key=first, payment_id=intent.id, kind=RefundKind.VOID, amount=eur(2000)
+        )
+        == released
+    )
+    listed = await provider.list_refunds()
+    assert released in listed and voided in listed
+    assert await refunds_of(stripe_client, intent.id) == []
+
+
+async def test_the_capture_takes_the_authorisation_less_what_was_released(
+    localstripe_url: str, stripe_client: stripe.StripeClient
+) -> None:
+    provider = StripeProvider.connect(API_KEY, api_base=localstripe_url)
+    intent = await payment_intent(stripe_client, 5000, captured=False)
+    await provider.create_refund(
+        idempotency_key=key(), payment_id=intent.id, kind=RefundKind.VOID, amount=eur(1200)
+    )
+    k = key()
+    captured = await provider.capture_remaining(payment_id=intent.id, idempotency_key=k)
+    assert captured == eur(3800)
+    seen = await stripe_client.v1.payment_intents.retrieve_async(intent.id)
+    assert seen.status == "succeeded"
+    latest = seen.to_dict()["latest_charge"]
+    charge_id = latest if isinstance(latest, str) else latest["id"]
+    charge = await stripe_client.v1.charges.retrieve_async(charge_id)
+    # localstripe books the uncaptured rest as a refund of the charge (Stripe releases it).
+    assert charge.captured and charge.amount - charge.amount_refunded == 3800
+    # Asked again: the same capture, nothing more.
+    assert await provider.capture_remaining(payment_id=intent.id, idempotency_key=k) == eur(3800)
+    # Captured money is refunded, not released.
+    with pytest.raises(ProviderFinalError) as refused:
+        await provider.create_refund(
+            idempotency_key=key(), payment_id=intent.id, kind=RefundKind.VOID, amount=eur(1000)
+        )
+    assert refused.value.code == "payment_not_voidable"
 
 
 async def test_full_refund_carries_our_key(

@@ -184,14 +184,18 @@ class CancellationInbox:
             return
         self._note("provider", "payment_event", f"{event.type.value} ({event.event_id})")
         self._provider_news = True
-        if (
-            event.type is PaymentEventType.REFUND_REVERSED
-            and self._refund is not None
-            and self._refund.stage is RefundStage.CONFIRMED
-        ):
-            # Before confirmation the provider's own answer reports a failure; after it, only
-            # this tells the workflow to look again.
-            self._reversal = event
+        if event.type is PaymentEventType.REFUND_REVERSED and self._refund is not None:
+            if self._refund.stage is RefundStage.CONFIRMED:
+                # Before confirmation the provider's own answer reports a failure; after it,
+                # only this tells the workflow to look again.
+                self._reversal = event
+            elif self._refund.stage is RefundStage.SUBMITTED and workflow.patched(
+                "reversal-before-confirmation-v1"
+            ):
+                # The provider confirmed the refund and reversed it while the workflow had not
+                # yet heard of the confirmation: kept, and checked once the refund is
+                # confirmed, instead of being dropped (issue 16 item 7).
+                self._reversal = event
 
     # The sub-order shipped while its request waited for the seller (R14): sent by the
     # order-events service once the ledger recorded the shipment. The shipment is the seller's

@@ -332,9 +332,18 @@ class OrderCancellation(CancellationInbox):
                 self._visible.show_coupon(self._coupon, waiting_on=self._coupon_waiting)
             if self._reversal is None:
                 await self._coupon_settles()
-            if self._reversal is None:
+            if self._reversal is None and not await self._late_reversal():
                 return
             await self._handle_reversal()
+
+    async def _late_reversal(self) -> bool:
+        """A provider event that arrived as the cancellation completes (its handler still
+        waiting, or delivered in the last workflow task) is judged before the run ends: a
+        reversal is handled here, never dropped with the closing run (issue 16 item 7)."""
+        if not workflow.patched("drain-payment-events-v1"):
+            return False
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._reversal is not None
 
     def _take_coupon(self, decision: CouponDecision) -> CouponOutcome:
         self._coupon = decision.outcome
