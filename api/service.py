@@ -434,6 +434,7 @@ class CancellationService:
         except NotTold as err:
             log.error("order_shipped_not_told", event_id=event.event_id, reason=str(err))
             raise ApiError(503, "workflow_unavailable", str(err)) from None
+
     async def stripe_event(self, event: dict[str, Any]) -> StripeWebhookResult:
         return await forward_stripe_event(
             self._client, self._ledger, event, task_queue=self._task_queue

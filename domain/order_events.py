@@ -33,7 +33,7 @@ SHIPPED_REASON = "shipped"
 
 class OrderEventType(StrEnum):
     PAYMENT_VALIDATED = "payment_validated"
-    PAYMENT_CAPTURED = "payment_captured"  # with the amount (default: authorised less released, R15)
+    PAYMENT_CAPTURED = "payment_captured"  # amount: default authorised less released (R15)
     SELLER_ACCEPTED = "seller_accepted"  # per sub-order: seller_id
     SUB_ORDER_SHIPPED = "sub_order_shipped"  # per sub-order: seller_id
 

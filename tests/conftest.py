@@ -11,6 +11,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import stripe
+from helpers.localstripe import running_localstripe, stripe_client_for
 from helpers.stacks import dev_server, fresh_database, with_database
 from helpers.time_skipping import time_skipping_server
 from temporalio.testing import WorkflowEnvironment
@@ -97,3 +99,16 @@ async def temporal_address_fixture(tmp_path_factory: pytest.TempPathFactory) -> 
         return
     async with dev_server(tmp_path_factory.mktemp("temporal")) as server:
         yield server.address
+
+
+@pytest.fixture(scope="module")
+def localstripe_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """localstripe for the module (the Stripe adapter's tests): its base URL."""
+    with running_localstripe(tmp_path_factory.mktemp("localstripe")) as url:
+        yield url
+
+
+@pytest.fixture
+def stripe_client(localstripe_url: str) -> stripe.StripeClient:
+    """The test's own Stripe client on localstripe."""
+    return stripe_client_for(localstripe_url)

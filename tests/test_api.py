@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,9 +22,9 @@ import asyncpg
 import httpx
 import pytest
 import structlog
+from helpers.openapi import OpenApiCheck
 from helpers.stacks import api_stack
 from helpers.wait import eventually
-from jsonschema import Draft202012Validator
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import (
@@ -54,41 +53,6 @@ POLL_INTERVAL = timedelta(seconds=30)
 
 
 # --- the stack ---------------------------------------------------------------------------------
-
-
-class OpenApiCheck:
-    """Asserts that a response is documented: its status for its operation, its body by the
-    schema of that status and media type."""
-
-    def __init__(self, document: dict[str, Any]) -> None:
-        self._components = document["components"]
-        self._operations: list[tuple[re.Pattern[str], str, dict[str, Any]]] = []
-        for template, item in document["paths"].items():
-            pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
-            for method, operation in item.items():
-                self._operations.append((pattern, method.upper(), operation))
-
-    def __call__(self, response: httpx.Response) -> None:
-        request = response.request
-        operation = next(
-            (
-                op
-                for pattern, method, op in self._operations
-                if method == request.method and pattern.match(request.url.path)
-            ),
-            None,
-        )
-        if operation is None:  # not an API route (e.g. a test of unknown paths)
-            return
-        where = f"{request.method} {request.url.path} -> {response.status_code}"
-        documented = operation["responses"].get(str(response.status_code))
-        assert documented is not None, f"{where}: status not in the OpenAPI document"
-        media = response.headers.get("content-type", "").split(";")[0]
-        content = documented.get("content", {})
-        assert media in content, f"{where}: {media} not documented ({sorted(content)})"
-        schema = {**content[media]["schema"], "components": self._components}
-        errors = list(Draft202012Validator(schema).iter_errors(response.json()))
-        assert not errors, f"{where}: body does not match the schema: {errors[0].message}"
 
 
 @dataclass

@@ -16,12 +16,12 @@ from unittest import mock
 
 import httpx
 import pytest
+from helpers.openapi import OpenApiCheck
 from helpers.orders import one_seller_order, unique
 from helpers.stacks import ApiStack, api_stack, run_command
 from helpers.wait import eventually
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
-from test_api import OpenApiCheck
 
 from api.service import CancellationService
 from domain.models import CancellationStatus

@@ -11,23 +11,20 @@ import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 import stripe
+from helpers.localstripe import API_KEY, payment_intent
 from helpers.orders import fast_refund_settings, orders_file, unique
+from helpers.wait import wait_for_status
 from rich.console import Console
 from temporalio.client import Client
-from test_stripe_provider import (  # noqa: F401 (fixtures)
-    API_KEY,
-    localstripe_url,
-    payment_intent,
-    stripe_client,
-)
 
 from cli.render import render_view
-from domain.errors import ProviderFinalError
+from domain.errors import CaptureExceedsAuthorisation, ProviderFinalError
 from domain.models import (
     CancellationReason,
     CancellationStatus,
@@ -37,8 +34,10 @@ from domain.models import (
     RefundStage,
     RequestCancellationInput,
 )
+from domain.order_events import EventOutcome, OrderEventIn, OrderEventType
 from infra.client import connect
 from ledger.db import create_pool
+from ledger.order_events import apply_order_event
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
 from payments.provider import SimulatedProvider
@@ -253,7 +252,7 @@ async def test_the_ledger_refuses_amounts_that_do_not_add_up(stack: Stack) -> No
         await stack.pool.execute(
             "UPDATE payments SET released_minor = 100 WHERE payment_id = $1", payment_id
         )
-    with pytest.raises(asyncpg.CheckViolationError, match="refunds_within_payment"):
+    with pytest.raises(asyncpg.CheckViolationError, match=r"refunds_within_payment|amounts_add_up"):
         await stack.pool.execute(
             "UPDATE payments SET refunded_minor = 5701, released_minor = 5701"
             " WHERE payment_id = $1",
@@ -263,3 +262,69 @@ async def test_the_ledger_refuses_amounts_that_do_not_add_up(stack: Stack) -> No
         "SELECT released_minor, refunded_minor FROM payments WHERE payment_id = $1", payment_id
     )
     assert dict(row) == {"released_minor": 0, "refunded_minor": 0}
+
+
+async def test_the_order_systems_capture_after_a_release_takes_what_is_left(stack: Stack) -> None:
+    """R15 through the order system's event: after S-1's share is released, `payment_captured`
+    captures S-2's share by default, and more than that is refused, changing nothing."""
+    order_id = unique("O-r15")
+    await load_orders(stack.pool, parse_orders_file(orders_file(two_seller_order(order_id))))
+    first = await cancel(stack, order_id, "S-1")
+
+    def captured(event_id: str, amount_minor: int | None) -> OrderEventIn:
+        return OrderEventIn(
+            event_id=event_id,
+            type=OrderEventType.PAYMENT_CAPTURED,
+            amount_minor=amount_minor,
+            occurred_at=datetime.now(UTC),
+        )
+
+    with pytest.raises(CaptureExceedsAuthorisation, match=r"can capture \(3400"):
+        await apply_order_event(stack.pool, order_id, captured(f"{order_id}:too-much", 5700))
+    assert (await amounts(stack, first)).captured_minor == 0
+
+    result = await apply_order_event(stack.pool, order_id, captured(f"{order_id}:cap", None))
+    assert result.outcome is EventOutcome.APPLIED
+    assert await amounts(stack, first) == PaymentAmounts(
+        payment_id=f"P-{order_id}",
+        currency="EUR",
+        authorised_minor=5700,
+        released_minor=2300,
+        captured_minor=3400,
+        refunded_minor=0,
+    )
+    # S-2 cancelled after the capture: a refund of its share, within what was captured.
+    second = await cancel_refunded(stack, order_id, "S-2")
+    assert await amounts(stack, second) == PaymentAmounts(
+        payment_id=f"P-{order_id}",
+        currency="EUR",
+        authorised_minor=5700,
+        released_minor=2300,
+        captured_minor=3400,
+        refunded_minor=3400,
+    )
+    # And the ledger itself refuses a capture that would take a released share.
+    with pytest.raises(asyncpg.CheckViolationError, match="amounts_add_up"):
+        await stack.pool.execute(
+            "UPDATE payments SET captured_minor = 5700 WHERE order_id = $1", order_id
+        )
+
+
+async def cancel_refunded(stack: Stack, order_id: str, seller_id: str) -> str:
+    """A cancellation of a captured payment's share: the seller accepts, the refund completes."""
+    handle = await start_cancellation(
+        stack.client,
+        RequestCancellationInput(
+            order_id=order_id,
+            seller_id=seller_id,
+            buyer_id="B-15",
+            reason=CancellationReason.ORDERED_BY_MISTAKE,
+        ),
+        task_queue=stack.task_queue,
+    )
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.signal("seller_decision", {"seller_id": seller_id, "decision": "accept"})
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    assert result.refund is not None and result.refund.kind is RefundKind.REFUND
+    return handle.id

@@ -9,17 +9,16 @@ sees a dropped connection.
 
 from __future__ import annotations
 
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import stripe
 from aiohttp import web
+from helpers.localstripe import API_KEY, payment_intent
 
 from devstack.embedded import free_port
 from domain.errors import ProviderFinalError, ProviderReadError, ProviderTransientError
@@ -28,41 +27,6 @@ from infra.settings import Settings
 from payments.provider import ProviderRefundStatus
 from payments.stripe_provider import METADATA_KEY, StripeProvider
 from workers.worker import build_provider
-
-API_KEY = "sk_test_ordercancel"
-LOCALSTRIPE = str(Path(sys.executable).parent / "localstripe")
-
-
-@pytest.fixture(scope="module")
-def localstripe_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import socket
-    import subprocess
-    import time
-
-    port = free_port()
-    log = (tmp_path_factory.mktemp("localstripe") / "localstripe.log").open("w")
-    proc = subprocess.Popen(
-        [LOCALSTRIPE, "--port", str(port), "--from-scratch"], stdout=log, stderr=log
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, "localstripe exited at start"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "localstripe did not start"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @dataclass
@@ -123,38 +87,6 @@ async def proxy(localstripe_url: str) -> AsyncIterator[LossyProxy]:
         yield proxy
     finally:
         await proxy.stop()
-
-
-@pytest.fixture
-def stripe_client(localstripe_url: str) -> stripe.StripeClient:
-    """The test's own view of "Stripe", to set up payments and look behind the adapter."""
-    return stripe.StripeClient(
-        API_KEY,
-        base_addresses={"api": localstripe_url},
-        max_network_retries=0,
-        http_client=stripe.HTTPXClient(),
-    )
-
-
-async def payment_intent(client: stripe.StripeClient, amount: int, *, captured: bool) -> Any:
-    """A card payment of `amount` cents: authorised only (capture_method manual) or captured."""
-    method = await client.v1.payment_methods.create_async(
-        {
-            "type": "card",
-            "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"},
-        }
-    )
-    intent = await client.v1.payment_intents.create_async(
-        {
-            "amount": amount,
-            "currency": "eur",
-            "payment_method": method.id,
-            "capture_method": "automatic" if captured else "manual",
-            "confirm": True,
-        }
-    )
-    assert intent.status == ("succeeded" if captured else "requires_capture"), intent.status
-    return intent
 
 
 def eur(cents: int) -> Money:

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers.openapi import OpenApiCheck
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
 from helpers.stacks import ApiStack, api_stack
 from helpers.wait import eventually, wait_for_status
 from pydantic import SecretStr
-from test_api import OpenApiCheck
 
 from domain.models import CancellationReason, CancellationStatus, RequestCancellationInput
 from ledger.orders import load_orders, parse_orders_file
