@@ -30,6 +30,7 @@ from api.routes import BODY_MODELS, router
 from api.service import CancellationService
 from api.stores import IdempotencyStore, SubOrders
 from infra.settings import Settings
+from infra.tracing import instrument_app
 from ledger.repository import Ledger
 
 log = structlog.get_logger("api")
@@ -133,6 +134,8 @@ def create_app(
     # The last added is the outermost: CatchAll sees everything, including a 413.
     app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(CatchAll)
+    # While tracing is on (infra.tracing), outermost of all: each request is the root span.
+    instrument_app(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

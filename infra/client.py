@@ -17,6 +17,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfigProfile, ClientConnectConfig
 from temporalio.runtime import Runtime
 
+from infra.tracing import client_interceptors
+
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 DEFAULT_NAMESPACE = "default"
 
@@ -66,7 +68,9 @@ async def connect(
     environ: Mapping[str, str] | None = None,
     runtime: Runtime | None = None,
 ) -> Client:
-    """`runtime`: the one serving Prometheus metrics (infra.metrics), for a worker's client."""
+    """`runtime`: the one serving Prometheus metrics (infra.metrics), for a worker's client.
+    While tracing is on in this process (infra.tracing), the client carries the SDK's tracing
+    interceptor, and so does a worker built on it."""
     config = connect_config(address, namespace, environ=environ)
     return await Client.connect(
         config["target_host"],
@@ -76,4 +80,5 @@ async def connect(
         rpc_metadata=config.get("rpc_metadata", {}),
         data_converter=pydantic_data_converter,
         runtime=runtime,
+        interceptors=client_interceptors(),
     )
