@@ -1,4 +1,5 @@
-"""The one Temporal client factory: worker, CLI and tests all get the pydantic converter here.
+"""The one Temporal client factory: worker, CLI and tests all get the data converter here (the
+SDK's pydantic one, lenient with undecodable message arguments: infra/converter.py).
 
 How to reach a secured cluster or Temporal Cloud (TLS client certificates, an API key, gRPC
 metadata) comes from `temporalio.envconfig`: the `TEMPORAL_*` environment variables over a
@@ -13,10 +14,10 @@ import os
 from collections.abc import Mapping
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfigProfile, ClientConnectConfig
 from temporalio.runtime import Runtime
 
+from infra.converter import data_converter
 from infra.tracing import client_interceptors
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
@@ -78,7 +79,7 @@ async def connect(
         api_key=config.get("api_key"),
         tls=config.get("tls"),
         rpc_metadata=config.get("rpc_metadata", {}),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
         runtime=runtime,
         interceptors=client_interceptors(),
     )
