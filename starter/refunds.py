@@ -103,8 +103,12 @@ class FailedRefund(Record):
     refund_stage: str | None = None
     last_error: str | None = None
     # Passes of the refund that ended parked (each pass is up to
-    # ORDERCANCEL_REFUND_SUBMIT_MAX_ATTEMPTS provider calls), reversals included.
-    attempts: int = 0
+    # ORDERCANCEL_REFUND_SUBMIT_MAX_ATTEMPTS provider calls), reversals included: the N of the
+    # last error's "(pass N)".
+    passes: int = 0
+    # Calls to the provider to create the latest refund (its idempotency key), failed ones
+    # included (the ledger's refunds.attempts).
+    provider_calls: int = 0
     # When it parked the last time: the ledger's refunds.failed_at (reversed_at for a reversal).
     failed_since: datetime | None = None
 
@@ -147,7 +151,8 @@ async def list_failed(
             idempotency_key=parked.idempotency_key,
             refund_stage=parked.stage.value,
             last_error=parked.last_error,
-            attempts=parked.attempts,
+            passes=parked.passes,
+            provider_calls=parked.provider_calls,
             failed_since=parked.failed_since,
         )
     listed = [

@@ -221,7 +221,27 @@ class CancellationInbox:
             cancellation_id=self._id,
             accepted=True,
             status=CancellationStatus.REFUND_REQUESTED,
-            message="refund retry scheduled with the same idempotency key",
+            message=self._retry_plan(),
+        )
+
+    def _retry_plan(self) -> str:
+        """Which refund the retry makes, by the key it will use (R10): the parked one's again,
+        or, when the provider declined or reversed it (dead under its key), the next
+        generation's, as the ledger will record it (`domain.rules.refund_idempotency_key`)."""
+        refund = self._refund
+        if refund is None:
+            key = rules.refund_idempotency_key(self._id)
+            return f"refund retry scheduled: a new refund under idempotency key {key}"
+        if refund.stage.is_dead:
+            generation = refund.generation + 1
+            key = rules.refund_idempotency_key(self._id, generation)
+            return (
+                f"refund retry scheduled: a new refund (generation {generation}) under"
+                f" idempotency key {key}; {refund.idempotency_key} was {refund.stage.value}"
+            )
+        return (
+            "refund retry scheduled with the same idempotency key"
+            f" {refund.idempotency_key} ({refund.attempts} provider call(s) so far)"
         )
 
     @retry_refund.validator
