@@ -42,6 +42,8 @@ from workflows import messages, steps
 
 # Refused signals written to the audit trail, per cancellation; the rest are counted.
 REFUSALS_RECORDED = 20
+# The first note of the `status` query of a run that an earlier run's cancellation started.
+EARLIER_RUNS = "earlier_runs_in_ledger"
 
 
 class CancellationInbox:
@@ -265,6 +267,29 @@ class CancellationInbox:
             dots=rules.refund_dots(self._refund),
             coupon=self._coupon,
             last_error=self._last_error,
-            audit=list(self._audit),
+            audit=self._own_story(),
             refused_messages=self._refused,
         )
+
+    def _own_story(self) -> list[AuditEntry]:
+        """This run's notes. A run that took over a cancellation an earlier run opened (a
+        reversal reopened it, or another start of an ended one) knows only its own steps: its
+        `requested` note would invent a second request, so it says instead where the earlier
+        runs' story is. A run continued as new carries its chain's notes and says the same
+        when that chain began on a reopened one. `starter.cancellations.one_story` (what
+        `ordercancel status` and the API show) tells the whole story from the ledger."""
+        audit = list(self._audit)
+        if self._opened is None or self._opened.opened_now:
+            return audit
+        for i, entry in enumerate(audit):
+            if entry.kind == "requested":
+                audit[i] = AuditEntry(
+                    at=entry.at,
+                    actor="system",
+                    kind=EARLIER_RUNS,
+                    detail="an earlier run opened this cancellation: its requests, decisions"
+                    " and refunds are in the ledger's audit trail (ordercancel status,"
+                    " GET /v1/cancellations/{id})",
+                )
+                break
+        return audit
