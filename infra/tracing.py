@@ -46,6 +46,7 @@ SERVICE_WORKER = "ordercancel-worker"
 SERVICE_DEV = "ordercancel-dev"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 TRACER_NAME = "order-cancellation"
+PROBE_PATHS = "/healthz,/readyz,/livez"
 
 
 @dataclass
@@ -137,7 +138,10 @@ def instrument_app(app: FastAPI) -> None:
         return
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=_active.provider)
+    # Probes are polled every few seconds: no trace of them.
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=_active.provider, excluded_urls=PROBE_PATHS
+    )
 
 
 def traced_provider(provider: PaymentProvider) -> PaymentProvider:

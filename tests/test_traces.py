@@ -141,6 +141,9 @@ async def test_a_cancellation_opened_through_the_api_is_one_trace(traced: Traced
         if s.attributes and s.attributes.get("temporalWorkflowID") == cancellation_id
     ]
     assert naming and {s.context.trace_id for s in naming} == {trace_id}
+    # The probes, polled every few seconds, make no trace.
+    assert (await traced.stack.http.get("/healthz")).status_code == 200
+    assert not [s for s in traced.spans() if s.name.startswith("GET /healthz")]
     # Spans say which process made them.
     assert root.resource.attributes["service.name"] == "ordercancel-test"
 
