@@ -9,8 +9,10 @@ client other than ours could send one. Here each such argument becomes a
 `domain.errors.UndecodablePayload`, which `workflows.messages.parse` refuses as
 `invalid_payload`, counted and recorded like any malformed message (R20).
 
-Only untyped decoding is lenient: workflow inputs, activity inputs and results have types and
-fail as before. Decoding stays a pure function of the payload's bytes (replay-safe).
+The workflow's own input is untyped too (`OrderCancellation.__init__(*args)`): an undecodable
+start fails its run with `invalid_payload` instead of failing its workflow task for ever. Only
+untyped decoding is lenient: activity inputs and results have types and fail as before.
+Decoding stays a pure function of the payload's bytes (replay-safe).
 """
 
 from __future__ import annotations

@@ -397,6 +397,42 @@ async def test_undecodable_signals_are_refused_counted_and_recorded(env: Env) ->
     await assert_completed_with_one_refund(env, handle)
 
 
+async def test_an_undecodable_start_fails_its_run_as_invalid_payload_and_writes_nothing(
+    env: Env,
+) -> None:
+    """A start whose input holds a lone surrogate (raw, as another SDK sends it) ends its run
+    at once with `invalid_payload`, instead of failing its workflow task for ever; nothing
+    reaches the ledger."""
+    from temporalio.api.common.v1 import WorkflowType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import StartWorkflowExecutionRequest
+
+    order_id = await new_order(env)
+    cid = cancellation_id(order_id, SELLER)
+    text = request_for(order_id).model_dump_json()
+    data = (text[:-1] + ', "reason_text": "\\ud800"}').encode()
+    client = env.stack.client
+    await client.workflow_service.start_workflow_execution(
+        StartWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_id=cid,
+            workflow_type=WorkflowType(name="OrderCancellation"),
+            task_queue=TaskQueue(name=env.task_queue),
+            input=raw_payloads(b"json/plain", data),
+            identity="raw-client",
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    handle = client.get_workflow_handle(cid)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 30)
+    cause = failed.value.cause
+    assert getattr(cause, "type", None) == "invalid_payload", cause
+    assert "not decodable" in str(cause), cause
+    assert not workflow_task_failures(await handle.fetch_history())
+    assert await ledger_status(env, cid) is None
+
+
 async def test_a_ledger_write_postgresql_refuses_for_its_data_is_final_not_retried(
     env: Env,
 ) -> None:
