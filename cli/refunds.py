@@ -240,8 +240,10 @@ def retry(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
 ) -> None:
-    """Retry parked refunds with the same idempotency key (update `retry_refund`). Safe to run
-    twice or to interrupt: one no longer in refund_failed refuses and is counted as skipped."""
+    """Retry parked refunds (update `retry_refund`): each resumes under its idempotency key, or
+    the next generation's when the provider declined or reversed it; each receipt names the
+    key used. Safe to run twice or to interrupt: one no longer in refund_failed refuses and is
+    counted as skipped."""
     if bool(ids) == all_failed:
         raise ui.bad_argument("give cancellation ids, or --all-failed (not both)")
     if query and not all_failed:
