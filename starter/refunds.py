@@ -3,11 +3,12 @@ and retry them, one at a time or in bulk, safely.
 
 Finding goes through Temporal visibility (the `CancellationStatus` search attribute, plus
 `SellerId` or any query the SRE writes); the ledger adds what visibility does not hold (amount,
-last error, how many passes failed, since when). Retrying only ever sends the workflow's update
-`retry_refund`, which the workflow accepts only while it is parked in `refund_failed` and which
-resumes the refund with the same idempotency key: sending it twice, or re-running a bulk retry
-that was interrupted, retries nothing twice. What the CLI (`ordercancel refunds ...`) calls;
-the HTTP API can call `retry_one` for its single retry.
+last error, how many passes failed, how many provider calls, since when). Retrying only ever
+sends the workflow's update `retry_refund`, which the workflow accepts only while it is parked in
+`refund_failed` and which resumes the refund with the same idempotency key (the next
+generation's, after a decline or reversal; the receipt names it): sending it twice, or
+re-running a bulk retry that was interrupted, retries nothing twice. What the CLI
+(`ordercancel refunds ...`) calls; the HTTP API can call `retry_one` for its single retry.
 """
 
 from __future__ import annotations
