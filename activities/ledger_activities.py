@@ -196,7 +196,7 @@ class LedgerActivities:
         with ledger_call():
             record = await self._ledger.record_refund_failed(
                 cancellation_id=params.cancellation_id,
-                error=f"{params.error} (attempt {params.attempts})",
+                error=f"{params.error} (pass {params.attempts})",
                 event_key=params.event_key,
                 final=params.final,
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+import asyncpg
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -88,9 +89,11 @@ class RefundActivities:
             )
         except ProviderTransientError as err:
             self._metrics.refund_call_failed(reason=PROVIDER_UNAVAILABLE, step="submit")
+            await self._count_call(record.view.idempotency_key)
             raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE) from err
         except ProviderFinalError as err:
             self._metrics.refund_call_failed(reason=REFUND_REJECTED, step="submit")
+            await self._count_call(record.view.idempotency_key)
             raise ApplicationError(str(err), type=REFUND_REJECTED, non_retryable=True) from err
         eta = refund_eta(record.method, record.view.kind, datetime.now(UTC), self._eta_table)
         record = await self._ledger.record_refund_submitted(
@@ -102,6 +105,14 @@ class RefundActivities:
         _log_stage(RefundStage.SUBMITTED, record.view)
         self._observe_stage(record)
         return record.view
+
+    async def _count_call(self, idempotency_key: str) -> None:
+        """The refund's `attempts` count every provider call to create it, the failed ones too
+        (issue 20). Best effort: the provider's answer is what the activity reports."""
+        try:
+            await self._ledger.count_provider_call(idempotency_key=idempotency_key)
+        except (LedgerError, OSError, asyncpg.PostgresError) as err:
+            log.warning("provider_call_not_counted", error=str(err))
 
     @activity.defn
     async def confirm_refund(self, params: RefundStepInput) -> RefundView:

@@ -32,6 +32,7 @@ from api.service import CancellationService
 from api.stores import IdempotencyStore, SubOrders
 from infra.metrics import NO_API_METRICS, ApiMetrics
 from infra.settings import Settings
+from infra.tracing import instrument_app
 from ledger.repository import Ledger
 
 log = structlog.get_logger("api")
@@ -144,6 +145,8 @@ def create_app(
     app.add_middleware(CatchAll)
     # Outermost: it sees the status CatchAll answers with, and the route routing matched.
     app.add_middleware(RequestMetrics, metrics=metrics)
+    # While tracing is on (infra.tracing), outermost of all: each request is the root span.
+    instrument_app(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

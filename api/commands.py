@@ -44,9 +44,11 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from infra.tracing import SERVICE_API, start_tracing
 
     settings = Settings()
     configure_logging(log_format or settings.log_format, settings.log_level)  # type: ignore[arg-type]
+    start_tracing(SERVICE_API)
     try:
         keys = KeyStore.load(
             file=settings.api_keys_file,

@@ -416,10 +416,12 @@ async def withdraw(
 @router.post(
     "/v1/cancellations/{cancellation_id}/retry-refund",
     response_model=DecisionReceipt,
-    summary="Retry a parked refund with the same idempotency key (update `retry_refund`)",
+    summary="Retry a parked refund (update `retry_refund`)",
     description=(
         "The operator recorded is the caller's key (`sre:<operator>`, or `sre`), never the"
         " body's. 409 `not_refund_failed` unless the refund is parked in `refund_failed`."
+        " The refund resumes under its idempotency key; one the provider declined or"
+        " reversed gets the next generation's key. The receipt's `message` names the key used."
     ),
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
     openapi_extra=_body(RetryRefundBody),

@@ -14,9 +14,11 @@ from infra.stack import open_stack
 def worker(log_format: LogFormat = None) -> None:
     """Run a worker on the `order-cancellation` task queue until SIGINT/SIGTERM (drains)."""
     from infra.metrics import worker_metrics_runtime
+    from infra.tracing import SERVICE_WORKER, start_tracing
     from workers.worker import run_worker
 
     settings = ui.settings(log_format)
+    start_tracing(SERVICE_WORKER)
 
     async def main() -> None:
         runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
@@ -48,8 +50,10 @@ def dev(
     and keep serving until Ctrl-C. What `make run` runs."""
     _devstack()
     from devstack.dev import run_dev
+    from infra.tracing import SERVICE_DEV, start_tracing
 
     settings = ui.settings(log_format, quiet=True)
+    start_tracing(SERVICE_DEV)
     ui.run(run_dev(settings, console=ui.console, demo=demo))
 
 

@@ -71,7 +71,8 @@ def _failed_table(rows: list[FailedRefund], title: str) -> Table:
         "amount",
         "stage",
         "last error",
-        "attempts",
+        "passes",
+        "provider calls",
         "since",
     ):
         table.add_column(column, overflow="fold")
@@ -84,7 +85,8 @@ def _failed_table(rows: list[FailedRefund], title: str) -> Table:
             str(row.amount) if row.amount is not None else "?",
             escape(row.refund_stage or "?"),
             escape(row.last_error or ""),
-            str(row.attempts),
+            str(row.passes),
+            str(row.provider_calls),
             _since(row.failed_since),
         )
     return table
@@ -143,6 +145,10 @@ def failed(
         _print_failed(rows)
 
 
+# Up to this many results, a real run lists each retried cancellation with its receipt.
+LIST_EVERY_RESULT = 50
+
+
 def _summary_table(summary: RetrySummary) -> Table:
     table = Table(title="Dry run: nothing was changed" if summary.dry_run else None)
     table.add_column("id")
@@ -171,10 +177,11 @@ def _print_summary(summary: RetrySummary, *, as_json: bool, interrupted: bool = 
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    # Dry runs list everything; real runs list what needs a look (skips and errors).
+    # Dry runs and small runs list everything (a retried one with the key its refund uses);
+    # large runs list what needs a look (skips and errors).
     shown = (
         summary
-        if summary.dry_run
+        if summary.dry_run or len(summary.results) <= LIST_EVERY_RESULT
         else summary.model_copy(
             update={
                 "results": [r for r in summary.results if r.outcome is not RetryOutcome.RETRIED]
@@ -233,8 +240,10 @@ def retry(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
 ) -> None:
-    """Retry parked refunds with the same idempotency key (update `retry_refund`). Safe to run
-    twice or to interrupt: one no longer in refund_failed refuses and is counted as skipped."""
+    """Retry parked refunds (update `retry_refund`): each resumes under its idempotency key, or
+    the next generation's when the provider declined or reversed it; each receipt names the
+    key used. Safe to run twice or to interrupt: one no longer in refund_failed refuses and is
+    counted as skipped."""
     if bool(ids) == all_failed:
         raise ui.bad_argument("give cancellation ids, or --all-failed (not both)")
     if query and not all_failed:

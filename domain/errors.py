@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -29,6 +30,18 @@ class DecisionRefused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True)
+class UndecodablePayload:
+    """A message argument the data converter could not decode: JSON with a lone surrogate
+    (`"\\ud800"`, which no UTF-8 text holds), bytes that are not UTF-8 or not JSON, an encoding
+    it does not know. The converter (infra/converter.py) hands it to the handler as this value,
+    so that a signal or update from any client is refused as `invalid_payload` and counted
+    (R20), never dropped or refused by the SDK before the handler sees it."""
+
+    encoding: str
+    error: str
 
 
 class LedgerError(Exception):

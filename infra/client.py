@@ -1,4 +1,5 @@
-"""The one Temporal client factory: worker, CLI and tests all get the pydantic converter here.
+"""The one Temporal client factory: worker, CLI and tests all get the data converter here (the
+SDK's pydantic one, lenient with undecodable message arguments: infra/converter.py).
 
 How to reach a secured cluster or Temporal Cloud (TLS client certificates, an API key, gRPC
 metadata) comes from `temporalio.envconfig`: the `TEMPORAL_*` environment variables over a
@@ -13,9 +14,11 @@ import os
 from collections.abc import Mapping
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfigProfile, ClientConnectConfig
 from temporalio.runtime import Runtime
+
+from infra.converter import data_converter
+from infra.tracing import client_interceptors
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 DEFAULT_NAMESPACE = "default"
@@ -66,7 +69,9 @@ async def connect(
     environ: Mapping[str, str] | None = None,
     runtime: Runtime | None = None,
 ) -> Client:
-    """`runtime`: the one serving Prometheus metrics (infra.metrics), for a worker's client."""
+    """`runtime`: the one serving Prometheus metrics (infra.metrics), for a worker's client.
+    While tracing is on in this process (infra.tracing), the client carries the SDK's tracing
+    interceptor, and so does a worker built on it."""
     config = connect_config(address, namespace, environ=environ)
     return await Client.connect(
         config["target_host"],
@@ -74,6 +79,7 @@ async def connect(
         api_key=config.get("api_key"),
         tls=config.get("tls"),
         rpc_metadata=config.get("rpc_metadata", {}),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
         runtime=runtime,
+        interceptors=client_interceptors(),
     )

@@ -35,7 +35,9 @@ class ParkedRefund(Record):
     amount: Money
     last_error: str | None = None
     # Passes that ended parked (refund_failed and refund_reversed events).
-    attempts: int
+    passes: int
+    # Calls to the provider to create this refund (generation), failed ones included.
+    provider_calls: int = 0
     # When it parked the last time: refunds.failed_at (reversed_at for a reversal).
     failed_since: datetime | None = None
 
@@ -70,12 +72,12 @@ async def latest_refunds(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) ->
         """
         SELECT DISTINCT ON (r.cancellation_id)
             r.cancellation_id, c.order_id, c.seller_id, r.idempotency_key, r.stage,
-            r.amount_minor, r.currency, r.last_error,
+            r.amount_minor, r.currency, r.last_error, r.attempts AS provider_calls,
             CASE WHEN r.stage = 'reversed' THEN r.reversed_at ELSE r.failed_at END
                 AS failed_since,
             (SELECT count(*) FROM cancellation_events e
              WHERE e.cancellation_id = r.cancellation_id
-               AND e.kind IN ('refund_failed', 'refund_reversed')) AS attempts
+               AND e.kind IN ('refund_failed', 'refund_reversed')) AS passes
         FROM refunds r JOIN cancellations c USING (cancellation_id)
         WHERE r.cancellation_id = ANY($1::text[])
         ORDER BY r.cancellation_id, r.generation DESC
@@ -91,7 +93,8 @@ async def latest_refunds(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) ->
             stage=RefundStage(r["stage"]),
             amount=_money(r),
             last_error=r["last_error"],
-            attempts=r["attempts"],
+            passes=r["passes"],
+            provider_calls=r["provider_calls"],
             failed_since=r["failed_since"],
         )
         for r in rows

@@ -518,6 +518,19 @@ class Ledger:
             raise CancellationNotFound(f"no refund for {cancellation_id}")
         return _refund_record(row)
 
+    async def count_provider_call(self, *, idempotency_key: str) -> int | None:
+        """A call to create this refund that the provider failed or refused: `attempts` counts
+        every call to create the refund (a submission that took counts in
+        `record_refund_submitted`). None when the refund is no longer waiting to be submitted
+        (nothing to count)."""
+        attempts: int | None = await self._pool.fetchval(
+            "UPDATE refunds SET attempts = attempts + 1"
+            " WHERE idempotency_key = $1 AND stage IN ('requested', 'failed')"
+            " RETURNING attempts",
+            idempotency_key,
+        )
+        return attempts
+
     async def record_refund_confirmed(
         self, *, cancellation_id: str, event_key: str
     ) -> RefundRecord:

@@ -3,11 +3,12 @@ and retry them, one at a time or in bulk, safely.
 
 Finding goes through Temporal visibility (the `CancellationStatus` search attribute, plus
 `SellerId` or any query the SRE writes); the ledger adds what visibility does not hold (amount,
-last error, how many passes failed, since when). Retrying only ever sends the workflow's update
-`retry_refund`, which the workflow accepts only while it is parked in `refund_failed` and which
-resumes the refund with the same idempotency key: sending it twice, or re-running a bulk retry
-that was interrupted, retries nothing twice. What the CLI (`ordercancel refunds ...`) calls;
-the HTTP API can call `retry_one` for its single retry.
+last error, how many passes failed, how many provider calls, since when). Retrying only ever
+sends the workflow's update `retry_refund`, which the workflow accepts only while it is parked in
+`refund_failed` and which resumes the refund with the same idempotency key (the next
+generation's, after a decline or reversal; the receipt names it): sending it twice, or
+re-running a bulk retry that was interrupted, retries nothing twice. What the CLI
+(`ordercancel refunds ...`) calls; the HTTP API can call `retry_one` for its single retry.
 """
 
 from __future__ import annotations
@@ -103,8 +104,12 @@ class FailedRefund(Record):
     refund_stage: str | None = None
     last_error: str | None = None
     # Passes of the refund that ended parked (each pass is up to
-    # ORDERCANCEL_REFUND_SUBMIT_MAX_ATTEMPTS provider calls), reversals included.
-    attempts: int = 0
+    # ORDERCANCEL_REFUND_SUBMIT_MAX_ATTEMPTS provider calls), reversals included: the N of the
+    # last error's "(pass N)".
+    passes: int = 0
+    # Calls to the provider to create the latest refund (its idempotency key), failed ones
+    # included (the ledger's refunds.attempts).
+    provider_calls: int = 0
     # When it parked the last time: the ledger's refunds.failed_at (reversed_at for a reversal).
     failed_since: datetime | None = None
 
@@ -147,7 +152,8 @@ async def list_failed(
             idempotency_key=parked.idempotency_key,
             refund_stage=parked.stage.value,
             last_error=parked.last_error,
-            attempts=parked.attempts,
+            passes=parked.passes,
+            provider_calls=parked.provider_calls,
             failed_since=parked.failed_since,
         )
     listed = [

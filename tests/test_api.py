@@ -22,6 +22,8 @@ import asyncpg
 import httpx
 import pytest
 import structlog
+from helpers.api import assert_problem, load_order
+from helpers.api import request_body as api_request_body
 from helpers.openapi import OpenApiCheck
 from helpers.stacks import api_stack
 from helpers.wait import eventually
@@ -38,7 +40,6 @@ from api.keys import generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
 from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
-from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
 
 pytestmark = pytest.mark.e2e
@@ -170,51 +171,13 @@ async def new_order(
 ) -> str:
     """Load an order of `sellers` for BUYER. Validated: captured, accepted by the sellers
     (request path). Not validated: only authorised (instant path, a void)."""
-    order_id = f"API-{uuid.uuid4().hex[:8]}"
-    order: dict[str, Any] = {
-        "order_id": order_id,
-        "buyer_id": BUYER,
-        "currency": "EUR",
-        "placed_at": "2026-03-10T10:00:00Z",
-        "payment": {
-            "payment_id": f"P-{order_id}",
-            "method": "card",
-            "validation": "validated" if validated else "unvalidated",
-            "capture": "captured" if validated else "authorized",
-        },
-        "sub_orders": [
-            {
-                "seller_id": seller,
-                "seller_accepted": validated,
-                "shipping_minor": 300,
-                "lines": [{"sku": f"SKU-{seller}", "quantity": 2, "unit_price_minor": 1250}],
-            }
-            for seller in sellers
-        ],
-    }
-    if coupon:
-        order["coupons"] = [
-            {
-                "redemption_id": f"R-{order_id}",
-                "coupon_code": "API5",
-                "discount_minor": 500,
-                "expires_at": "2099-01-01T00:00:00Z",
-                "footprint": list(sellers),
-            }
-        ]
-    report = await load_orders(api.pool, parse_orders_file(json.dumps({"orders": [order]})))
-    assert report.loaded == [order_id]
-    return order_id
+    return await load_order(
+        api.pool, "API", buyer=BUYER, sellers=sellers, paid=validated, coupon=coupon
+    )
 
 
 def request_body(order_id: str, seller: str = OWN, **extra: Any) -> dict[str, Any]:
-    return {
-        "order_id": order_id,
-        "seller_id": seller,
-        "buyer_id": BUYER,
-        "reason": "out_of_stock",
-        **extra,
-    }
+    return api_request_body(order_id, seller, BUYER, **extra)
 
 
 async def pending(api: Api, seller: str = OWN) -> str:
@@ -276,15 +239,6 @@ async def post_event(api: Api, body: bytes, principal: str = "payment-provider")
     return await api.call(
         "POST", "/v1/payment-events", principal, content=body, headers=signed(body)
     )
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    problem: dict[str, Any] = response.json()
-    assert problem["code"] == code, problem
-    assert problem["status"] == status and problem["detail"]
-    return problem
 
 
 # --- health ------------------------------------------------------------------------------------

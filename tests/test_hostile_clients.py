@@ -282,6 +282,157 @@ async def test_control_characters_in_an_update_are_refused_by_its_validator(env:
     await assert_completed_with_one_refund(env, handle)
 
 
+# Raw payloads no JSON decoder takes as text: a lone surrogate escaped in the JSON (valid JSON
+# syntax, but no UTF-8 text holds it), bytes that are not UTF-8, and an encoding nobody knows.
+SURROGATE_DECISION = b'{"seller_id": "%s", "decision": "accept", "reason": "\\ud800"}' % (
+    SELLER.encode()
+)
+UNDECODABLE = [
+    (b"json/plain", SURROGATE_DECISION),
+    (b"json/plain", b'{"seller_id": "\xff\xfe", "decision": "accept"}'),
+    (b"binary/secret-sauce", b"\x00\x01"),
+]
+
+
+def raw_payloads(encoding: bytes, data: bytes) -> Any:
+    from temporalio.api.common.v1 import Payload, Payloads
+
+    return Payloads(payloads=[Payload(metadata={"encoding": encoding}, data=data)])
+
+
+async def raw_signal(env: Env, workflow_id: str, name: str, encoding: bytes, data: bytes) -> None:
+    """A signal as another SDK sends one: the bytes of its payload as they are."""
+    from temporalio.api.common.v1 import WorkflowExecution
+    from temporalio.api.workflowservice.v1 import SignalWorkflowExecutionRequest
+
+    client = env.stack.client
+    await client.workflow_service.signal_workflow_execution(
+        SignalWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=workflow_id),
+            signal_name=name,
+            input=raw_payloads(encoding, data),
+            identity="raw-client",
+            request_id=str(uuid.uuid4()),
+        )
+    )
+
+
+async def raw_update(
+    env: Env, workflow_id: str, name: str, encoding: bytes, data: bytes
+) -> tuple[str, str]:
+    """An update as another SDK sends one, waited for: (failure type, message), or ("", "")
+    when it was accepted."""
+    from temporalio.api.common.v1 import WorkflowExecution
+    from temporalio.api.enums.v1 import UpdateWorkflowExecutionLifecycleStage
+    from temporalio.api.update.v1 import Input, Meta, Request, WaitPolicy
+    from temporalio.api.workflowservice.v1 import UpdateWorkflowExecutionRequest
+
+    client = env.stack.client
+    response = await client.workflow_service.update_workflow_execution(
+        UpdateWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=workflow_id),
+            wait_policy=WaitPolicy(
+                lifecycle_stage=UpdateWorkflowExecutionLifecycleStage.UPDATE_WORKFLOW_EXECUTION_LIFECYCLE_STAGE_COMPLETED
+            ),
+            request=Request(
+                meta=Meta(update_id=str(uuid.uuid4()), identity="raw-client"),
+                input=Input(name=name, args=raw_payloads(encoding, data)),
+            ),
+        )
+    )
+    failure = response.outcome.failure
+    if not response.outcome.HasField("failure"):
+        return "", ""
+    return failure.application_failure_info.type, failure.message
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data"), UNDECODABLE, ids=["lone-surrogate", "not-utf8", "unknown-encoding"]
+)
+async def test_an_undecodable_update_is_refused_by_its_validator_as_invalid_payload(
+    env: Env, encoding: bytes, data: bytes
+) -> None:
+    """Not by the SDK's decoder ("Failed decoding arguments"): by our validator, with the
+    contract's code; and nothing changes."""
+    handle = await pending(env)
+    for name in ("decide", "resolve_escalation", "retry_refund"):
+        kind, message = await raw_update(env, handle.id, name, encoding, data)
+        assert kind == "invalid_payload", (name, kind, message)
+        assert "not decodable" in message and "Failed decoding" not in message, message
+    assert await ledger_status(env, handle.id) == "awaiting_seller"
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await cli_signal(env, handle.id, "seller_decision", {"seller_id": SELLER, "decision": "accept"})
+    await assert_completed_with_one_refund(env, handle)
+
+
+async def test_undecodable_signals_are_refused_counted_and_recorded(env: Env) -> None:
+    """Each undecodable signal is a refusal the workflow counts and records (R20), not a
+    message the SDK drops; the seller's valid decision then completes the cancellation."""
+    handle = await pending(env)
+    sent = 0
+    for name in ("seller_decision", "withdraw", "payment_event"):
+        for encoding, data in UNDECODABLE:
+            await raw_signal(env, handle.id, name, encoding, data)
+            sent += 1
+
+    async def all_refused() -> list[tuple[str, str]]:
+        refused = [(k, d) for k, d in await audit_kinds(env, handle.id) if k.endswith("_refused")]
+        assert len(refused) == sent, refused
+        return refused
+
+    refused = await eventually(all_refused, timeout=30)
+    assert all(d.startswith("invalid_payload: invalid payload: not decodable") for _, d in refused)
+    assert all("\ud800" not in d for _, d in refused)  # escaped, never stored as it came
+    assert await ledger_status(env, handle.id) == "awaiting_seller"
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await raw_signal(
+        env,
+        handle.id,
+        "seller_decision",
+        b"json/plain",
+        json.dumps({"seller_id": SELLER, "decision": "accept"}).encode(),
+    )
+    await assert_completed_with_one_refund(env, handle)
+
+
+async def test_an_undecodable_start_fails_its_run_as_invalid_payload_and_writes_nothing(
+    env: Env,
+) -> None:
+    """A start whose input holds a lone surrogate (raw, as another SDK sends it) ends its run
+    at once with `invalid_payload`, instead of failing its workflow task for ever; nothing
+    reaches the ledger."""
+    from temporalio.api.common.v1 import WorkflowType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import StartWorkflowExecutionRequest
+
+    order_id = await new_order(env)
+    cid = cancellation_id(order_id, SELLER)
+    text = request_for(order_id).model_dump_json()
+    data = (text[:-1] + ', "reason_text": "\\ud800"}').encode()
+    client = env.stack.client
+    await client.workflow_service.start_workflow_execution(
+        StartWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_id=cid,
+            workflow_type=WorkflowType(name="OrderCancellation"),
+            task_queue=TaskQueue(name=env.task_queue),
+            input=raw_payloads(b"json/plain", data),
+            identity="raw-client",
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    handle = client.get_workflow_handle(cid)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 30)
+    cause = failed.value.cause
+    assert getattr(cause, "type", None) == "invalid_payload", cause
+    assert "not decodable" in str(cause), cause
+    assert not workflow_task_failures(await handle.fetch_history())
+    assert await ledger_status(env, cid) is None
+
+
 async def test_a_ledger_write_postgresql_refuses_for_its_data_is_final_not_retried(
     env: Env,
 ) -> None:

@@ -22,6 +22,7 @@ from unittest import mock
 import httpx
 import pytest
 import structlog
+from helpers.api import assert_problem, bearer, load_order, request_body
 from helpers.policies import TEST_FLOOR, seller_window
 from helpers.stacks import ApiStack, api_stack
 from helpers.wait import eventually
@@ -35,7 +36,6 @@ from cli.main import app as cli
 from domain.models import TimeoutPolicy
 from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
-from ledger.orders import load_orders, parse_orders_file
 from payments.provider import SimulatedProvider, SimulatorFaults
 
 SECRET = "whsec_test_" + "s" * 32
@@ -74,7 +74,7 @@ class Api:
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        auth = {"Authorization": f"Bearer {self.stack.keys[principal]}"} if principal else {}
+        auth = bearer(self.stack.keys, principal)
         return await self.stack.http.request(
             method, path, json=json, content=content, headers={**auth, **(headers or {})}
         )
@@ -109,35 +109,14 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
 
 async def new_order(api: Api, seller: str = OWN) -> str:
     """A validated, captured order of one seller for BUYER: the request path."""
-    order_id = f"SD-{uuid.uuid4().hex[:8]}"
-    order = {
-        "order_id": order_id,
-        "buyer_id": BUYER,
-        "currency": "EUR",
-        "placed_at": "2026-03-10T10:00:00Z",
-        "payment": {
-            "payment_id": f"P-{order_id}",
-            "method": "card",
-            "validation": "validated",
-            "capture": "captured",
-        },
-        "sub_orders": [
-            {
-                "seller_id": seller,
-                "seller_accepted": True,
-                "shipping_minor": 300,
-                "lines": [{"sku": "SKU-1", "quantity": 1, "unit_price_minor": 1000}],
-            }
-        ],
-    }
-    report = await load_orders(api.stack.pool, parse_orders_file(json.dumps({"orders": [order]})))
-    assert report.loaded == [order_id]
-    return order_id
+    return await load_order(
+        api.stack.pool, "SD", buyer=BUYER, seller=seller, quantity=1, unit_price_minor=1000
+    )
 
 
 async def request(api: Api, order_id: str, seller: str = OWN, **extra: Any) -> str:
-    body = {"order_id": order_id, "seller_id": seller, "buyer_id": BUYER, "reason": "other"}
-    response = await api.call("POST", "/v1/cancellations", "buyer-service", json=body | extra)
+    body = request_body(order_id, seller, BUYER, reason="other", **extra)
+    response = await api.call("POST", "/v1/cancellations", "buyer-service", json=body)
     assert response.status_code in (200, 202), response.text
     cancellation_id: str = response.json()["cancellation_id"]
     return cancellation_id
@@ -176,12 +155,7 @@ async def parked(api: Api) -> str:
     return cancellation_id
 
 
-def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["code"] == code and body["detail"], body
-    return body
+problem = assert_problem
 
 
 def operators_in(view: dict[str, Any]) -> list[str]:

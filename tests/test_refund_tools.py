@@ -108,6 +108,16 @@ async def assert_refunded_once_with_coupon(stack: RefundStack, made: list[Cancel
         assert refunded == paid, c.id  # one seller: the whole payment, once
 
 
+async def create_calls(stack: RefundStack, cancellation_id: str) -> int:
+    """Calls to create a refund of this cancellation, as the simulated provider recorded them."""
+    count: int = await stack.pool.fetchval(
+        "SELECT count(*) FROM provider_sim.calls WHERE operation = 'create_refund'"
+        " AND idempotency_key LIKE $1 || ':%'",
+        cancellation_id,
+    )
+    return count
+
+
 async def ledger_snapshot(stack: RefundStack, made: list[Cancellation]) -> tuple[object, ...]:
     ids = [c.id for c in made]
     payments = [c.payment_id for c in made]
@@ -138,14 +148,18 @@ async def test_outage_parks_a_batch_then_a_bulk_retry_refunds_each_once(
     made = await park(stack, 10, seller)
     ids = {c.id for c in made}
 
-    # What the SRE sees: the parked cancellations with amount, last error, attempts, since.
+    # What the SRE sees: the parked cancellations with amount, last error, passes, provider
+    # calls, since. One pass of 2 provider calls each (refund_stack): the numbers agree with
+    # the provider's own record of calls and with the last error's "(pass N)".
     rows = await list_failed(stack.client, stack.pool, seller=seller)
     assert {r.cancellation_id for r in rows} == ids
     for row in rows:
         assert row.seller_id == seller and row.order_id is not None
-        assert row.refund_stage == "failed" and row.attempts == 1
+        assert row.refund_stage == "failed" and row.passes == 1
+        assert row.provider_calls == 2 == await create_calls(stack, row.cancellation_id)
         assert row.amount is not None and row.amount.amount_minor == 2300
         assert row.last_error is not None and "ProviderUnavailable" in row.last_error
+        assert row.last_error.endswith("(pass 1)"), row.last_error
         assert row.failed_since is not None
     hour = timedelta(hours=1)
     assert await list_failed(stack.client, stack.pool, seller=seller, since=parse_since("1h")) == (
@@ -256,12 +270,22 @@ async def test_dry_run_changes_nothing_and_a_cancellation_not_failed_is_refused(
 
     async def parked_twice() -> None:
         rows = await list_failed(stack.client, stack.pool, seller=seller)
-        assert [(r.cancellation_id, r.attempts) for r in rows] == [(parked.id, 2)], rows
+        assert [(r.cancellation_id, r.passes, r.provider_calls) for r in rows] == [
+            (parked.id, 2, 4)
+        ], rows
+        assert rows[0].last_error is not None and rows[0].last_error.endswith("(pass 2)")
 
     await eventually(parked_twice, timeout=20)
+    assert await create_calls(stack, parked.id) == 4
 
     await stack.provider.set_faults(parked.payment_id, SimulatorFaults())
-    assert (await retry_one(stack.client, parked.id, SRE)).outcome is RetryOutcome.RETRIED
+    receipt = await retry_one(stack.client, parked.id, SRE)
+    assert receipt.outcome is RetryOutcome.RETRIED
+    # The receipt names the key the retry uses (the parked refund's) and the calls made.
+    assert receipt.detail == (
+        f"refund retry scheduled with the same idempotency key {parked.id}:refund-submit"
+        " (4 provider call(s) so far)"
+    ), receipt.detail
     await assert_refunded_once_with_coupon(stack, [parked])
     await waiting.handle.execute_update(
         OrderCancellation.decide, {"seller_id": seller, "decision": "reject", "reason": "done"}
@@ -482,7 +506,8 @@ async def test_a_declined_refund_is_listed_apart_and_held_back_from_a_bulk_retry
     held = await wait_for_status(declined.handle, CancellationStatus.REFUND_FAILED)
     assert not [e for e in held.audit if e.kind == "refund_retry"]
 
-    # Asked for: it gets a new refund (the provider's fault cleared first).
+    # Asked for: it gets a new refund (the provider's fault cleared first), under the next
+    # generation's key, which the receipt names (not the declined one's).
     await stack.provider.set_faults(declined.payment_id, SimulatorFaults())
     ran = await run_command(
         ORDERCANCEL,
@@ -492,10 +517,19 @@ async def test_a_declined_refund_is_listed_apart_and_held_back_from_a_bulk_retry
         "--query",
         query,
         "--include-declined",
+        "--json",
         env=stack.cli_env(),
     )
     assert ran.returncode == 0, ran.stderr
-    assert "retried 1, skipped 0" in ran.stdout
-    assert (await asyncio.wait_for(declined.handle.result(), 30)).status is (
-        CancellationStatus.COMPLETED
+    summary = json.loads(ran.stdout)
+    assert summary["totals"] == {"retried": 1}, summary
+    (receipt,) = summary["results"]
+    assert receipt["detail"] == (
+        f"refund retry scheduled: a new refund (generation 2) under idempotency key"
+        f" {declined.id}:refund-submit-2; {declined.id}:refund-submit was declined"
+    ), receipt
+    done = await asyncio.wait_for(declined.handle.result(), 30)
+    assert done.status is CancellationStatus.COMPLETED
+    assert done.refund is not None and done.refund.idempotency_key == (
+        f"{declined.id}:refund-submit-2"
     )

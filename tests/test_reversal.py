@@ -356,6 +356,15 @@ async def test_status_tells_one_story_across_runs(stack: Stack) -> None:
     handle = stack.client.get_workflow_handle_for(OrderCancellation.run, s7)
     await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
 
+    # The new run's own `status` query invents no second request: it begins by saying where
+    # the earlier run's story is, then tells its own steps.
+    own = await handle.query(OrderCancellation.status)
+    own_kinds = [e.kind for e in own.audit]
+    assert "requested" not in own_kinds, own_kinds
+    assert own_kinds[0] == "earlier_runs_in_ledger", own_kinds
+    assert "ledger" in own.audit[0].detail and own.audit[0].actor == "system"
+    assert own_kinds.index("payment_event") < own_kinds.index("refund_reversed"), own_kinds
+
     def story_of(located: Located | None) -> list[str]:
         assert located is not None
         return [e.kind for e in located.view.audit]

@@ -196,3 +196,28 @@ async def test_workflow_page_shows_summary_and_current_details(ui: UI, browser: 
             SCREENSHOT.write_bytes(screenshot)
     finally:
         await page.close()
+
+
+# What docs/observability.md (and the README) say the workflow list shows by default: Temporal's
+# own columns, not the summary nor our search attributes.
+DEFAULT_COLUMNS = ["Status", "Workflow ID", "Run ID", "Type", "Start", "End"]
+
+
+async def test_the_workflow_list_shows_the_documented_default_columns(ui: UI, browser: Any) -> None:
+    """The list as a new browser sees it (no column settings saved): the headers are the ones
+    the docs name, and neither the summary nor a search attribute of ours is among them."""
+    page = await browser.new_page(viewport={"width": 1600, "height": 900})
+    try:
+        await page.goto(f"{ui.base}/namespaces/default/workflows")
+        await page.get_by_text(ui.rejected.id, exact=True).first.wait_for(timeout=20_000)
+        headers = [
+            " ".join(text.split())
+            for text in await page.locator("table thead th").all_inner_texts()
+        ]
+        # The first header is the row-selection checkbox ("Select all Workflows"), no column.
+        shown = [h for h in headers if h and not h.startswith("Select all")]
+        assert shown == DEFAULT_COLUMNS, headers
+        summary = await (await ui.rejected.describe()).static_summary()
+        assert summary and summary not in await page.locator("table").inner_text()
+    finally:
+        await page.close()

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from helpers.api import bearer, request_body
 from helpers.orders import one_seller_order, orders_file, unique
 from helpers.stacks import ApiStack, api_stack
 from helpers.wait import eventually
@@ -37,13 +38,7 @@ FLOOR = timedelta(seconds=1)
 
 
 def body(order_id: str, seller_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "order_id": order_id,
-        "seller_id": seller_id,
-        "buyer_id": BUYER,
-        "reason": "out_of_stock",
-        **extra,
-    }
+    return request_body(order_id, seller_id, BUYER, **extra)
 
 
 async def new_order(pool: asyncpg.Pool, seller_id: str) -> str:
@@ -197,8 +192,9 @@ class Api:
     async def call(
         self, method: str, path: str, principal: str, *, json: Any = None
     ) -> httpx.Response:
-        auth = {"Authorization": f"Bearer {self.stack.keys[principal]}"}
-        return await self.stack.http.request(method, path, json=json, headers=auth)
+        return await self.stack.http.request(
+            method, path, json=json, headers=bearer(self.stack.keys, principal)
+        )
 
     async def view(self, cancellation_id: str) -> dict[str, Any]:
         response = await self.call("GET", f"/v1/cancellations/{cancellation_id}", "sre")

@@ -26,6 +26,7 @@ from activities.refund_activities import RefundActivities
 from infra.log_context import LogContextInterceptor
 from infra.metrics import BusinessMetrics
 from infra.settings import Settings
+from infra.tracing import traced_provider
 from ledger.repository import Ledger
 from payments.provider import PaymentProvider, SimulatedProvider
 from workers.health import serve_health
@@ -49,6 +50,9 @@ PASSTHROUGH = (
     "pydantic_core",
     "asyncpg",
     "structlog",
+    # The tracing interceptor's workflow side (infra/tracing.py) uses the one OpenTelemetry
+    # context of the process.
+    "opentelemetry",
 )
 
 
@@ -115,8 +119,9 @@ def build_worker(
         metrics=metrics,
     )
     history_activities = HistoryActivities(client)
+    # While tracing is on (infra.tracing), each provider call is a span.
     refund_activities = RefundActivities(
-        ledger, provider or build_provider(settings, pool), metrics=metrics
+        ledger, traced_provider(provider or build_provider(settings, pool)), metrics=metrics
     )
     return Worker(
         client,

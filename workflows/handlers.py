@@ -46,6 +46,8 @@ from workflows.visibility import Visibility
 
 # Refused signals written to the audit trail, per cancellation; the rest are counted.
 REFUSALS_RECORDED = 20
+# The first note of the `status` query of a run that an earlier run's cancellation started.
+EARLIER_RUNS = "earlier_runs_in_ledger"
 
 
 class CancellationInbox:
@@ -268,7 +270,27 @@ class CancellationInbox:
             cancellation_id=self._id,
             accepted=True,
             status=CancellationStatus.REFUND_REQUESTED,
-            message="refund retry scheduled with the same idempotency key",
+            message=self._retry_plan(),
+        )
+
+    def _retry_plan(self) -> str:
+        """Which refund the retry makes, by the key it will use (R10): the parked one's again,
+        or, when the provider declined or reversed it (dead under its key), the next
+        generation's, as the ledger will record it (`domain.rules.refund_idempotency_key`)."""
+        refund = self._refund
+        if refund is None:
+            key = rules.refund_idempotency_key(self._id)
+            return f"refund retry scheduled: a new refund under idempotency key {key}"
+        if refund.stage.is_dead:
+            generation = refund.generation + 1
+            key = rules.refund_idempotency_key(self._id, generation)
+            return (
+                f"refund retry scheduled: a new refund (generation {generation}) under"
+                f" idempotency key {key}; {refund.idempotency_key} was {refund.stage.value}"
+            )
+        return (
+            "refund retry scheduled with the same idempotency key"
+            f" {refund.idempotency_key} ({refund.attempts} provider call(s) so far)"
         )
 
     @retry_refund.validator
@@ -344,7 +366,30 @@ class CancellationInbox:
             dots=rules.refund_dots(self._refund),
             coupon=self._coupon,
             last_error=self._last_error,
-            audit=list(self._audit),
+            audit=self._own_story(),
             refused_messages=self._refused,
             messages=rules.messages_of(self._audit),
         )
+
+    def _own_story(self) -> list[AuditEntry]:
+        """This run's notes. A run that took over a cancellation an earlier run opened (a
+        reversal reopened it, or another start of an ended one) knows only its own steps: its
+        `requested` note would invent a second request, so it says instead where the earlier
+        runs' story is. A run continued as new carries its chain's notes and says the same
+        when that chain began on a reopened one. `starter.cancellations.one_story` (what
+        `ordercancel status` and the API show) tells the whole story from the ledger."""
+        audit = list(self._audit)
+        if self._opened is None or self._opened.opened_now:
+            return audit
+        for i, entry in enumerate(audit):
+            if entry.kind == "requested":
+                audit[i] = AuditEntry(
+                    at=entry.at,
+                    actor="system",
+                    kind=EARLIER_RUNS,
+                    detail="an earlier run opened this cancellation: its requests, decisions"
+                    " and refunds are in the ledger's audit trail (ordercancel status,"
+                    " GET /v1/cancellations/{id})",
+                )
+                break
+        return audit

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from temporalio.exceptions import ApplicationError
 
 from domain import rules
-from domain.errors import DecisionRefused, RefusalCode
+from domain.errors import DecisionRefused, RefusalCode, UndecodablePayload
 from domain.models import (
     CancellationPath,
     CancellationStatus,
@@ -46,7 +46,15 @@ def one(args: tuple[Any, ...]) -> Any:
 
 
 def parse(model: type[M], payload: Any) -> M:
-    """The payload as `model`, or a refusal with the fields at fault."""
+    """The payload as `model`, or a refusal with the fields at fault (or saying that it was
+    not even decodable: infra/converter.py)."""
+    if isinstance(payload, UndecodablePayload):
+        raise DecisionRefused(
+            RefusalCode.INVALID_PAYLOAD,
+            rules.safe_text(
+                f"invalid payload: not decodable as {payload.encoding}: {payload.error}", 300
+            ),
+        )
     try:
         return model.model_validate(payload)
     except ValidationError as err:

@@ -41,9 +41,10 @@ from tools.chaos.plan import OTHER, Action, CancellationPlan, Probe
 INTRUDER_SELLER = "S-intruder"
 INTRUDER_BUYER = "B-intruder"
 _REFUSAL_CODES = {code.value for code in RefusalCode}
-# What the SDK answers an update whose payload it cannot decode (a lone surrogate: pydantic's
-# JSON parser refuses it) before the workflow's validator sees it: refused, but not with
-# `invalid_payload` as the contract says (a finding, docs/reliability.md).
+# What the SDK answered an update whose payload it could not decode (a lone surrogate: pydantic's
+# JSON parser refuses it) before the workflow's validator saw it. The product's data converter
+# (infra/converter.py) now hands such a payload to the validator, which refuses it as
+# `invalid_payload`; should this come back, it is reported as input the product mishandled.
 UNDECODABLE = "RuntimeError: Failed decoding arguments"
 # What the CLI prints when the server is not there (a restart of the fault loop): try again.
 _CLI_OUTAGE = re.compile(
@@ -102,12 +103,7 @@ class HostileStats:
             (
                 "update refusals",
                 sum(self.update_refusals.values()),
-                refusals
-                + (
-                    " (lone surrogate: refused by the SDK before the validator)"
-                    if self.update_refusals[UNDECODABLE]
-                    else ""
-                ),
+                refusals,
             ),
             ("signals, `temporal` CLI", self.cli_signals, "ESC and NUL in a seller's decision"),
             (
@@ -288,8 +284,6 @@ class HostileSender:
         code = await persist(f"hostile decide {c.workflow_id}", update)
         self.stats.client_updates[probe.value] += 1
         self.stats.update_refusals[code] += 1
-        if code == UNDECODABLE and probe is Probe.SURROGATE:
-            return  # refused before the validator: counted in the table, not a RefusalCode
         if code not in _REFUSAL_CODES:
             self.stats.taken.append(
                 f"{c.workflow_id}: hostile update ({probe.value}) answered {code}, not a refusal"

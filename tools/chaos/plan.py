@@ -90,8 +90,8 @@ OWN, OTHER = "own buyer", "another buyer"
 class HostilePlan:
     """What a hostile cancellation receives besides its buyer's and seller's own messages."""
 
-    # Through the Temporal client, while it awaits its seller: signals (refused, counted; a
-    # lone surrogate is dropped by the SDK before the workflow sees it) and updates (refused).
+    # Through the Temporal client, while it awaits its seller: signals (refused, counted, a
+    # lone surrogate too: infra/converter.py) and updates (refused).
     signals: tuple[Probe, ...]
     updates: tuple[Probe, ...]
     # Through the `temporal` CLI: a signal with control characters while it awaits its seller;
@@ -105,7 +105,7 @@ class HostilePlan:
     @property
     def counted_signals(self) -> int:
         """Refused signals the workflow must have counted, at least."""
-        return sum(p is not Probe.SURROGATE for p in self.signals) + int(self.cli_signal)
+        return len(self.signals) + int(self.cli_signal)
 
 
 @dataclass(frozen=True)
