@@ -278,3 +278,26 @@ def timer_fired_at(events: Sequence[HistoryEvent]) -> datetime | None:
         if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED:
             return event_time(e)
     return None
+
+
+# --- the fixed reference: reference-4 ------------------------------------------------------
+
+REFERENCE = "reference-4"
+# The reference's seller window: long enough that the driver's update always decides it.
+REFERENCE_WINDOW_MS = 3_600_000
+REFERENCE_ACTIVITIES = 4
+
+
+def reference_shape(path: str) -> Shape:
+    """`reference-4`, the same for every path: a no-op workflow that is started (no search
+    attributes, no memo, no summary), waits on one timer that the update `decide` cancels, then
+    runs 4 no-op activities. A fixed yardstick: whatever the product's shape, the product's
+    cost against it says what a cancellation costs over "a timer, an update, four steps"."""
+    steps = [Step(op="wait", timeout_ms=REFERENCE_WINDOW_MS, decided=True, reply_size=2)]
+    steps += [
+        Step(op="activity", label=f"noop{i}", in_size=30, out_size=2)
+        for i in range(REFERENCE_ACTIVITIES)
+    ]
+    # "decision -> refund confirmed": the decision to the third step's completion (the
+    # product confirms its refund in its third business step).
+    return Shape(path=path, steps=steps, message="update", confirm_index=2)

@@ -30,6 +30,7 @@ from tools.bench.sql_counter import SqlCounter, counting_pool
 
 
 class WorkerConfig(BaseModel):
+    # "limit" runs `BenchLimitShape` (the limit and reference-4 sides alike).
     side: Literal["product", "limit"]
     address: str
     namespace: str = "default"
