@@ -29,8 +29,10 @@ from pydantic import BaseModel, Field
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
-# The product's activity whose completion means "refund confirmed" (dot 3).
+# The product's activities whose completion means "refund confirmed" (dot 3): the last of them
+# in a history (the lean shape's submit confirms when the provider answers at once).
 CONFIRM_ACTIVITY = "confirm_refund"
+CONFIRM_ACTIVITIES = (CONFIRM_ACTIVITY, "submit_refund_and_confirm")
 PATCH_MARKER = "core_patch"
 CHANGE_VERSION = "TemporalChangeVersion"
 
@@ -178,7 +180,7 @@ def derive_shape(path: str, events: Sequence[HistoryEvent]) -> Shape:
             steps.append(Step(op="patch", patch_id=_patch_id(marker)))
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             scheduled = e.activity_task_scheduled_event_attributes
-            if scheduled.activity_type.name == CONFIRM_ACTIVITY:
+            if scheduled.activity_type.name in CONFIRM_ACTIVITIES:
                 shape.confirm_index = activities
             activities += 1
             steps.append(
