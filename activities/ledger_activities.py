@@ -19,6 +19,7 @@ from domain.models import (
     EventInput,
     OpenCancellationInput,
     OpenCancellationResult,
+    Record,
     RefundFailureInput,
     RefundPolicy,
     RefundRequestInput,
@@ -37,6 +38,20 @@ log = structlog.get_logger(__name__)
 # PostgreSQL refused the data itself (a NUL in a text, a string it cannot encode): retrying
 # the same write cannot succeed, so it fails for good with this type instead of for ever.
 LEDGER_DATA_REFUSED = "LedgerDataRefused"
+
+
+class ApproveInput(Record):
+    """`approve_and_request_refund`: the approval (a transition) and the refund it records."""
+
+    transition: TransitionInput
+    refund: RefundRequestInput
+
+
+class CompleteInput(Record):
+    """`complete_with_coupon`: the coupon decision and the completion that goes with it."""
+
+    coupon: CouponInput
+    transition: TransitionInput
 
 
 def business_error(err: LedgerError) -> ApplicationError:
@@ -166,6 +181,29 @@ class LedgerActivities:
                 currency=record.view.amount.currency,
             )
         return record.view
+
+    @activity.defn
+    async def approve_and_request_refund(self, params: ApproveInput) -> RefundView | None:
+        """One business step: the approval (sub-order cancelled, audit row) and the refund it
+        calls for (dot 1), each in its own transaction, each once per event key (a retry writes
+        neither twice). None: approved, but the ledger refused to record the refund (e.g.
+        RefundLimitExceeded); the workflow then asks `request_refund`, which says why, and
+        parks (issue 18). A refusal of the approval itself fails the activity, as
+        `record_transition` does."""
+        await self.record_transition(params.transition)
+        try:
+            return await self.request_refund(params.refund)
+        except ApplicationError as err:
+            if not err.non_retryable:
+                raise
+            return None
+
+    @activity.defn
+    async def complete_with_coupon(self, params: CompleteInput) -> CouponDecision:
+        """One business step: the coupon decision (R11) and the completion after it."""
+        decision = await self.restore_coupon(params.coupon)
+        await self.record_transition(params.transition)
+        return decision
 
     @activity.defn
     async def restore_coupon(self, params: CouponInput) -> CouponDecision:

@@ -119,11 +119,15 @@ class SimulatedProvider:
         transient_rate: float = 0.0,
         confirm_after_polls: int = 0,
         rng: random.Random | None = None,
+        settle_at_once: bool = False,
     ) -> None:
         self._pool = pool
         self._latency = latency_seconds
         self._transient_rate = transient_rate
         self._confirm_after_polls = confirm_after_polls
+        # A refund of a payment with no faults has succeeded when it is created: a provider
+        # that answers synchronously (as card refunds often do; a void always does).
+        self._settle_at_once = settle_at_once
         self._rng = rng or random.Random()
         self._settings: SimulatorSettings | None = None
         self._settings_read_at = float("-inf")
@@ -235,12 +239,13 @@ class SimulatedProvider:
     ) -> ProviderRefund:
         await self._network()
         new_refund = _new_refund(idempotency_key, payment_id, kind, amount)
+        fast_refund = (*new_refund[:6], "succeeded") if self._settle_at_once else new_refund
         # A void releases a share of an authorisation (R15): the full path keeps the account.
         fast = (
             None
             if kind is RefundKind.VOID
             else await self._pool.fetchrow(
-                _CREATE_WITHOUT_FAULTS, *new_refund, self._confirm_after_polls
+                _CREATE_WITHOUT_FAULTS, *fast_refund, self._confirm_after_polls
             )
         )
         if fast is not None and fast["provider_ref"] is not None:

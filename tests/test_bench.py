@@ -82,6 +82,14 @@ def test_sides_alternate_so_drift_weighs_on_both() -> None:
         ("product", 3),
     ]
     assert slice_order(2, ["limit"]) == [("limit", 0), ("limit", 1)]
+    assert slice_order(2, ["product", "limit", "reference-4"]) == [
+        ("product", 0),
+        ("limit", 0),
+        ("reference-4", 0),
+        ("reference-4", 1),
+        ("limit", 1),
+        ("product", 1),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -173,6 +181,62 @@ def test_product_counts_its_ledger_and_matches_the_limit_shape(report: dict[str,
     assert report["ratios"]["throughput_per_s"] > 0
     assert report["options"]["rounds"] == ROUNDS
     assert len(report["round_ratios"]) == ROUNDS and all(r > 0 for r in report["round_ratios"])
+
+
+def test_reference_4_is_the_fixed_shape_on_every_path(report: dict[str, Any]) -> None:
+    """reference-4: started, one timer, one update, 4 no-op activities; nothing else (no
+    search attribute, no memo), whatever the path; measured in the same rounds."""
+    ref = report["sides"]["reference-4"]
+    assert ref["errors"] == 0, ref["error_samples"]
+    assert ref["cancellations"] == COUNT
+    assert ref["by_path"] == allocate(COUNT, DEFAULT_MIX)
+    assert ref["history"]["actions_by_kind"] == {
+        "workflow_started": 1.0,
+        "timers": 1.0,
+        "updates": 1.0,
+        "activity_attempts": 4.0,
+    }
+    assert ref["history"]["actions_per_cancellation"] == 7
+    # started, 4 workflow tasks of 3 events, 1 timer started and cancelled, the update's
+    # 2, 4 activities of 3, completed.
+    assert ref["history"]["events_per_cancellation"] == 36
+    assert ref["updates_rejected"] == 0
+    assert [s["round"] for s in ref["slices"]] == list(range(1, ROUNDS + 1))
+    assert ref["throughput_per_s"] == pytest.approx(COUNT / ref["duration_s"])
+    assert ordered(ref["latency_ms"]["decision_to_confirmed"])
+
+
+def test_ratios_to_both_references_and_the_targets_judged_by_round(
+    report: dict[str, Any],
+) -> None:
+    product, ref = report["sides"]["product"], report["sides"]["reference-4"]
+    ratios = report["ratios_reference_4"]
+    assert ratios["throughput_per_s"] == pytest.approx(
+        product["throughput_per_s"] / ref["throughput_per_s"]
+    )
+    assert ratios["history.actions_per_cancellation"] == pytest.approx(
+        product["history"]["actions_per_cancellation"] / 7
+    )
+    assert len(report["round_ratios_reference_4"]) == ROUNDS
+    targets = report["targets"]
+    assert set(targets) == {
+        "throughput vs reference-4",
+        "throughput vs limit",
+        "p95 (seller window excluded) vs limit",
+        "worker CPU per cancellation vs limit",
+    }
+    for name, target in targets.items():
+        assert len(target["rounds"]) == ROUNDS, name
+        low, high = target["spread"]
+        assert low == min(target["rounds"]) and high == max(target["rounds"])
+        assert target["verdict"] in ("met", "missed", "noisy"), name
+        # A verdict on the figures only when every round agrees and nothing else loaded the
+        # machine; otherwise the reason is given.
+        if target["verdict"] == "noisy":
+            assert target["why"], name
+    assert targets["throughput vs limit"]["ratio"] == pytest.approx(
+        report["ratios"]["throughput_per_s"]
+    )
 
 
 async def test_parked_reports_checkpoints_and_drain() -> None:

@@ -286,7 +286,10 @@ async def test_two_worker_processes_share_a_batch_and_survive_a_kill(
         last_on_b = len(identities) - identities[::-1].index(b.identity)
         after = starts[last_on_b:]  # the refund and the coupon, after the seller accepted
         assert {identity for _, identity, _ in after} == {a.identity}, starts
-        assert {"submit_refund", "restore_coupon"} <= {name for name, _, _ in after}, starts
+        # The lean shape (lean-shape-v1): the provider call, and the coupon with the completion.
+        assert {"submit_refund_and_confirm", "complete_with_coupon"} <= {
+            name for name, _, _ in after
+        }, starts
     assert a.proc.returncode is None and await a.ready()
 
 
@@ -307,7 +310,7 @@ async def test_sigterm_drains_a_running_provider_call(
     async def submitting() -> None:
         pending = (await handle.describe()).raw_description.pending_activities
         assert [(p.activity_type.name, p.state) for p in pending] == [
-            ("submit_refund", PendingActivityState.PENDING_ACTIVITY_STATE_STARTED)
+            ("submit_refund_and_confirm", PendingActivityState.PENDING_ACTIVITY_STATE_STARTED)
         ]
 
     await eventually(submitting, timeout=15, interval=0.05)
@@ -331,15 +334,16 @@ async def test_sigterm_drains_a_running_provider_call(
         "SELECT idempotency_key, stage, provider_ref FROM refunds WHERE cancellation_id = $1",
         handle.id,
     )
-    assert refund is not None and refund["stage"] == "submitted" and refund["provider_ref"]
+    # A void: the provider answers at once, so the submit also recorded the confirmation.
+    assert refund is not None and refund["stage"] == "confirmed" and refund["provider_ref"]
     calls = await pool.fetch(
         "SELECT outcome FROM provider_sim.calls"
         " WHERE idempotency_key = $1 AND operation = 'create_refund'",
         refund["idempotency_key"],
     )
     assert [c["outcome"] for c in calls] == ["created"]
-    submits = [s for s in await activity_starts(handle) if s[0] == "submit_refund"]
-    assert submits == [("submit_refund", slow.identity, 1)]
+    submits = [s for s in await activity_starts(handle) if s[0] == "submit_refund_and_confirm"]
+    assert submits == [("submit_refund_and_confirm", slow.identity, 1)]
 
     # A new worker picks the cancellation up where it stopped: no second submission.
     await cluster.start_worker("worker-next", database_url, task_queue)

@@ -486,14 +486,18 @@ async def test_payment_event_wakes_the_refund_check_early(harness: Any) -> None:
 
 
 @pytest.mark.parametrize("with_attributes", [True, False], ids=["product-starter", "bare-start"])
-async def test_one_upsert_per_status_change_and_every_attribute_right(
-    harness: Any, with_attributes: bool
+@pytest.mark.parametrize("pending", [0, 1], ids=["confirmed-at-once", "pending-once"])
+async def test_one_upsert_per_stage_waited_in_and_every_attribute_right(
+    harness: Any, with_attributes: bool, pending: int
 ) -> None:
     """Operators filter on the search attributes at every stage (tests/test_observability.py);
-    each upsert is a billable action, so each status change costs one and no more: the seller
-    deadline goes with awaiting_seller, the coupon outcome with completed, and what the starter
-    set is not set again (docs/performance.md, actions)."""
-    h = await harness(FakeActivities())
+    each upsert is a billable action, so each stage a cancellation waits in costs one and no
+    more (the lean shape, issue 19): awaiting the seller (with the deadline), the refund
+    requested (while the provider is asked), submitted only while the provider says
+    "pending" (before the poll's timer), completed (with the coupon outcome). A stage passed
+    within one step (approved, confirmed) is in the details and goes with the next upsert; what
+    the starter set is not set again (docs/performance.md, actions)."""
+    h = await harness(FakeActivities(pending_confirms=pending))
     order_id = f"O-{uuid.uuid4().hex[:8]}"
     handle = await h.start(with_attributes=with_attributes, order_id=order_id)
     await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
@@ -509,15 +513,14 @@ async def test_one_upsert_per_status_change_and_every_attribute_right(
             "CancellationStatus": "opening",
             "RefundStage": 0,
         }
+    submitted = ["refund_submitted"] if pending else []
     assert [u["CancellationStatus"] for u in done] == [
         "awaiting_seller",
-        "approved",
         "refund_requested",
-        "refund_submitted",
-        "refund_confirmed",
+        *submitted,
         "completed",
     ]
-    assert [u["RefundStage"] for u in done] == [0, 0, 1, 2, 3, 3]
+    assert [u["RefundStage"] for u in done] == [0, 1, *([2] if pending else []), 3]
     assert "SellerDeadline" in done[0] and done[-1]["CouponOutcome"] == "no_coupon"
     assert all(set(u) <= {"CancellationStatus", "RefundStage"} for u in done[1:-1])
     described = (await handle.describe()).typed_search_attributes
@@ -527,3 +530,25 @@ async def test_one_upsert_per_status_change_and_every_attribute_right(
     assert described.get(sa.REFUND_STAGE) == 3
     assert described.get(sa.COUPON_OUTCOME) == "no_coupon"
     assert described.get(sa.SELLER_DEADLINE) is not None
+
+
+async def test_a_provider_that_answers_at_once_confirms_at_submit(harness: Any) -> None:
+    """The lean shape (issue 19): the provider's synchronous answer confirms the refund in the
+    submit step, with no separate confirmation; every stage is still in the audit trail."""
+    h = await harness(FakeActivities(answers_at_once=True))
+    handle = await h.start(with_attributes=True)
+    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+    await handle.execute_update(OrderCancellation.decide, accept())
+    result = await handle.result()
+    assert result.status is CancellationStatus.COMPLETED
+    assert result.refund is not None and result.refund.stage is RefundStage.CONFIRMED
+    assert "confirm_refund" not in h.fakes.names()
+    assert "confirmed_at_submit" in h.fakes.names()
+    kinds = [e.kind for e in (await status_of(handle)).audit]
+    for kind in ("approved", "refund_requested", "refund_submitted", "refund_confirmed"):
+        assert kind in kinds
+    assert [u["CancellationStatus"] for u in await upserts(handle)] == [
+        "awaiting_seller",
+        "refund_requested",
+        "completed",
+    ]

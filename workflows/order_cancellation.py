@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         RefundView,
         RequestCancellationInput,
         RetryRefundRequest,
+        TransitionInput,
         WithdrawRequest,
     )
     from workflows import messages, steps
@@ -63,6 +64,12 @@ _BEFORE_DECISION = (
 HISTORY_EVENTS = 2_000
 HISTORY_EVENTS_MIN = 500
 HISTORY_BYTES = 2 * 1024 * 1024
+
+# The lean shape (issue 19): one activity per business step (approve with the refund's dot 1,
+# the coupon with the completion), the provider's synchronous answer confirms at submit, and a
+# status passed within one step is upserted with the next one. Asked where the shapes diverge
+# (`_lean`); histories without its marker replay the shape before it.
+LEAN_SHAPE = "lean-shape-v1"
 
 
 def _read_input(args: tuple[Any, ...]) -> tuple[RequestCancellationInput, Any, str | None]:
@@ -125,6 +132,9 @@ class OrderCancellation(CancellationInbox):
         self._seq = 1
         self._run_id = workflow.info().run_id
         self._refused = 0
+        # The lean shape (`_lean`); a refund recorded with the approval (`_approve`).
+        self._lean_shape = False
+        self._refund_recorded = False
         # A run Temporal started by continue-as-new carries on from where the last one waited
         # (`_continue_as_new`); any other start (a client's extra argument) begins afresh.
         self._phase: str | None = None
@@ -170,6 +180,7 @@ class OrderCancellation(CancellationInbox):
                 "system",
                 "cancelled_instantly",
                 "payment not validated yet: cancelled without the seller (R1)",
+                upsert=not self._lean(),
             )
         elif resumed_at is not None and resumed_at not in _BEFORE_DECISION:
             # A new run of a cancellation past its decision (e.g. reopened by a reversed
@@ -268,6 +279,9 @@ class OrderCancellation(CancellationInbox):
                 CancellationStatus.REJECTED, self._decided_by, "rejected", self._decision_reason
             )
             return False
+        if self._lean():
+            await self._approve(opened)
+            return True
         await self._transition(
             CancellationStatus.APPROVED,
             self._decided_by,
@@ -276,6 +290,61 @@ class OrderCancellation(CancellationInbox):
             cancel_sub_order=True,
         )
         return True
+
+    def _lean(self) -> bool:
+        """Whether this cancellation takes the lean shape (`LEAN_SHAPE`)."""
+        self._lean_shape = workflow.patched(LEAN_SHAPE)
+        return self._lean_shape
+
+    async def _approve(self, opened: OpenCancellationResult) -> None:
+        """The lean approval: the ledger records it and the refund (dot 1) in one activity;
+        the status shown is refund_requested. A refund the ledger refused is asked again by
+        `_refund_money`, which parks it (issue 18)."""
+        transition = TransitionInput(
+            cancellation_id=self._id,
+            status=CancellationStatus.APPROVED,
+            actor=self._decided_by,
+            kind="approved",
+            detail=self._decision_reason,
+            event_key=self._key("approved"),
+            cancel_sub_order=True,
+        )
+        refund_key = self._key("refund_requested")
+        try:
+            refund = await steps.approve_and_request_refund(
+                transition, opened.amount, refund_key=refund_key
+            )
+        except ActivityError as err:
+            if not steps.data_refused(err):
+                raise
+            transition = transition.model_copy(
+                update={
+                    "actor": rules.safe_text(transition.actor, 200),
+                    "detail": rules.safe_text(transition.detail, 2000),
+                }
+            )
+            refund = await steps.approve_and_request_refund(
+                transition, opened.amount, refund_key=refund_key
+            )
+        self._set_status(
+            CancellationStatus.APPROVED,
+            transition.actor,
+            "approved",
+            transition.detail,
+            logged_by_activity=True,
+            upsert=refund is None,
+        )
+        if refund is None:
+            return
+        self._refund = refund
+        self._refund_recorded = True
+        if refund.stage is RefundStage.REQUESTED:
+            self._set_status(
+                CancellationStatus.REFUND_REQUESTED,
+                "system",
+                "refund_requested",
+                logged_by_activity=True,
+            )
 
     async def _received_in_time(self) -> bool:
         assert self._deadline is not None and self._late_signal is not None
@@ -318,11 +387,33 @@ class OrderCancellation(CancellationInbox):
             if self._coupon is None:
                 # Reset before asking: a sibling's word that arrives meanwhile is not lost.
                 self._coupon_news = False
-                decision = await steps.restore_coupon(self._id, event_key=self._key("coupon"))
+                completes = self._reversal is None and self._status is not (
+                    CancellationStatus.COMPLETED
+                )
+                if completes and self._lean():
+                    # One step: the coupon decision and the completion.
+                    decision = await steps.complete_with_coupon(
+                        self._key("coupon"),
+                        TransitionInput(
+                            cancellation_id=self._id,
+                            status=CancellationStatus.COMPLETED,
+                            actor="system",
+                            kind="completed",
+                            event_key=self._key("completed"),
+                        ),
+                    )
+                else:
+                    decision = await steps.restore_coupon(self._id, event_key=self._key("coupon"))
+                    completes = False
                 coupon = self._take_coupon(decision)
                 self._note("system", f"coupon_{coupon.outcome.value}", coupon.reason)
                 # Siblings that decided partial_refund may be waiting on this decision.
                 await steps.coupon_settled(decision.notify)
+                if completes:
+                    # The coupon's search attribute goes with the completed status.
+                    self._set_status(
+                        CancellationStatus.COMPLETED, "system", "completed", logged_by_activity=True
+                    )
             assert self._coupon is not None
             if self._reversal is None and self._status is not CancellationStatus.COMPLETED:
                 # The coupon's search attribute goes with the completed status.
@@ -375,7 +466,8 @@ class OrderCancellation(CancellationInbox):
     async def _refund_money(self, opened: OpenCancellationResult) -> None:
         """R7-R10: requested -> submitted -> confirmed; park in refund_failed, never fail."""
         passes = 0
-        requested = False
+        # Recorded with the approval (the lean shape), or not yet.
+        requested, self._refund_recorded = self._refund_recorded, False
         while True:
             passes += 1
             try:
@@ -386,11 +478,20 @@ class OrderCancellation(CancellationInbox):
                     await self._request_refund(opened)
                     requested = True
                 assert self._refund is not None
+                # The confirmation recorded (and logged) by the submit in this pass.
+                confirmed_now = False
                 if self._refund.stage in (RefundStage.REQUESTED, RefundStage.FAILED):
                     # Dot 2, retried under the same idempotency key (R9).
                     step = self._refund_step("refund_submitted")
                     policy = opened.refund_policy
-                    self._refund = await steps.submit_refund(step, self._refund, policy)
+                    if self._lean():
+                        # Confirmed at once when the provider answers synchronously.
+                        self._refund = await steps.submit_refund_and_confirm(
+                            step, self._refund, policy, confirm_key=self._key("refund_confirmed")
+                        )
+                        confirmed_now = self._refund.stage is RefundStage.CONFIRMED
+                    else:
+                        self._refund = await steps.submit_refund(step, self._refund, policy)
                     # The provider took it: an earlier failure is history (the audit trail has
                     # it), as the ledger clears it too.
                     self._last_error = None
@@ -399,9 +500,10 @@ class OrderCancellation(CancellationInbox):
                         "provider",
                         "refund_submitted",
                         logged_by_activity=True,
+                        upsert=not self._lean_shape,
                     )
-                # `confirm_refund` logs the confirmation it records; one found recorded
-                # before this run began is logged here.
+                # `confirm_refund` (or the submit) logs the confirmation it records; one found
+                # recorded before this run began is logged here.
                 asked = self._refund.stage is not RefundStage.CONFIRMED
                 if asked:
                     self._refund = await self._await_confirmation(opened)
@@ -410,7 +512,8 @@ class OrderCancellation(CancellationInbox):
                     CancellationStatus.REFUND_CONFIRMED,
                     "provider",
                     "refund_confirmed",
-                    logged_by_activity=asked,
+                    logged_by_activity=asked or confirmed_now,
+                    upsert=not self._lean_shape,
                 )
                 return
             except ActivityError as err:
@@ -558,6 +661,9 @@ class OrderCancellation(CancellationInbox):
         messages grew the history too long meanwhile, the run drains its handlers and
         continues as new from `phase`, its whole state carried: whatever clients send, no run
         comes near Temporal's history limits."""
+        if self._lean_shape:
+            # What operators search shows the stage the cancellation waits in.
+            self._visible.catch_up()
         await workflow.wait_condition(
             lambda: done() or self._history_full(), timeout=timeout, timeout_summary=summary
         )
@@ -639,6 +745,8 @@ class OrderCancellation(CancellationInbox):
         )
 
     async def _finish(self) -> CancellationResult:
+        if self._lean_shape:
+            self._visible.catch_up()
         # Refused signals may still be writing their audit rows.
         await workflow.wait_condition(workflow.all_handlers_finished)
         assert self._opened is not None
@@ -669,8 +777,11 @@ class OrderCancellation(CancellationInbox):
         detail: str = "",
         *,
         logged_by_activity: bool = False,
+        upsert: bool = True,
     ) -> None:
-        """Change the status here and in what operators see (one upsert). The ledger row is
+        """Change the status here and in what operators see (one upsert; `upsert=False`, the
+        lean shape: a status passed within one step, in the details now and in the search
+        attributes with the next upsert, or before the workflow waits). The ledger row is
         written by the activity that caused the change.
 
         One log line per status change: the activity that records the change writes it
@@ -688,6 +799,7 @@ class OrderCancellation(CancellationInbox):
             self._coupon,
             deadline=self._deadline,
             last_error=self._last_error,
+            upsert=upsert,
         )
 
     async def _transition(

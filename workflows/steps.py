@@ -15,12 +15,18 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 from activities.history_activities import HistoryActivities
-from activities.ledger_activities import LEDGER_DATA_REFUSED, LedgerActivities
+from activities.ledger_activities import (
+    LEDGER_DATA_REFUSED,
+    ApproveInput,
+    CompleteInput,
+    LedgerActivities,
+)
 from activities.refund_activities import (
     REFUND_FAILED_AT_PROVIDER,
     REFUND_REJECTED,
     REFUND_STATUS_UNREADABLE,
     RefundActivities,
+    SubmitRefundInput,
 )
 from domain.models import (
     CancellationStatus,
@@ -113,6 +119,38 @@ async def record_transition(
         start_to_close_timeout=LEDGER_TIMEOUT,
         retry_policy=LEDGER_RETRY,
         summary=f"Record: {kind}",
+    )
+
+
+async def approve_and_request_refund(
+    transition: TransitionInput, amount: Money, *, refund_key: str
+) -> RefundView | None:
+    """The lean shape's approval: one activity records it and the refund (dot 1)."""
+    return await workflow.execute_activity_method(
+        LedgerActivities.approve_and_request_refund,
+        ApproveInput(
+            transition=transition,
+            refund=RefundRequestInput(
+                cancellation_id=transition.cancellation_id, event_key=refund_key
+            ),
+        ),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary=f"Record: {transition.kind}, and the refund of {amount} (dot 1)",
+    )
+
+
+async def complete_with_coupon(coupon_key: str, transition: TransitionInput) -> CouponDecision:
+    """The lean shape's last step: the coupon decision and the completion, one activity."""
+    return await workflow.execute_activity_method(
+        LedgerActivities.complete_with_coupon,
+        CompleteInput(
+            coupon=CouponInput(cancellation_id=transition.cancellation_id, event_key=coupon_key),
+            transition=transition,
+        ),
+        start_to_close_timeout=LEDGER_TIMEOUT,
+        retry_policy=LEDGER_RETRY,
+        summary="Decide whether the coupon comes back, and record: completed",
     )
 
 
@@ -215,6 +253,27 @@ async def submit_refund(
             non_retryable_error_types=[REFUND_REJECTED],
         ),
         summary=f"Submit the {refund.kind.value} to the payment provider (dot 2)",
+    )
+
+
+async def submit_refund_and_confirm(
+    step: RefundStepInput, refund: RefundView, policy: RefundPolicy, *, confirm_key: str
+) -> RefundView:
+    """The lean shape's submit: confirmed at once when the provider answers synchronously."""
+    return await workflow.execute_activity_method(
+        RefundActivities.submit_refund_and_confirm,
+        SubmitRefundInput(**step.model_dump(), confirm_event_key=confirm_key),
+        start_to_close_timeout=PROVIDER_TIMEOUT,
+        retry_policy=RetryPolicy(
+            initial_interval=policy.submit_initial_interval,
+            maximum_interval=policy.submit_max_interval,
+            maximum_attempts=policy.submit_max_attempts,
+            non_retryable_error_types=[REFUND_REJECTED],
+        ),
+        summary=(
+            f"Submit the {refund.kind.value} to the payment provider (dot 2; dot 3 if it"
+            " answers at once)"
+        ),
     )
 
 

@@ -106,6 +106,9 @@ class Visibility:
         self._shown_coupon: str | None = None
         # R18: the latest message on the request (who, what, when).
         self._message: tuple[str, str, datetime] | None = None
+        # The status and refund dots the attributes hold (the lean shape shows a status that
+        # passes within one step with the next upsert: `show(upsert=False)`, `catch_up`).
+        self._shown_status: tuple[CancellationStatus, int] = (CancellationStatus.OPENING, 0)
 
     def start(self, request: RequestCancellationInput) -> None:
         """The attributes a cancellation is found by, set once, and only those the starter did
@@ -146,14 +149,32 @@ class Visibility:
         *,
         deadline: datetime | None,
         last_error: str | None,
+        upsert: bool = True,
     ) -> None:
-        """A status change: one upsert, and the current details from now on."""
+        """A status change: one upsert, and the current details from now on. `upsert=False`:
+        the details only; the attributes follow with the next upsert (or `catch_up`)."""
         self._status = status
         self._since = workflow.now()
         self._refund = refund
         self._coupon = coupon
         self._deadline = deadline
         self._last_error = last_error
+        if not upsert:
+            workflow.set_current_details(self.details())
+            return
+        self._upsert()
+
+    def catch_up(self) -> None:
+        """The attributes show the status the details show (one upsert if they did not)."""
+        if self._shown_status != (self._status, self._dots()):
+            self._upsert()
+
+    def _dots(self) -> int:
+        return self._refund.stage.dots if self._refund is not None else 0
+
+    def _upsert(self) -> None:
+        status, refund, deadline = self._status, self._refund, self._deadline
+        self._shown_status = (status, self._dots())
         updates: list[SearchAttributeUpdate[Any]] = [
             sa.CANCELLATION_STATUS.value_set(status.value),
             sa.REFUND_STAGE.value_set(refund.stage.dots if refund is not None else 0),
@@ -161,7 +182,7 @@ class Visibility:
         if deadline is not None and deadline != self._shown_deadline:
             self._shown_deadline = deadline
             updates.append(sa.SELLER_DEADLINE.value_set(deadline))
-        updates.extend(self._coupon_update(coupon))
+        updates.extend(self._coupon_update(self._coupon))
         workflow.upsert_search_attributes(updates)
         workflow.set_current_details(self.details())
 

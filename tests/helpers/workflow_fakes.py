@@ -18,6 +18,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.ledger_activities import ApproveInput, CompleteInput
+from activities.refund_activities import SubmitRefundInput
 from domain.models import (
     CancellationPath,
     CancellationReason,
@@ -65,6 +67,8 @@ class FakeActivities:
     # How many times confirm_refund answers "still pending" before the provider confirms.
     pending_confirms: int = 0
     poll_interval: timedelta = timedelta(milliseconds=10)
+    # The provider confirms at submit (a synchronous answer): no `confirm_refund` then.
+    answers_at_once: bool = False
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
     def names(self) -> list[str]:
@@ -142,7 +146,31 @@ class FakeActivities:
                 outcome=CouponOutcome(outcome=CouponOutcomeKind.NO_COUPON, reason="no coupon")
             )
 
+        # The lean shape's steps (workflow `LEAN_SHAPE`): each records the calls of the steps it
+        # joins, so that a test reads the same sequence whichever shape ran.
+        @activity.defn(name="approve_and_request_refund")
+        async def approve_and_request_refund(params: ApproveInput) -> RefundView | None:
+            await record_transition(params.transition)
+            return await request_refund(params.refund)
+
+        @activity.defn(name="submit_refund_and_confirm")
+        async def submit_refund_and_confirm(params: SubmitRefundInput) -> RefundView:
+            view = await submit_refund(params)
+            if not self.answers_at_once:
+                return view
+            self.calls.append(("confirmed_at_submit", params))
+            return self._refund(RefundStage.CONFIRMED, params.cancellation_id)
+
+        @activity.defn(name="complete_with_coupon")
+        async def complete_with_coupon(params: CompleteInput) -> CouponDecision:
+            decision = await restore_coupon(params.coupon)
+            await record_transition(params.transition)
+            return decision
+
         return [
+            approve_and_request_refund,
+            submit_refund_and_confirm,
+            complete_with_coupon,
             open_cancellation,
             record_transition,
             record_event,

@@ -113,7 +113,9 @@ def bench(
         bool,
         typer.Option("--unsandboxed", help="Experiment: workflows without the sandbox"),
     ] = False,
-    sides: Annotated[str, typer.Option(help="Sides to measure: product,limit")] = "product,limit",
+    sides: Annotated[
+        str, typer.Option(help="Sides to measure: product,limit,reference-4")
+    ] = "product,limit,reference-4",
     rounds: Annotated[
         int,
         typer.Option(
@@ -143,7 +145,7 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     from tools.bench.mix import DEFAULT_MIX, allocate, parse_mix, unit_count
-    from tools.bench.report import bench_table, shape_table
+    from tools.bench.report import bench_table, shape_table, targets_table
     from tools.bench.run import BenchOptions, run_bench
 
     try:
@@ -191,6 +193,8 @@ def bench(
     def render() -> None:
         console.print(shape_table(report))
         console.print(bench_table(report))
+        if report.get("targets"):
+            console.print(targets_table(report))
 
     _write(report, as_json, out, render)
     drift = report.get("drift_check", {})

@@ -27,7 +27,7 @@ from temporalio.common import (
 from domain.models import Decision, RequestCancellationInput, SellerDecision
 from tools.bench.limit_workflow import LIMIT_WORKFLOW, sa_update
 from tools.bench.mix import COUPON, DECISIONS, SILENT, Unit
-from tools.bench.shape import Shape
+from tools.bench.shape import REFERENCE, Shape, reference_shape
 
 _CLOSED = {
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
@@ -61,6 +61,9 @@ def shape_key(unit_path: str, request: RequestCancellationInput) -> str:
 
 class Side(Protocol):
     name: str
+    # The decision sent on every path (reference-4 takes one update whatever the path), or
+    # None: only where the product's seller decides.
+    always_decides: str | None
 
     async def start(
         self, key: str, request: RequestCancellationInput, unit: Unit
@@ -77,6 +80,7 @@ class ProductSide:
     """The real thing: `starter.requests.start_cancellation` and update `decide`."""
 
     name = "product"
+    always_decides: str | None = None
 
     def __init__(self, client: Client, task_queue: str, ledger: Any) -> None:
         self.client = client
@@ -111,6 +115,7 @@ class LimitSide:
     and details of the same size, same id policies."""
 
     name = "limit"
+    always_decides: str | None = None
 
     def __init__(self, client: Client, task_queue: str, shapes: dict[str, Shape], run_id: str):
         self.client = client
@@ -149,6 +154,40 @@ class LimitSide:
         return "completed"
 
 
+class ReferenceSide:
+    """`reference-4` (`shape.reference_shape`): `BenchLimitShape` with a fixed shape, the same
+    for every path, started with nothing else (no search attributes, summary or details) and
+    decided by one update on every path."""
+
+    name = REFERENCE
+    always_decides: str | None = "accept"
+
+    def __init__(self, client: Client, task_queue: str, run_id: str):
+        self.client = client
+        self.task_queue = task_queue
+        self.run_id = run_id
+
+    async def start(
+        self, key: str, request: RequestCancellationInput, unit: Unit
+    ) -> WorkflowHandle[Any, Any]:
+        return await self.client.start_workflow(
+            LIMIT_WORKFLOW,
+            reference_shape(key).limit_input(),
+            id=f"bench-ref-{request.order_id}-{request.seller_id}",
+            task_queue=self.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        )
+
+    async def decide(
+        self, handle: WorkflowHandle[Any, Any], request: RequestCancellationInput, decision: str
+    ) -> None:
+        await handle.execute_update("decide", {"decision": decision})
+
+    async def status(self, result: Any) -> str:
+        return "completed"
+
+
 async def wait_for_seller_window(handle: WorkflowHandle[Any, Any]) -> bool:
     """Until the workflow's history shows its seller-window timer (False: it closed first)."""
     async for event in handle.fetch_history_events(wait_new_event=True):
@@ -182,14 +221,15 @@ async def run_request(
     side: Side, unit: Unit, request: RequestCancellationInput, timeout: float
 ) -> Timing:
     key = shape_key(unit.path, request)
-    window = unit.window.total_seconds() if unit.path == SILENT else 0.0
+    decision = DECISIONS.get(unit.path) or side.always_decides
+    # The silent seller's window, where the timer decides (not on a side that always decides).
+    window = unit.window.total_seconds() if unit.path == SILENT and not side.always_decides else 0.0
     timing = Timing(
         path=unit.path, shape_key=key, workflow_id="", started=time.time(), window=window
     )
     try:
         handle = await side.start(key, request, unit)
         timing.workflow_id = handle.id
-        decision = DECISIONS.get(unit.path)
         if decision is not None:
             if not await asyncio.wait_for(wait_for_seller_window(handle), timeout):
                 raise RuntimeError("the workflow closed before waiting for the seller")

@@ -71,6 +71,7 @@ def _fmt(value: Any, fmt: str) -> str:
 def bench_table(report: dict[str, Any]) -> Table:
     sides = report["sides"]
     limit, product = sides.get("limit", {}), sides.get("product", {})
+    reference = sides.get("reference-4")
     opts = report["options"]
     table = Table(
         title=(
@@ -78,24 +79,56 @@ def bench_table(report: dict[str, Any]) -> Table:
             f"{opts['concurrency']}, {opts.get('rounds', 1)} alternated round(s)"
             f" (run {report['run_id']})"
         ),
-        caption=(
-            "throughput ratio by round: " + " ".join(f"{r:.2f}" for r in report["round_ratios"])
-            if report.get("round_ratios")
-            else None
-        ),
+        caption=_caption(report),
     )
     table.add_column("figure")
     table.add_column("limit", justify="right")
     table.add_column("product", justify="right")
     table.add_column("product/limit", justify="right")
+    if reference is not None:
+        table.add_column("reference-4", justify="right")
+        table.add_column("product/reference-4", justify="right")
     for label, path, fmt in ROWS:
         lim, prod = dig(limit, path), dig(product, path)
-        ratio = (
-            f"{prod / lim:.2f}"
-            if isinstance(prod, int | float) and isinstance(lim, int | float) and lim
-            else "-"
+        row = [label, _fmt(lim, fmt), _fmt(prod, fmt), _ratio(prod, lim)]
+        if reference is not None:
+            ref = dig(reference, path)
+            row += [_fmt(ref, fmt), _ratio(prod, ref)]
+        table.add_row(*row)
+    return table
+
+
+def _caption(report: dict[str, Any]) -> str | None:
+    parts = []
+    for label, key in (("limit", "round_ratios"), ("reference-4", "round_ratios_reference_4")):
+        if report.get(key):
+            parts.append(
+                f"throughput ratio to {label} by round: "
+                + " ".join(f"{r:.2f}" for r in report[key])
+            )
+    return "; ".join(parts) or None
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return (
+        f"{a / b:.2f}" if isinstance(a, int | float) and isinstance(b, int | float) and b else "-"
+    )
+
+
+def targets_table(report: dict[str, Any]) -> Table:
+    """Issue 19's targets: the run's ratio, its spread over the rounds, the verdict."""
+    table = Table(title="targets (met / missed in every round, else noisy: not judged)")
+    for column in ("target", "", "ratio", "rounds", "verdict"):
+        table.add_column(column)
+    for name, t in report["targets"].items():
+        spread = t["spread"]
+        table.add_row(
+            name,
+            t["target"],
+            "-" if t["ratio"] is None else f"{t['ratio']:.2f}",
+            "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
+            t["verdict"] + (f" ({t['why']})" if t["why"] else ""),
         )
-        table.add_row(label, _fmt(lim, fmt), _fmt(prod, fmt), ratio)
     return table
 
 

@@ -41,7 +41,7 @@ from ledger.orders import load_orders
 from ledger.policies import set_policy
 from ledger.repository import Ledger
 from tools.bench.analysis import analyse_histories, fetch_events, percentiles
-from tools.bench.driver import LimitSide, ProductSide, Side, Timing, run_units
+from tools.bench.driver import LimitSide, ProductSide, ReferenceSide, Side, Timing, run_units
 from tools.bench.mix import (
     COUPON,
     DEFAULT_MIX,
@@ -53,7 +53,7 @@ from tools.bench.mix import (
     unit_count,
 )
 from tools.bench.procs import Probe, Sampler, bench_worker, reset_counts, sql_counts
-from tools.bench.shape import Shape, derive_shape, event_counts
+from tools.bench.shape import REFERENCE, Shape, derive_shape, event_counts, reference_shape
 from tools.bench.sql_counter import LEDGER, PROVIDER, SqlCounter, counting_pool
 from tools.bench.stack import Temporal, database, pg_commits, temporal
 from tools.bench.worker_proc import WorkerConfig
@@ -85,7 +85,7 @@ class BenchOptions:
     metrics: bool = True
     unsandboxed: bool = False
     server_db: str = "file"
-    sides: tuple[str, ...] = ("product", "limit")
+    sides: tuple[str, ...] = ("product", "limit", REFERENCE)
     # Measured slices per side, the sides alternated A B, B A, ... (1: each side in one go).
     rounds: int = 4
     logs_dir: Path | None = None
@@ -259,6 +259,7 @@ async def measure_slice(
         tally.rss_peak[k] = max(tally.rss_peak.get(k, 0), peak)
     tally.load = [tally.load[0] if tally.load else load_before, os.getloadavg()[0]]
     ok = [t for t in run.timings if t.error is None and t.ended is not None]
+    active = [t.ended - t.started - t.window for t in ok if t.ended is not None]
     began = min((t.started for t in run.timings), default=run.began)
     ended = max((t.ended for t in ok if t.ended is not None), default=run.finished)
     duration = max(ended - began, 1e-9)
@@ -272,12 +273,22 @@ async def measure_slice(
             "duration_s": duration,
             "throughput_per_s": len(ok) / duration,
             "server_cpu_s_per_cancellation": server / len(ok) if server and ok else None,
+            "worker_cpu_s_per_cancellation": (
+                worker_cpu / len(ok)
+                if (worker_cpu := cpu.get("worker")) is not None and ok
+                else None
+            ),
+            "p95_ms_excl_window": percentiles(active).get("p95", 0.0) * 1000 or None,
+            # What else the machine did meanwhile, per second of the slice (a shared machine).
+            "other_cpu_s_per_s": max(busy - ours - idle_cpu, 0.0) / duration,
         }
     )
 
 
 async def finish(stack: SideStack, shapes: dict[str, Shape], options: BenchOptions) -> Measured:
     """The side's statement counters and histories, once its slices are done; releases it."""
+    if stack.name == REFERENCE:
+        shapes = {key: reference_shape(key) for key in shapes}
     sql = await sql_counts(stack.worker)
     starter_sql = stack.starter_counter.snapshot() if stack.starter_counter is not None else {}
     await stack.release()
@@ -416,6 +427,96 @@ def ratios(product: dict[str, Any], limit: dict[str, Any]) -> dict[str, float | 
         found[key] = (
             p / lim if isinstance(p, int | float) and isinstance(lim, int | float) and lim else None
         )
+    return found
+
+
+# (name, the other side, the slice figure, the side figure, target, higher is better)
+TARGETS: list[tuple[str, str, str, str, float, bool]] = [
+    (
+        "throughput vs reference-4",
+        REFERENCE,
+        "throughput_per_s",
+        "throughput_per_s",
+        0.8,
+        True,
+    ),
+    ("throughput vs limit", "limit", "throughput_per_s", "throughput_per_s", 0.9, True),
+    (
+        "p95 (seller window excluded) vs limit",
+        "limit",
+        "p95_ms_excl_window",
+        "latency_ms.request_to_terminal_excl_window.p95",
+        1.2,
+        False,
+    ),
+    (
+        "worker CPU per cancellation vs limit",
+        "limit",
+        "worker_cpu_s_per_cancellation",
+        "cpu_s_per_cancellation.worker",
+        1.2,
+        False,
+    ),
+]
+# Another load on the machine above this (CPU s per s, beside the bench's own processes) in
+# any slice makes the run too noisy to judge: its sides did not run on the same machine.
+NOISY_OTHER_CPU = 0.25
+
+
+def _dig(node: Any, path: str) -> Any:
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def judge_targets(sides: dict[str, Any], drift: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of issue 19 with the run's ratio, the ratio of each round (its spread) and a
+    verdict: `met` when every round meets it, `missed` when no round does, otherwise `noisy`
+    (the rounds straddle the target), and `noisy` whenever the machine was busy with something
+    else or its speed drifted between the sides (`drift_check`): no number is judged then."""
+    product = sides["product"]
+    other_load = max(
+        (s.get("other_cpu_s_per_s") or 0.0 for side in sides.values() for s in side["slices"]),
+        default=0.0,
+    )
+    found: dict[str, dict[str, Any]] = {}
+    for name, other, slice_key, side_key, target, higher in TARGETS:
+        if other not in sides:
+            continue
+        p, o = _dig(product, side_key), _dig(sides[other], side_key)
+        value = p / o if isinstance(p, int | float) and isinstance(o, int | float) and o else None
+        rounds = [
+            a[slice_key] / b[slice_key]
+            for a, b in zip(product["slices"], sides[other]["slices"], strict=True)
+            if a.get(slice_key) and b.get(slice_key)
+        ]
+
+        def meets(x: float, target: float = target, higher: bool = higher) -> bool:
+            return x >= target if higher else x <= target
+
+        reasons = []
+        if drift.get("suspect"):
+            reasons.append("the server's CPU per event differed between the sides (drift)")
+        if other_load > NOISY_OTHER_CPU:
+            reasons.append(f"other processes took up to {other_load:.2f} CPU s/s")
+        if rounds and value is not None and not reasons:
+            if all(meets(r) for r in rounds):
+                verdict = "met"
+            elif not any(meets(r) for r in rounds):
+                verdict = "missed"
+            else:
+                verdict = "noisy"
+                reasons.append("the rounds straddle the target")
+        else:
+            verdict = "noisy" if reasons else "no figure"
+        found[name] = {
+            "target": f"{'>=' if higher else '<='} {target}",
+            "ratio": value,
+            "rounds": rounds,
+            "spread": [min(rounds), max(rounds)] if rounds else None,
+            "verdict": verdict,
+            "why": "; ".join(reasons),
+        }
     return found
 
 
@@ -615,6 +716,45 @@ async def run_bench(
                     on_done=progress("limit", options.count) if progress else None,
                 )
 
+            # --- reference-4: a fixed no-op shape, warmed up like the limit ------------------
+            if REFERENCE in options.sides:
+                # Order ids start with the label's initial: "q", none of the others'.
+                warm_units, _ = build_units(
+                    run_id, "qwarm", _calibration_counts(), silent_window=options.silent_window
+                )
+                ref_units, _ = build_units(
+                    run_id, "reference", counts, silent_window=options.silent_window
+                )
+                srv = await servers.enter_async_context(
+                    temporal(settings, workdir, "reference", server_db=options.server_db)
+                )
+                client = await connect(srv.address, srv.namespace)
+                config = worker_config(REFERENCE, srv, None)
+                worker = bench_worker(
+                    config,
+                    (options.logs_dir or workdir) / f"worker-reference-{run_id}.log",
+                    pycache=workdir / "pycache" if options.bytecode else None,
+                )
+                servers.push_async_callback(worker.stop)
+                await worker.start()
+                rside = ReferenceSide(client, config.task_queue, run_id)
+                note(f"{REFERENCE}: warm-up (one per path)")
+                warm = await run_units(rside, warm_units, concurrency=16)
+                failed = [t for t in warm.timings if t.error]
+                if failed:
+                    raise RuntimeError(f"{REFERENCE} warm-up failed: {failed[0].error}")
+                stacks[REFERENCE] = SideStack(
+                    name=REFERENCE,
+                    side=rside,
+                    client=client,
+                    worker=worker,
+                    probes=probes(worker, srv),
+                    units=ref_units,
+                    starter_counter=None,
+                    release=worker.stop,
+                    on_done=progress(REFERENCE, options.count) if progress else None,
+                )
+
             # --- measured: the sides in alternated slices -----------------------------------
             for stack in stacks.values():
                 await reset_counts(stack.worker)
@@ -673,5 +813,13 @@ async def run_bench(
             p["throughput_per_s"] / lim["throughput_per_s"]
             for p, lim in zip(sides["product"]["slices"], sides["limit"]["slices"], strict=True)
         ]
+    if "product" in sides and REFERENCE in sides:
+        report["ratios_reference_4"] = ratios(sides["product"], sides[REFERENCE])
+        report["round_ratios_reference_4"] = [
+            p["throughput_per_s"] / ref["throughput_per_s"]
+            for p, ref in zip(sides["product"]["slices"], sides[REFERENCE]["slices"], strict=True)
+        ]
+    if "product" in sides:
+        report["targets"] = judge_targets(sides, report.get("drift_check", {}))
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report

@@ -29,8 +29,10 @@ from pydantic import BaseModel, Field
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
-# The product's activity whose completion means "refund confirmed" (dot 3).
+# The product's activities whose completion means "refund confirmed" (dot 3): the last of them
+# in a history (the lean shape's submit confirms when the provider answers at once).
 CONFIRM_ACTIVITY = "confirm_refund"
+CONFIRM_ACTIVITIES = (CONFIRM_ACTIVITY, "submit_refund_and_confirm")
 PATCH_MARKER = "core_patch"
 CHANGE_VERSION = "TemporalChangeVersion"
 
@@ -178,7 +180,7 @@ def derive_shape(path: str, events: Sequence[HistoryEvent]) -> Shape:
             steps.append(Step(op="patch", patch_id=_patch_id(marker)))
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             scheduled = e.activity_task_scheduled_event_attributes
-            if scheduled.activity_type.name == CONFIRM_ACTIVITY:
+            if scheduled.activity_type.name in CONFIRM_ACTIVITIES:
                 shape.confirm_index = activities
             activities += 1
             steps.append(
@@ -278,3 +280,26 @@ def timer_fired_at(events: Sequence[HistoryEvent]) -> datetime | None:
         if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED:
             return event_time(e)
     return None
+
+
+# --- the fixed reference: reference-4 ------------------------------------------------------
+
+REFERENCE = "reference-4"
+# The reference's seller window: long enough that the driver's update always decides it.
+REFERENCE_WINDOW_MS = 3_600_000
+REFERENCE_ACTIVITIES = 4
+
+
+def reference_shape(path: str) -> Shape:
+    """`reference-4`, the same for every path: a no-op workflow that is started (no search
+    attributes, no memo, no summary), waits on one timer that the update `decide` cancels, then
+    runs 4 no-op activities. A fixed yardstick: whatever the product's shape, the product's
+    cost against it says what a cancellation costs over "a timer, an update, four steps"."""
+    steps = [Step(op="wait", timeout_ms=REFERENCE_WINDOW_MS, decided=True, reply_size=2)]
+    steps += [
+        Step(op="activity", label=f"noop{i}", in_size=30, out_size=2)
+        for i in range(REFERENCE_ACTIVITIES)
+    ]
+    # "decision -> refund confirmed": the decision to the third step's completion (the
+    # product confirms its refund in its third business step).
+    return Shape(path=path, steps=steps, message="update", confirm_index=2)

@@ -30,6 +30,7 @@ from tools.bench.sql_counter import SqlCounter, counting_pool
 
 
 class WorkerConfig(BaseModel):
+    # "limit" runs `BenchLimitShape` (the limit and reference-4 sides alike).
     side: Literal["product", "limit"]
     address: str
     namespace: str = "default"
@@ -119,7 +120,8 @@ async def serve(config: WorkerConfig) -> None:
             client,
             pool,
             config.settings(),
-            provider=SimulatedProvider(pool, confirm_after_polls=0),
+            # A provider that answers synchronously: a refund has succeeded when created.
+            provider=SimulatedProvider(pool, confirm_after_polls=0, settle_at_once=True),
         )
     else:
         from tools.bench.limit_workflow import BenchLimitShape, bench_noop

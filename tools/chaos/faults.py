@@ -27,7 +27,7 @@ from tools.chaos.stack import ChaosStack
 from tools.worker_process import WorkerProcess, WorkerStartError
 from workers.worker import GRACEFUL_SHUTDOWN
 
-PROVIDER_CALLS = ("submit_refund", "confirm_refund")
+PROVIDER_CALLS = ("submit_refund", "submit_refund_and_confirm", "confirm_refund")
 
 
 class FaultKind(StrEnum):
