@@ -359,8 +359,13 @@ async def list_cancellations(
     description=(
         "Every sub-order of the checkout order, each with its cancellation if any: status,"
         " the seller's deadline, the three refund dots each with when it happened, the ETA,"
-        " and the coupon outcome as it stands now (a sibling's later restoration included)."
-        " From the ledger. A seller key sees its own sub-order only. 404 `order_not_found`."
+        " and the coupon outcome as it stands now (a sibling's later restoration included),"
+        " the buyer's `reason_text`, the `decision_reason` of a rejection (`shipped`, or the"
+        " seller's words) and `updated_at` (the coupon outcome's changes included). A"
+        " sub-order's `status`: `unvalidated`, `accepted`, `shipped`, `cancelled`; its"
+        " `amount`: the cash paid, after its share of the coupon. `eta` is null once the"
+        " refund is confirmed. From the ledger. A seller key sees its own sub-order only."
+        " 404 `order_not_found`."
     ),
     responses=problem_responses(401, 403, 404, 503),
 )
@@ -380,6 +385,12 @@ async def order_cancellations(ctx: Context, principal: OrderReader, order_id: st
     "/v1/cancellations/{cancellation_id}",
     response_model=CancellationDetails,
     summary="State, the three refund dots with ETA, coupon outcome, audit trail",
+    description=(
+        "Also, from the ledger whether or not the workflow runs: `reason_text` (the buyer's"
+        " words for the seller), `decision_reason` and `decided_by` (why and by whom a request"
+        " was rejected; null unless rejected), `updated_at` (the latest change, the coupon"
+        " outcome's included: a sibling's later restoration moves it)."
+    ),
     responses=problem_responses(401, 403, 404, 503),
 )
 async def get_cancellation(
