@@ -155,3 +155,17 @@ def test_the_banner_says_when_stripes_webhook_is_on(tmp_path: Path) -> None:
     stripe_line = next(line for line in banner.splitlines() if "stripe/webhook" in line)
     assert ": on" in stripe_line
     assert "k" * 40 not in banner, "Stripe's secret is the user's: never printed"
+
+
+async def test_make_run_refuses_a_placeholder_stripe_secret_before_starting_anything(
+    tmp_path: Path, fresh_env: None
+) -> None:
+    env = {
+        "ORDERCANCEL_DATA_DIR": str(tmp_path),
+        "ORDERCANCEL_STRIPE_WEBHOOK_SECRET": "whsec_example",
+    }
+    ran = await run_command(ORDERCANCEL, "dev", "--no-demo", env=env, timeout=60)
+    assert ran.returncode == 1, ran.stderr
+    assert "ORDERCANCEL_STRIPE_WEBHOOK_SECRET" in ran.stderr and "placeholder" in ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert not (tmp_path / "pg").exists(), "no server is started on a refused configuration"
