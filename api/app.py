@@ -145,6 +145,8 @@ def create_app(
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        # `/v1/cancellations/` is an unknown path (404 problem), not a 307 to another one.
+        redirect_slashes=False,
     )
     app.state.ctx = None
     app.include_router(router)

@@ -44,8 +44,15 @@ from domain.models import (
 )
 from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
 from domain.orders import CheckoutOrderIn
-from domain.rules import parse_duration
-from ledger.inbox import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, CancellationPage, OrderView
+from domain.rules import MESSAGE_TEXT_MAX, parse_duration
+from ledger.inbox import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    CancellationPage,
+    InvalidFilter,
+    OrderView,
+    check_filter,
+)
 from ledger.stuck import StuckCancellation
 from starter.cancellations import Located
 from starter.payment_events import ForwardResult
@@ -151,6 +158,35 @@ async def request_body(request: Request) -> RequestCancellationInput:
         raise
 
 
+_message_body = json_body(MessageBody)
+
+
+async def message_body(request: Request) -> MessageBody:
+    """R18: a text too long is `message_too_long`, however long it is (past the free-text
+    bound of every other field too); checked before anything is read or sent."""
+    try:
+        body = await _message_body(request)
+    except ApiError as err:
+        if err.status == 422 and any(
+            e.type == "string_too_long" and e.loc[-1:] == ["text"] for e in err.errors
+        ):
+            raise ApiError(
+                422,
+                "message_too_long",
+                f"a message is at most {MESSAGE_TEXT_MAX} characters",
+                errors=err.errors,
+            ) from None
+        raise
+    length = len(body.text.strip())
+    if length > MESSAGE_TEXT_MAX:
+        raise ApiError(
+            422,
+            "message_too_long",
+            f"a message is at most {MESSAGE_TEXT_MAX} characters (this one: {length})",
+        )
+    return body
+
+
 # --- cancellations ------------------------------------------------------------------------------
 
 
@@ -212,13 +248,11 @@ _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # domain.models
 
 
 def _filter(name: str, value: str | None) -> str | None:
-    if value is not None and not _IDENTIFIER.fullmatch(value):
-        raise ApiError(
-            400,
-            "invalid_filter",
-            f"{name}: an identifier ([A-Za-z0-9][A-Za-z0-9_.:-], at most 64 characters)",
-        )
-    return value
+    """ledger.inbox.check_filter, the one check the CLI's `list` makes too."""
+    try:
+        return check_filter(name, value)
+    except InvalidFilter as err:
+        raise ApiError(400, "invalid_filter", str(err)) from None
 
 
 def _limit(value: str | None) -> int:
@@ -228,6 +262,17 @@ def _limit(value: str | None) -> int:
     if not digits or not 1 <= int(value) <= LIST_LIMIT_MAX:
         raise ApiError(400, "invalid_limit", f"limit: a whole number from 1 to {LIST_LIMIT_MAX}")
     return int(value)
+
+
+LIST_PARAMETERS = ("seller_id", "buyer_id", "order_id", "status", "cursor", "limit")
+
+
+def _once(request: Request) -> None:
+    """A list parameter given twice is refused, never one of its values silently taken."""
+    for name in LIST_PARAMETERS:
+        if len(request.query_params.getlist(name)) > 1:
+            code = "invalid_limit" if name == "limit" else "invalid_filter"
+            raise ApiError(400, code, f"{name}: given twice; give it once")
 
 
 def _status(value: str | None) -> CancellationStatus | None:
@@ -254,22 +299,41 @@ def _status(value: str | None) -> CancellationStatus | None:
         " filter it sends (another seller's id gives an empty page). Keyset pagination: pass"
         " `next_cursor` back as `cursor`; new cancellations arriving meanwhile neither repeat"
         f" nor hide a row. `limit`: 1-{LIST_LIMIT_MAX}, default {LIST_LIMIT_DEFAULT}. 400"
-        " `invalid_limit`, `invalid_cursor`, `invalid_status`, `invalid_filter`."
+        " `invalid_limit`, `invalid_cursor`, `invalid_status`, `invalid_filter` (also for a"
+        " parameter given twice)."
     ),
     responses=problem_responses(400, 401, 403, 503),
+    openapi_extra={
+        # Read by hand (`_limit`), so that a bad value is 400 `invalid_limit`, not FastAPI's
+        # 422; documented here as the integer it is.
+        "parameters": [
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": LIST_LIMIT_MAX,
+                    "default": LIST_LIMIT_DEFAULT,
+                },
+                "description": f"1-{LIST_LIMIT_MAX}, default {LIST_LIMIT_DEFAULT}",
+            }
+        ]
+    },
 )
 async def list_cancellations(
     ctx: Context,
     principal: Reader,
+    request: Request,
     seller_id: Annotated[str | None, Query(description="Only this seller's")] = None,
     buyer_id: Annotated[str | None, Query(description="Only this buyer's")] = None,
     order_id: Annotated[str | None, Query(description="Only this checkout order's")] = None,
     status: Annotated[str | None, Query(description="Only in this status")] = None,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the last page")] = None,
-    limit: Annotated[
-        str | None, Query(description=f"1-{LIST_LIMIT_MAX}, default {LIST_LIMIT_DEFAULT}")
-    ] = None,
 ) -> CancellationPage:
+    _once(request)
+    limit = request.query_params.get("limit")
     seller = _filter("seller_id", seller_id)
     if principal.role is Role.SELLER:
         if seller is not None and seller != principal.seller_id:
@@ -277,7 +341,7 @@ async def list_cancellations(
             return CancellationPage(items=[])
         seller = principal.seller_id
     if cursor is not None and len(cursor) > 1024:
-        raise ApiError(400, "invalid_cursor", "cursor: not a cursor this service handed out")
+        raise ApiError(400, "invalid_cursor", "cursor: not a valid cursor")
     return await ctx.service.list(
         seller_id=seller,
         buyer_id=_filter("buyer_id", buyer_id),
@@ -295,8 +359,13 @@ async def list_cancellations(
     description=(
         "Every sub-order of the checkout order, each with its cancellation if any: status,"
         " the seller's deadline, the three refund dots each with when it happened, the ETA,"
-        " and the coupon outcome as it stands now (a sibling's later restoration included)."
-        " From the ledger. A seller key sees its own sub-order only. 404 `order_not_found`."
+        " and the coupon outcome as it stands now (a sibling's later restoration included),"
+        " the buyer's `reason_text`, the `decision_reason` of a rejection (`shipped`, or the"
+        " seller's words) and `updated_at` (the coupon outcome's changes included). A"
+        " sub-order's `status`: `unvalidated`, `accepted`, `shipped`, `cancelled`; its"
+        " `amount`: the cash paid, after its share of the coupon. `eta` is null once the"
+        " refund is confirmed. From the ledger. A seller key sees its own sub-order only."
+        " 404 `order_not_found`."
     ),
     responses=problem_responses(401, 403, 404, 503),
 )
@@ -316,6 +385,12 @@ async def order_cancellations(ctx: Context, principal: OrderReader, order_id: st
     "/v1/cancellations/{cancellation_id}",
     response_model=CancellationDetails,
     summary="State, the three refund dots with ETA, coupon outcome, audit trail",
+    description=(
+        "Also, from the ledger whether or not the workflow runs: `reason_text` (the buyer's"
+        " words for the seller), `decision_reason` and `decided_by` (why and by whom a request"
+        " was rejected; null unless rejected), `updated_at` (the latest change, the coupon"
+        " outcome's included: a sibling's later restoration moves it)."
+    ),
     responses=problem_responses(401, 403, 404, 503),
 )
 async def get_cancellation(
@@ -362,9 +437,13 @@ async def seller_decision(
     description=(
         "Who writes is the caller's key: a seller key as its seller (another seller's"
         " cancellation is 404), the buyer service as the cancellation's buyer; never the body."
-        " Taken while the request waits for the seller: 409 `already_decided` once answered or"
-        " withdrawn, `not_pending` otherwise; 422 `message_too_long` past 500 characters, 409"
-        " `too_many_messages` past 20 per cancellation. A refused message changes nothing."
+        " Taken while the request waits for the seller: 409 `already_decided` once it is"
+        " answered, withdrawn or ended (whether or not its workflow still runs), `not_pending`"
+        " while it is not waiting for the seller without having been answered (opening,"
+        f" escalated, an instant-path cancellation); 422 `message_too_long` past"
+        f" {MESSAGE_TEXT_MAX} characters (however long), 409 `too_many_messages` past 20 per"
+        " cancellation, buyer's and seller's together. A refused message changes nothing."
+        " The receipt's `at` is the time the ledger recorded (as the audit trail shows it)."
     ),
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
     openapi_extra=_body(MessageBody),
@@ -373,7 +452,7 @@ async def post_message(
     ctx: Context,
     principal: Writer,
     cancellation_id: str,
-    body: Annotated[MessageBody, Depends(json_body(MessageBody))],
+    body: Annotated[MessageBody, Depends(message_body)],
 ) -> MessageReceipt:
     located = await ctx.service.locate(checked_id(cancellation_id))
     _ensure_own(principal, located)

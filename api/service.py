@@ -309,15 +309,25 @@ class CancellationService:
     ) -> MessageReceipt:
         """R18: a message on a waiting request; the workflow's validator judges it."""
         view = located.view
+        # One code for a request that was answered, withdrawn or has ended, whether or not its
+        # workflow still runs (the workflow's own check says `already_decided` too); an
+        # instant-path cancellation never took messages: `not_pending`.
+        closed = (
+            RefusalCode.ALREADY_DECIDED
+            if view.path is not CancellationPath.INSTANT
+            else RefusalCode.NOT_PENDING
+        )
         if not located.running:
             raise ApiError(
                 409,
-                RefusalCode.NOT_PENDING,
+                closed,
                 f"this cancellation has ended (status: {view.status.value}): messages are closed",
             )
         request = MessageRequest(author=author, author_id=author_id, text=text)
-        with _as_api_errors(RefusalCode.NOT_PENDING):
-            return await cancellations.message(self._client, view.cancellation_id, request)
+        with _as_api_errors(closed):
+            return await cancellations.message(
+                self._client, self._ledger, view.cancellation_id, request
+            )
 
     async def resolve_escalation(
         self, located: Located, decision: OperatorDecision

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import structlog
 import typer
+from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, FailureError
 
@@ -27,6 +28,7 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
+from domain.rules import MESSAGE_TEXT_MAX
 from domain.rules import cancellation_id as workflow_id_of
 from infra.stack import open_stack
 from ledger.inbox import (
@@ -34,6 +36,8 @@ from ledger.inbox import (
     LIST_LIMIT_MAX,
     CancellationPage,
     InvalidCursor,
+    InvalidFilter,
+    check_filter,
     list_cancellations,
 )
 from ledger.repository import Ledger
@@ -207,6 +211,22 @@ def status(
         render_view(console, view)
 
 
+def _message_request(author: MessageAuthor, author_id: str, text: str) -> MessageRequest:
+    """The update's payload, or one line naming the refusal code the API gives (exit 1)."""
+    length = len(text.strip())
+    if length > MESSAGE_TEXT_MAX:
+        raise CommandError(
+            f"message_too_long: a message is at most {MESSAGE_TEXT_MAX} characters"
+            f" (this one: {length})"
+        )
+    try:
+        return MessageRequest(author=author, author_id=author_id, text=text)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise CommandError(f"invalid_payload: {where}: {first['msg']}") from None
+
+
 @app.command()
 def message(
     cancellation_id: Annotated[str, typer.Argument(help="e.g. cancel-O-1002~S-7")],
@@ -220,7 +240,10 @@ def message(
     ] = None,
 ) -> None:
     """Write on a request waiting for its seller (update `message`, R18): refused once it is
-    answered, past 500 characters or 20 messages, or from another buyer or seller."""
+    answered, withdrawn or ended (`already_decided`), past 500 characters
+    (`message_too_long`) or 20 messages per cancellation, buyer's and seller's together
+    (`too_many_messages`), or from another buyer or seller. The time printed is the
+    ledger's."""
     settings = ui.settings()
     structlog.contextvars.bind_contextvars(workflow_id=cancellation_id)
 
@@ -236,13 +259,13 @@ def message(
                         raise CommandError(f"no cancellation {cancellation_id}")
                     view = located.view
                     who = view.buyer_id if author is MessageAuthor.BUYER else view.seller_id
-                try:
-                    request = MessageRequest(author=author, author_id=who, text=text)
-                except ValueError as err:
-                    raise CommandError(f"invalid message: {err}") from None
-                receipt = await cancellations.message(stack.client, cancellation_id, request)
+                request = _message_request(author, who, text)
+                receipt = await cancellations.message(
+                    stack.client, Ledger(stack.pool), cancellation_id, request
+                )
             console.print(
                 f"[green]message recorded[/green] from {receipt.author}"
+                f" at {receipt.at:%Y-%m-%d %H:%M:%S.%f} UTC"
                 f" ({receipt.messages_left} more allowed)",
                 highlight=False,
             )
@@ -265,7 +288,15 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Cancellations from the ledger (R17): requests awaiting their seller first, the soonest
-    deadline first, then the others, oldest first; a page at a time (--cursor)."""
+    deadline first, then the others, oldest first; a page at a time (--cursor). An operator's
+    tool: it reads the ledger directly, every seller's (no seller scoping, unlike a seller's
+    API key). A malformed id filter is refused (exit 2), as the API refuses it (400
+    `invalid_filter`)."""
+    for name, value in (("--seller", seller), ("--buyer", buyer), ("--order", order)):
+        try:
+            check_filter(name, value)
+        except InvalidFilter as err:
+            raise ui.bad_argument(str(err)) from None
     settings = ui.settings()
 
     async def main() -> CancellationPage:

@@ -23,6 +23,12 @@ def render_view(console: Console, view: CancellationView) -> None:
         header.append(f"  (path: {view.path.value})")
     if view.seller_deadline is not None:
         header.append(f"\nseller deadline: {view.seller_deadline:%Y-%m-%d %H:%M:%S %Z}")
+    if view.reason_text:
+        header.append("\nbuyer's words: ")
+        header.append(view.reason_text)
+    if view.decision_reason is not None:
+        header.append(f"\nrejected by {view.decided_by or '?'}: ")
+        header.append(view.decision_reason)
     console.print(Panel(header, title="cancellation", expand=False))
 
     dots = view.dots or refund_dots(view.refund)
@@ -74,11 +80,22 @@ def render_view(console: Console, view: CancellationView) -> None:
 def render_page(console: Console, page: CancellationPage) -> None:
     """One page of `ordercancel list`, and how to read the next one."""
     table = Table(title=f"{len(page.items)} cancellation(s)", title_justify="left")
-    for column in ("id", "status", "buyer", "seller deadline (UTC)", "requested (UTC)"):
+    columns = (
+        "id",
+        "order",
+        "seller",
+        "status",
+        "buyer",
+        "seller deadline (UTC)",
+        "requested (UTC)",
+    )
+    for column in columns:
         table.add_column(column, overflow="fold")
     for item in page.items:
         table.add_row(
             Text(item.cancellation_id),
+            Text(item.order_id),
+            Text(item.seller_id),
             item.status.value,
             Text(item.buyer_id),
             f"{item.seller_deadline:%Y-%m-%d %H:%M:%S}" if item.seller_deadline else "",

@@ -150,6 +150,8 @@ class SubOrderStatus(StrEnum):
     UNVALIDATED = "unvalidated"  # payment being verified, seller has not accepted: instant path
     ACCEPTED = "accepted"  # payment validated and seller accepted: request path
     CANCELLED = "cancelled"
+    # Shipped (R14; the order events, migration 009): read from `shipped_at`, not a stored status.
+    SHIPPED = "shipped"
 
 
 # --- cancellations ------------------------------------------------------------------------------
@@ -419,9 +421,18 @@ class CancellationView(Record):
     seller_id: str
     buyer_id: str
     reason: CancellationReason
+    # The buyer's own words for the seller (the request's `reason_text`; "" when none).
+    reason_text: str = ""
     path: CancellationPath | None = None
     status: CancellationStatus
     seller_deadline: datetime | None = None
+    # Why a request was rejected and by whom, from the `rejected` audit row: `shipped` (by the
+    # order system, R14), the seller's or operator's words, or the timeout policy's. None
+    # unless rejected.
+    decision_reason: str | None = None
+    decided_by: str | None = None
+    # The latest change, the coupon outcome's included (a sibling's later restoration).
+    updated_at: datetime | None = None
     refund: RefundView | None = None
     dots: list[RefundDot] = Field(default_factory=list)
     coupon: CouponOutcome | None = None

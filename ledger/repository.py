@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -39,6 +40,7 @@ from domain.models import (
     PaymentEvent,
     PaymentMethod,
     Record,
+    RefundDot,
     RefundKind,
     RefundStage,
     RefundView,
@@ -251,6 +253,29 @@ WITH pay AS (
     ON CONFLICT (cancellation_id, event_key) DO NOTHING
 )
 SELECT ins.*, pay.method FROM ins, pay
+"""
+
+
+# What the views (one cancellation, the list, the buyer's order view) read beside the
+# cancellation's row `c`: why it was rejected and by whom (the `rejected` audit row), and when
+# it last changed, the coupon outcome included: a decision, its supersession, or a sibling's
+# later restoration of the coupon (GREATEST ignores the NULLs).
+VIEW_EXTRAS_COLUMNS = """
+    rej.detail AS decision_reason, rej.actor AS decided_by,
+    GREATEST(c.updated_at, cd.decided_at, cd.superseded_at, cr.restored_at) AS changed_at
+"""
+VIEW_EXTRAS_JOINS = """
+    LEFT JOIN LATERAL (
+        SELECT e.detail, e.actor FROM cancellation_events e
+        WHERE e.cancellation_id = c.cancellation_id AND e.kind = 'rejected'
+        ORDER BY e.event_id DESC LIMIT 1
+    ) rej ON true
+    LEFT JOIN LATERAL (
+        SELECT d.decided_at, d.superseded_at, d.redemption_id FROM coupon_decisions d
+        WHERE d.cancellation_id = c.cancellation_id
+        ORDER BY d.round DESC LIMIT 1
+    ) cd ON true
+    LEFT JOIN coupon_redemptions cr ON cr.redemption_id = cd.redemption_id
 """
 
 
@@ -991,6 +1016,38 @@ class Ledger:
             refunded_minor=row["refunded_minor"],
         )
 
+    async def recorded_at(
+        self, *, cancellation_id: str, kind: str, actor: str, detail: str
+    ) -> datetime | None:
+        """When the ledger recorded the latest audit row of this kind, actor and detail."""
+        at: datetime | None = await self._pool.fetchval(
+            "SELECT at FROM cancellation_events WHERE cancellation_id = $1 AND kind = $2"
+            " AND actor = $3 AND detail = $4 ORDER BY event_id DESC LIMIT 1",
+            cancellation_id,
+            kind,
+            actor,
+            detail,
+        )
+        return at
+
+    async def view_extras(self, *, cancellation_id: str) -> dict[str, Any]:
+        """The view's fields only the ledger knows: the buyer's free text, why the request was
+        rejected and by whom, when it last changed (its coupon outcome included). Empty when
+        the ledger does not have the cancellation (yet)."""
+        row = await self._pool.fetchrow(
+            f"SELECT c.reason_text, {VIEW_EXTRAS_COLUMNS} FROM cancellations c"
+            f" {VIEW_EXTRAS_JOINS} WHERE c.cancellation_id = $1",
+            cancellation_id,
+        )
+        if row is None:
+            return {}
+        return {
+            "reason_text": row["reason_text"],
+            "decision_reason": row["decision_reason"],
+            "decided_by": row["decided_by"],
+            "updated_at": row["changed_at"],
+        }
+
     async def view(self, *, cancellation_id: str) -> CancellationView:
         """The full story of one cancellation, from the ledger alone."""
         row = await self._pool.fetchrow(
@@ -1013,12 +1070,13 @@ class Ledger:
             status=CancellationStatus(row["status"]),
             seller_deadline=row["seller_deadline"],
             refund=refund.view if refund else None,
-            dots=refund_dots(refund.view if refund else None, refund_times(refund)),
+            dots=buyer_dots(refund.view if refund else None, refund_times(refund)),
             coupon=coupon,
             last_error=refund.view.last_error if refund else None,
             audit=audit,
             messages=messages_of(audit),
             payment=await self.payment_amounts(cancellation_id=cancellation_id),
+            **await self.view_extras(cancellation_id=cancellation_id),
         )
 
     async def latest_refund(self, *, cancellation_id: str) -> RefundRecord | None:
@@ -1029,6 +1087,17 @@ class Ledger:
     async def refund_times(self, *, cancellation_id: str) -> dict[RefundStage, datetime | None]:
         """When the ledger recorded each stage of the cancellation's newest refund (R17)."""
         return refund_times(await self.latest_refund(cancellation_id=cancellation_id))
+
+
+def buyer_dots(
+    refund: RefundView | None, times: Mapping[RefundStage, datetime | None] | None = None
+) -> list[RefundDot]:
+    """The three dots as the buyer sees them: once the refund is confirmed, no ETA any more
+    (the money is back; the Web UI drops it too). `refund.eta` keeps the estimate given."""
+    dots = refund_dots(refund, times)
+    if refund is not None and refund.stage is RefundStage.CONFIRMED:
+        return [d.model_copy(update={"eta": None}) for d in dots]
+    return dots
 
 
 def refund_times(refund: RefundRecord | None) -> dict[RefundStage, datetime | None]:

@@ -42,8 +42,8 @@ from domain.models import (
     SellerDecision,
     WithdrawRequest,
 )
-from domain.rules import messages_of, refund_dots
-from ledger.repository import Ledger
+from domain.rules import MESSAGE_KIND, messages_of
+from ledger.repository import Ledger, buyer_dots
 from workflows.order_cancellation import OrderCancellation
 
 log = structlog.get_logger(__name__)
@@ -153,8 +153,10 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
             update: dict[str, Any] = {
                 "audit": story,
                 "messages": messages_of(story),
-                "dots": refund_dots(view.refund, times),
+                "dots": buyer_dots(view.refund, times),
                 "payment": await ledger.payment_amounts(cancellation_id=cancellation_id),
+                # The buyer's free text, why it was rejected, when it last changed (R17).
+                **await ledger.view_extras(cancellation_id=cancellation_id),
             }
             if coupon is not None:
                 update["coupon"] = coupon
@@ -242,10 +244,24 @@ async def withdraw(client: Client, cancellation_id: str, request: WithdrawReques
     await _signal(client, cancellation_id, OrderCancellation.withdraw, request)
 
 
-async def message(client: Client, cancellation_id: str, request: MessageRequest) -> MessageReceipt:
+async def message(
+    client: Client, ledger: Ledger, cancellation_id: str, request: MessageRequest
+) -> MessageReceipt:
     """A message of the buyer or the seller on a waiting request (R18), by update: refused at
-    once (with its code) when not allowed, recorded in the audit trail when accepted."""
+    once (with its code) when not allowed, recorded in the audit trail when accepted.
+
+    The receipt's `at` is the time the ledger recorded the message (its audit row, the time
+    the views and the audit trail show), not the workflow's clock: one time for one message.
+    The workflow answers only once its activity has written that row."""
     receipt: MessageReceipt = await _update(
         client, cancellation_id, OrderCancellation.message, request
     )
+    recorded = await ledger.recorded_at(
+        cancellation_id=cancellation_id,
+        kind=MESSAGE_KIND,
+        actor=receipt.author,
+        detail=receipt.text,
+    )
+    if recorded is not None:
+        receipt = receipt.model_copy(update={"at": recorded})
     return receipt

@@ -49,6 +49,7 @@ PRINCIPALS = (
     f"seller:{SELLER_B}",
     "sre",
     "payment-provider",
+    "order-system",
 )
 
 
@@ -258,6 +259,10 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
         yield Api(stack, env)
 
 
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
 def problem(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -374,7 +379,10 @@ async def test_the_order_view_shows_every_sub_order_and_a_siblings_restore(api: 
     sellers = (SELLER_A, SELLER_B, "S-63")
     order_id = await api.order(sellers, buyer, validated=False, coupon=True)
     first = await api.request(order_id, SELLER_A, buyer)
-    assert (await api.view(first))["coupon"]["outcome"] == "partial_refund"
+    before = await api.view(first)
+    assert before["coupon"]["outcome"] == "partial_refund"
+    (row,) = await listed(api, "sre", order_id=order_id)
+    assert row["updated_at"] == before["updated_at"]
     order = await api.call("GET", f"/v1/orders/{order_id}/cancellations", "buyer-service")
     assert order.status_code == 200, order.text
     subs = {s["seller_id"]: s for s in order.json()["sub_orders"]}
@@ -402,9 +410,25 @@ async def test_the_order_view_shows_every_sub_order_and_a_siblings_restore(api: 
         assert [d["done"] for d in dots] == [True, True, True]
         times = [d["at"] for d in dots]
         assert all(times) and times == sorted(times), dots
-        assert cancellation["eta"] is not None and dots[2]["eta"] == cancellation["eta"]
+        # The money is back: no ETA any more (the refund keeps the estimate it was given).
+        assert cancellation["eta"] is None and dots[2]["eta"] is None
+        assert cancellation["refund"]["eta"] is not None
+        assert at(cancellation["updated_at"]) >= at(times[2])
     a = next(s for s in body["sub_orders"] if s["seller_id"] == SELLER_A)
     assert "given back when" in a["cancellation"]["coupon"]["reason"]
+    # A's coupon changed after A ended (a sibling restored it): A's `updated_at` says so, in
+    # the order view, the single view and the list alike.
+    after = await api.view(first)
+    assert at(after["updated_at"]) > at(before["updated_at"])
+    restored_at = await api.stack.pool.fetchval(
+        "SELECT r.restored_at FROM coupon_redemptions r JOIN coupon_decisions d"
+        " USING (redemption_id) WHERE d.cancellation_id = $1",
+        first,
+    )
+    assert datetime.fromisoformat(after["updated_at"]) == restored_at
+    assert a["cancellation"]["updated_at"] == after["updated_at"]
+    rows = {r["cancellation_id"]: r for r in await listed(api, "sre", order_id=order_id)}
+    assert rows[first]["updated_at"] == after["updated_at"]
     # A seller reads its own sub-order only; an unknown order is 404.
     as_seller = await api.call("GET", f"/v1/orders/{order_id}/cancellations", f"seller:{SELLER_B}")
     assert [s["seller_id"] for s in as_seller.json()["sub_orders"]] == [SELLER_B]
@@ -480,6 +504,14 @@ async def test_buyer_and_seller_write_on_a_waiting_request(api: Api) -> None:
         (f"buyer:{buyer}", "It came broken, sorry!"),
         (f"seller:{SELLER_A}", "**Looking** into it"),
     ]
+    # One time for one message: the receipt's is the ledger's, as the view and audit show it.
+    recorded = await api.stack.pool.fetch(
+        "SELECT at FROM cancellation_events WHERE cancellation_id = $1 AND kind = 'message'"
+        " ORDER BY event_id",
+        cancellation_id,
+    )
+    assert at(receipt["at"]) == recorded[0]["at"] == at(view["messages"][0]["at"])
+    assert at(answered.json()["at"]) == recorded[1]["at"] == at(messages[1]["at"])
     # The latest one in the Web UI's current details, as text.
     handle = api.stack.client.get_workflow_handle(cancellation_id)
     metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
@@ -544,10 +576,59 @@ async def test_messages_are_refused_once_the_seller_has_answered(api: Api) -> No
     )
     assert decided.status_code == 200, decided.text
     for principal in ("buyer-service", f"seller:{SELLER_A}"):
-        late = await api.message(cancellation_id, principal, "but why?")
-        assert late.status_code == 409, late.text
-        assert late.json()["code"] in ("already_decided", "not_pending"), late.text
+        problem(await api.message(cancellation_id, principal, "but why?"), 409, "already_decided")
+
+    async def ended() -> dict[str, Any]:
+        view = await api.view(cancellation_id)
+        assert (view["status"], view["running"]) == ("rejected", False)
+        return view
+
+    await eventually(ended)
+    # The same code once the workflow has ended.
+    for principal in ("buyer-service", f"seller:{SELLER_A}"):
+        problem(await api.message(cancellation_id, principal, "but why?"), 409, "already_decided")
     assert "message" not in kinds(await api.view(cancellation_id))
+
+
+@pytest.mark.e2e
+async def test_a_withdrawn_request_refuses_messages_as_already_decided(api: Api) -> None:
+    cancellation_id, buyer = await api.pending(SELLER_A)
+    withdrawn = await api.call(
+        "POST",
+        f"/v1/cancellations/{cancellation_id}/withdraw",
+        "buyer-service",
+        json={"buyer_id": buyer},
+    )
+    assert withdrawn.status_code in (200, 202), withdrawn.text
+
+    async def ended() -> None:
+        view = await api.view(cancellation_id)
+        assert (view["status"], view["running"]) == ("withdrawn", False)
+
+    await eventually(ended)
+    for principal in ("buyer-service", f"seller:{SELLER_A}"):
+        problem(await api.message(cancellation_id, principal, "hello?"), 409, "already_decided")
+    assert "message" not in kinds(await api.view(cancellation_id))
+
+
+@pytest.mark.e2e
+async def test_a_message_too_long_is_message_too_long_however_long(api: Api) -> None:
+    cancellation_id, _ = await api.pending(SELLER_A)
+    for n in (MESSAGE_TEXT_MAX + 1, 2000, 2001, 10_000):
+        problem(
+            await api.message(cancellation_id, "buyer-service", "x" * n), 422, "message_too_long"
+        )
+    # Measured once trimmed, as the workflow measures it (600 spaces around it: taken).
+    padded = await api.message(cancellation_id, "buyer-service", " " * 300 + "ok" + " " * 300)
+    assert padded.status_code == 200, padded.text
+    # The CLI says the same code, on one line, exit 1 (no validation dump).
+    cli = await run_command(
+        ORDERCANCEL, "message", cancellation_id, "y" * 3000, "--as", "buyer", env=api.cli_env
+    )
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert "error: message_too_long: " in cli.stderr, cli.stderr
+    assert "validation error" not in cli.stderr + cli.stdout
+    assert [m["text"] for m in (await api.view(cancellation_id))["messages"]] == ["ok"]
 
 
 async def raw_message(api: Api, cancellation_id: str, payload: Any) -> Any:
@@ -646,3 +727,160 @@ async def test_ordercancel_message_status_and_list(api: Api) -> None:
     assert [i["cancellation_id"] for i in page["items"]] == [cancellation_id]
     bad = await run_command(ORDERCANCEL, "list", "--cursor", "nope", env=env)
     assert bad.returncode != 0 and "cursor" in bad.stderr + bad.stdout
+
+
+# --- what the views say (the user trial of issue 17) ---------------------------------------------
+
+
+@pytest.mark.e2e
+async def test_the_views_carry_the_buyers_words_and_why_it_was_rejected(api: Api) -> None:
+    buyer = unique("B")
+    order_id = await api.order((SELLER_A,), buyer)
+    words = "Ordered the wrong size, sorry"
+    body = {
+        "order_id": order_id,
+        "seller_id": SELLER_A,
+        "buyer_id": buyer,
+        "reason": "other",
+        "reason_text": words,
+    }
+    response = await api.call("POST", "/v1/cancellations", "buyer-service", json=body)
+    assert response.status_code == 202, response.text
+    cancellation_id = response.json()["cancellation_id"]
+    running = await api.view(cancellation_id, f"seller:{SELLER_A}")
+    assert (running["source"], running["status"]) == ("workflow", "awaiting_seller")
+    assert (running["reason"], running["reason_text"]) == ("other", words)
+    assert running["decision_reason"] is None and running["updated_at"] is not None
+    (row,) = await listed(api, f"seller:{SELLER_A}", buyer_id=buyer)
+    assert (row["reason"], row["reason_text"], row["decision_reason"]) == ("other", words, None)
+    why = "Already packed: it leaves today"
+    decided = await api.call(
+        "POST",
+        f"/v1/cancellations/{cancellation_id}/seller-decision",
+        f"seller:{SELLER_A}",
+        json={"seller_id": SELLER_A, "decision": "reject", "reason": why},
+    )
+    assert decided.status_code == 200, decided.text
+
+    async def ended() -> dict[str, Any]:
+        view = await api.view(cancellation_id, f"seller:{SELLER_A}")
+        assert (view["status"], view["running"]) == ("rejected", False)
+        return view
+
+    view = await eventually(ended)
+    assert (view["reason_text"], view["decision_reason"]) == (words, why)
+    assert view["decided_by"] == f"seller:{SELLER_A}"
+    (row,) = await listed(api, f"seller:{SELLER_A}", buyer_id=buyer)
+    assert (row["status"], row["reason_text"], row["decision_reason"]) == ("rejected", words, why)
+    order = await api.call("GET", f"/v1/orders/{order_id}/cancellations", "buyer-service")
+    assert order.status_code == 200, order.text
+    (sub,) = order.json()["sub_orders"]
+    cancellation = sub["cancellation"]
+    assert (cancellation["reason_text"], cancellation["decision_reason"]) == (words, why)
+    assert cancellation["decided_by"] == f"seller:{SELLER_A}"
+    assert sub["status"] == "accepted"
+
+
+@pytest.mark.e2e
+async def test_the_order_view_says_shipped_and_that_the_shipment_rejected_the_request(
+    api: Api,
+) -> None:
+    """R14: the sub-order ships while its request waits: the order view says `shipped`, and
+    the request's `decision_reason` says why it was rejected, in every view."""
+    cancellation_id, _ = await api.pending(SELLER_A)
+    order_id = (await api.view(cancellation_id))["order_id"]
+    shipped = await api.call(
+        "POST",
+        f"/v1/orders/{order_id}/events",
+        "order-system",
+        json={
+            "event_id": unique("E-ship"),
+            "type": "sub_order_shipped",
+            "seller_id": SELLER_A,
+            "occurred_at": datetime.now(UTC).isoformat(),
+        },
+    )
+    assert shipped.status_code == 200, shipped.text
+    assert shipped.json()["outcome"] == "request_rejected"
+
+    async def rejected() -> dict[str, Any]:
+        view = await api.view(cancellation_id)
+        assert view["status"] == "rejected"
+        return view
+
+    view = await eventually(rejected)
+    assert (view["decision_reason"], view["decided_by"]) == ("shipped", "order-system")
+    order = await api.call("GET", f"/v1/orders/{order_id}/cancellations", "buyer-service")
+    assert order.status_code == 200, order.text
+    (sub,) = order.json()["sub_orders"]
+    assert sub["status"] == "shipped"
+    assert sub["cancellation"]["decision_reason"] == "shipped"
+    assert sub["cancellation"]["eta"] is None
+    cash = await api.stack.pool.fetchval(
+        "SELECT cash_minor FROM sub_orders WHERE order_id = $1 AND seller_id = $2",
+        order_id,
+        SELLER_A,
+    )
+    assert sub["amount"]["amount_minor"] == cash
+    (row,) = await listed(api, "sre", order_id=order_id)
+    assert row["decision_reason"] == "shipped"
+
+
+@pytest.mark.e2e
+async def test_ordercancel_list_refuses_a_malformed_filter_as_the_api_does(api: Api) -> None:
+    """One check for the CLI and the API: the API's 400 `invalid_filter` is the CLI's exit 2,
+    never an empty page."""
+    params = {"--seller": "seller_id", "--buyer": "buyer_id", "--order": "order_id"}
+    for flag, value in (
+        ("--seller", "S-1 OR 1=1"),
+        ("--seller", ""),
+        ("--order", "O" * 80),
+        ("--buyer", "B;drop"),
+    ):
+        cli = await run_command(ORDERCANCEL, "list", flag, value, env=api.cli_env)
+        assert cli.returncode == 2, (flag, value, cli.stdout, cli.stderr)
+        assert flag in cli.stderr and "cancellation(s)" not in cli.stdout
+        refused = await api.call("GET", "/v1/cancellations", "sre", **{params[flag]: value})
+        problem(refused, 400, "invalid_filter")
+    # Without a seller or order filter, each row says its order and seller.
+    cancellation_id, buyer = await api.pending(SELLER_B)
+    order_id = (await api.view(cancellation_id))["order_id"]
+    shown = await run_command(
+        ORDERCANCEL, "list", "--buyer", buyer, env={**api.cli_env, "COLUMNS": "300"}
+    )
+    assert shown.returncode == 0, shown.stderr
+    header, row = (
+        next(line for line in shown.stdout.splitlines() if needle in line)
+        for needle in ("requested", cancellation_id)
+    )
+    assert "order" in header and "seller" in header.replace("seller deadline", "")
+    assert order_id in row.replace(cancellation_id, "") and SELLER_B in row.replace(
+        cancellation_id, ""
+    )
+
+
+@pytest.mark.e2e
+async def test_the_list_refuses_a_repeated_parameter_and_knows_no_trailing_slash(
+    api: Api,
+) -> None:
+    headers = {"Authorization": f"Bearer {api.stack.keys['sre']}"}
+    twice = await api.stack.http.get(
+        "/v1/cancellations?seller_id=S-1&seller_id=S-2", headers=headers
+    )
+    problem(twice, 400, "invalid_filter")
+    assert "given twice" in twice.json()["detail"]
+    problem(
+        await api.stack.http.get("/v1/cancellations?limit=5&limit=6", headers=headers),
+        400,
+        "invalid_limit",
+    )
+    slash = await api.stack.http.get("/v1/cancellations/", headers=headers)
+    problem(slash, 404, "not_found")
+    cursor = await api.call("GET", "/v1/cancellations", "sre", cursor="garbage")
+    problem(cursor, 400, "invalid_cursor")
+    assert "not a valid cursor" in cursor.json()["detail"]
+    # `limit` is an integer with its bounds in the OpenAPI document.
+    document = (await api.stack.http.get("/openapi.json")).json()
+    parameters = document["paths"]["/v1/cancellations"]["get"]["parameters"]
+    (limit,) = [p for p in parameters if p["name"] == "limit"]
+    assert limit["schema"] == {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}
