@@ -123,7 +123,16 @@ def create_app(
                     else None
                 ),
             )
-            log.info("api_ready", keys=len(key_store), webhook_configured=secret is not None)
+            log.info(
+                "api_ready",
+                keys=len(key_store),
+                # Which webhooks can be served: POST /v1/payment-events, and Stripe's
+                # POST /v1/providers/stripe/webhook.
+                webhooks_configured={
+                    "payment_events": secret is not None,
+                    "stripe": settings.stripe_webhook_secret is not None,
+                },
+            )
             try:
                 yield
             finally:

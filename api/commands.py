@@ -95,16 +95,7 @@ def check_secrets(settings: Settings, keys: KeyStore) -> None:
     """Refuse to serve on a secret that was never set: an empty or placeholder webhook secret
     (anyone could sign events), no API key at all, or a key line copied from docs/api.md.
     Raises `KeyConfigError` naming the setting."""
-    name = "ORDERCANCEL_PAYMENT_WEBHOOK_SECRET"
-    if settings.payment_webhook_secret is not None:
-        secret = settings.payment_webhook_secret.get_secret_value().strip()
-        if not secret:
-            raise KeyConfigError(f"{name} is empty: set the provider's webhook secret, or unset it")
-        if _PLACEHOLDER.search(secret) or len(secret) < MIN_WEBHOOK_SECRET:
-            raise KeyConfigError(
-                f"{name} holds a placeholder (or is shorter than {MIN_WEBHOOK_SECRET}"
-                " characters): set the payment provider's real webhook secret"
-            )
+    check_webhook_secrets(settings)
     if not len(keys):
         raise KeyConfigError(
             "no API keys: ORDERCANCEL_API_KEYS (or ORDERCANCEL_API_KEYS_FILE) is empty or unset;"
@@ -116,6 +107,27 @@ def check_secrets(settings: Settings, keys: KeyStore) -> None:
             f" {DOCS_EXAMPLE_KEY_ID}), a placeholder: make real keys with"
             " `ordercancel api hash-key`"
         )
+
+
+def check_webhook_secrets(settings: Settings) -> None:
+    """Refuse a configured webhook secret that is empty, a placeholder or too short: the payment
+    provider's (ORDERCANCEL_PAYMENT_WEBHOOK_SECRET) and Stripe's endpoint secret
+    (ORDERCANCEL_STRIPE_WEBHOOK_SECRET). Raises `KeyConfigError` naming the setting."""
+    webhooks = (
+        ("ORDERCANCEL_PAYMENT_WEBHOOK_SECRET", settings.payment_webhook_secret, "payment provider"),
+        ("ORDERCANCEL_STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secret, "Stripe endpoint"),
+    )
+    for name, configured, whose in webhooks:
+        if configured is None:
+            continue
+        secret = configured.get_secret_value().strip()
+        if not secret:
+            raise KeyConfigError(f"{name} is empty: set the {whose}'s webhook secret, or unset it")
+        if _PLACEHOLDER.search(secret) or len(secret) < MIN_WEBHOOK_SECRET:
+            raise KeyConfigError(
+                f"{name} holds a placeholder (or is shorter than {MIN_WEBHOOK_SECRET}"
+                f" characters): set the {whose}'s real webhook secret"
+            )
 
 
 @api_app.command("hash-key")

@@ -600,6 +600,18 @@ async def order_event(
 STRIPE_SIGNATURE_HEADER = "Stripe-Signature"
 
 
+def _stripe_timestamp(header: str) -> int:
+    """The `t` of a Stripe-Signature the SDK has accepted: the first, as the SDK reads it."""
+    for item in header.split(","):
+        key, _, value = item.partition("=")
+        if key == "t":
+            try:
+                return int(value)
+            except ValueError:
+                break
+    raise ApiError(400, "invalid_signature", f"the {STRIPE_SIGNATURE_HEADER} has no timestamp")
+
+
 @router.post(
     "/v1/providers/stripe/webhook",
     response_model=StripeWebhookResult,
@@ -607,7 +619,8 @@ STRIPE_SIGNATURE_HEADER = "Stripe-Signature"
     description=(
         f"Verified with the Stripe SDK: the `{STRIPE_SIGNATURE_HEADER}` header"
         " (`t=<unix>,v1=<hex HMAC-SHA256 of '<t>.<raw body>'>`) against the endpoint secret"
-        " (`ORDERCANCEL_STRIPE_WEBHOOK_SECRET`), `t` within the webhook tolerance. Refund"
+        " (`ORDERCANCEL_STRIPE_WEBHOOK_SECRET`), `t` within the webhook tolerance (in either"
+        " direction). Refund"
         " updated / failed, charge refunded, PaymentIntent captured / canceled become the"
         " product's payment events (`forwarded`, each as `/v1/payment-events` answers it;"
         " deduplicated by the Stripe event id); any other type is acknowledged with"
@@ -656,6 +669,15 @@ async def stripe_webhook(ctx: Context, request: Request) -> StripeWebhookResult:
     except (ValueError, TypeError, AttributeError):
         # Not UTF-8, not JSON, or JSON that is no object: signed or not, nothing to do with it.
         raise ApiError(400, "malformed_json", "the body is not a Stripe event (JSON)") from None
+    # The SDK refuses only a `t` too far in the past; one too far in the future is refused
+    # too, as /v1/payment-events refuses it (a signature made ahead of time is no fresher).
+    if _stripe_timestamp(header) > time.time() + ctx.settings.webhook_tolerance.total_seconds():
+        raise ApiError(
+            400,
+            "invalid_signature",
+            f"the {STRIPE_SIGNATURE_HEADER} timestamp is more than the webhook tolerance in the"
+            " future",
+        )
     data = event.to_dict()
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
         raise ApiError(400, "invalid_event", "a Stripe event needs an `id` and a `type`")

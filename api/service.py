@@ -24,13 +24,9 @@ from api.errors import ApiError
 from api.schemas import CancellationAccepted, CancellationDetails, WithdrawalReceipt
 from api.stores import SubOrders
 from domain.errors import (
-    CaptureExceedsAuthorisation,
     OrderConflict,
-    OrderEventConflict,
-    OrderNotFound,
     RefusalCode,
     SubOrderAlreadyShipped,
-    SubOrderNotFound,
 )
 from domain.models import (
     CancellationPath,
@@ -45,7 +41,6 @@ from domain.models import (
     RequestCancellationInput,
     RetryRefundRequest,
     SellerDecision,
-    SubOrderStatus,
     WithdrawRequest,
 )
 from domain.order_events import OrderAccepted, OrderEventIn, OrderEventResult
@@ -70,9 +65,9 @@ from starter.cancellations import (
     Refused,
     StatusUnavailable,
 )
-from starter.order_events import NotTold, deliver_order_event
+from starter.order_events import NotTold, OrderRefused, deliver_order_event, refusal_of
 from starter.payment_events import ForwardResult, forward_payment_event
-from starter.requests import start_cancellation
+from starter.requests import check_cancellable, start_cancellation
 from starter.stripe_events import StripeWebhookResult, forward_stripe_event
 
 log = structlog.get_logger("api")
@@ -148,31 +143,12 @@ class CancellationService:
     # --- requesting -------------------------------------------------------------------------
 
     async def check_cancellable(self, request: RequestCancellationInput) -> None:
-        """Refuse what the workflow would fail on, before it exists."""
-        state = await self._sub_orders.state(order_id=request.order_id, seller_id=request.seller_id)
-        if state is None or state.buyer_id != request.buyer_id:
-            # Same answer for a wrong buyer as for no order: it reveals nothing about whose
-            # order it is (as the workflow does).
-            raise ApiError(
-                404,
-                "sub_order_not_found",
-                f"order {request.order_id} has no sub-order of seller {request.seller_id} for"
-                f" buyer {request.buyer_id}",
-            )
-        if state.shipped and state.cancellation_id is None:
-            raise ApiError(
-                409,
-                "already_shipped",
-                f"sub-order {request.order_id}/{request.seller_id} has shipped: it cannot be"
-                " cancelled here (a return or a dispute can) (R14)",
-            )
-        if state.status is SubOrderStatus.CANCELLED and state.cancellation_id is None:
-            raise ApiError(
-                409,
-                "sub_order_already_cancelled",
-                f"sub-order {request.order_id}/{request.seller_id} was cancelled by the order"
-                " system",
-            )
+        """Refuse what the workflow would fail on, before it exists (as `ordercancel request`
+        does: starter.requests.check_cancellable)."""
+        try:
+            await check_cancellable(self._ledger.pool, request)
+        except OrderRefused as err:
+            raise ApiError(err.status, err.code, err.message) from None
 
     async def request(self, request: RequestCancellationInput) -> CancellationAccepted:
         """Start the cancellation (or join the one that exists), then read where it stands;
@@ -427,19 +403,20 @@ class CancellationService:
         try:
             return await post_order(self._ledger.pool, order)
         except OrderConflict as err:
-            raise ApiError(409, "order_conflict", str(err)) from None
+            refused = refusal_of(err)
+            assert refused is not None
+            raise ApiError(
+                refused.status,
+                refused.code,
+                f"{refused.message}. An order's state changes through its events, not by"
+                f" posting it again: POST /v1/orders/{order.order_id}/events",
+            ) from None
 
     async def order_event(self, order_id: str, event: OrderEventIn) -> OrderEventResult:
         try:
             return await deliver_order_event(self._client, self._ledger.pool, order_id, event)
-        except OrderNotFound as err:
-            raise ApiError(404, "order_not_found", str(err)) from None
-        except SubOrderNotFound as err:
-            raise ApiError(404, "sub_order_not_found", str(err)) from None
-        except OrderEventConflict as err:
-            raise ApiError(409, "event_conflict", str(err)) from None
-        except CaptureExceedsAuthorisation as err:
-            raise ApiError(422, "amount_exceeds_authorisation", str(err)) from None
+        except OrderRefused as err:
+            raise ApiError(err.status, err.code, err.message) from None
         except NotTold as err:
             log.error("order_shipped_not_told", event_id=event.event_id, reason=str(err))
             raise ApiError(503, "workflow_unavailable", str(err)) from None

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import structlog
 import typer
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError, FailureError
 
 from cli import console as ui
 from cli.console import CommandError, console, err_console
@@ -54,6 +56,17 @@ def _as_command_errors() -> Iterator[None]:
         raise CommandError(str(err)) from None
 
 
+def _failure(cancellation_id: str, err: WorkflowFailureError) -> str:
+    """A failed workflow as `<code>: <message>`: the innermost cause's type (an application
+    error's, e.g. SubOrderNotFound) and message, without a traceback."""
+    cause: BaseException = err.cause
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    code = cause.type if isinstance(cause, ApplicationError) and cause.type else "workflow_failed"
+    message = cause.message if isinstance(cause, FailureError) else str(cause)
+    return f"{code}: cancellation {cancellation_id} failed: {message}"
+
+
 @app.command()
 def request(
     order_id: Annotated[str, typer.Argument(help="Checkout order id, e.g. O-1002")],
@@ -68,7 +81,7 @@ def request(
     wait: Annotated[bool, typer.Option(help="Wait for the cancellation to end")] = False,
 ) -> None:
     """Request the cancellation of one sub-order (returns the existing one if already asked)."""
-    from starter.requests import start_cancellation
+    from starter.requests import check_cancellable, start_cancellation
 
     if window is not None:
         raise ui.bad_argument(
@@ -97,12 +110,19 @@ def request(
 
     async def main() -> None:
         async with open_stack(settings) as stack:
+            # The API's check (404 sub_order_not_found, 409 already_shipped, ...): a request
+            # that cannot succeed is refused here, before it becomes a failed workflow. A
+            # refusal is `OrderRefused`, printed as `error: <code>: <message>`, exit 1.
+            await check_cancellable(stack.pool, req)
             handle = await start_cancellation(
                 stack.client, req, task_queue=settings.task_queue, ledger=Ledger(stack.pool)
             )
             console.print(f"cancellation [bold]{handle.id}[/bold] started")
             if wait:
-                result = await handle.result()
+                try:
+                    result = await handle.result()
+                except WorkflowFailureError as err:
+                    raise CommandError(_failure(handle.id, err)) from None
                 console.print_json(result.model_dump_json())
 
     ui.run(main())

@@ -10,10 +10,12 @@ from datetime import timedelta
 import structlog
 from rich.console import Console
 
+from api.commands import check_webhook_secrets
+from api.keys import KeyConfigError
 from devstack.demo import run_demo
-from devstack.dev_api import start_dev_api
+from devstack.dev_api import print_banner, start_dev_api
 from devstack.events import start_dev_events
-from devstack.stack import open_dev_stack
+from devstack.stack import open_dev_stack, record_dev_stack
 from infra.metrics import (
     NO_API_METRICS,
     NO_DISPATCH_METRICS,
@@ -41,6 +43,11 @@ def dev_settings(settings: Settings) -> Settings:
 
 async def run_dev(settings: Settings, *, console: Console, demo: bool = True) -> None:
     settings = dev_settings(settings)
+    try:
+        # A webhook secret the user configured is checked as `ordercancel api` checks it.
+        check_webhook_secrets(settings)
+    except KeyConfigError as err:
+        raise RuntimeError(str(err)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -55,6 +62,8 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             console=console,
             metrics=ApiMetrics.for_runtime(runtime) if runtime else NO_API_METRICS,
         )
+        if api.url is not None:
+            record_dev_stack(settings, api_url=api.url)
         # R16: the dispatcher and a demo subscriber printing what sellers and buyers are told;
         # its metrics on the worker's endpoint.
         events = await start_dev_events(
@@ -84,7 +93,7 @@ async def run_dev(settings: Settings, *, console: Console, demo: bool = True) ->
             "  ordercancel events tail --follow        # the outbound events (R16)\n"
             "Ctrl-C stops everything; data stays in .data/ for the next start."
         )
-        console.print(api.banner, markup=False, highlight=False)
+        print_banner(console, api.banner)
         await stop.wait()
         console.print("stopping: draining the worker, then the servers")
         await api.stop()

@@ -160,21 +160,72 @@ async def start_dev_api(
             banner=f"API: not started (port {settings.api_port} taken? set ORDERCANCEL_API_PORT)",
         )
     url = f"http://{settings.api_host}:{settings.api_port}"
+    return DevApi(
+        url=url,
+        banner=dev_banner(settings, url, credentials, secret),
+        server=server,
+        task=task,
+    )
+
+
+def shell_variable(principal: str) -> str:
+    """The shell variable holding a principal's dev key: BUYER_KEY (the README's name),
+    SRE_KEY, PAYMENT_PROVIDER_KEY, ORDER_SYSTEM_KEY, SELLER_S1_KEY, ..."""
+    if principal == "buyer-service":
+        return "BUYER_KEY"
+    name = principal.upper().replace(":", "_").replace("-", "_")
+    if name.startswith("SELLER_"):
+        name = "SELLER_" + name.removeprefix("SELLER_").replace("_", "")
+    return f"{name}_KEY"
+
+
+def dev_banner(
+    settings: Settings, url: str, credentials: DevCredentials | None, secret: str | None
+) -> str:
+    """What `ordercancel dev` prints about its API: the URL, the dev keys, the webhooks and
+    one `export` line per variable of the README's curl examples (print it with
+    `print_banner`, which never wraps a line)."""
     lines = [f"API: {url} (OpenAPI UI at {url}/docs, guide in docs/api.md)"]
     if credentials is not None:
         lines.append(f"Dev API keys (also in {credentials.path}; development only):")
         lines += [f"  {principal:<17} {key}" for principal, key in credentials.keys.items()]
-        if secret is not None:
-            lines.append(f"  webhook secret    {secret}")
         buyer = credentials.keys["buyer-service"]
         lines.append(
             f"  curl -H 'Authorization: Bearer {buyer}' {url}/v1/cancellations/cancel-O-2001~S-7"
         )
-        # The variables the README's curl examples use, ready to paste into a shell.
-        lines.append("For the README's curl examples, paste:")
+    if secret is not None:
+        lines.append(f"Payment-events webhook (POST /v1/payment-events) secret: {secret}")
+    elif settings.payment_webhook_secret is not None:
         lines.append(
-            f"  export API={url} BUYER_KEY={buyer} SRE_KEY={credentials.keys['sre']}"
-            f" SELLER_S1_KEY={credentials.keys['seller:S-1']}"
-            f" ORDER_SYSTEM_KEY={credentials.keys['order-system']}"
+            "Payment-events webhook (POST /v1/payment-events): on, secret from"
+            " ORDERCANCEL_PAYMENT_WEBHOOK_SECRET"
         )
-    return DevApi(url=url, banner="\n".join(lines), server=server, task=task)
+    if settings.stripe_webhook_secret is not None:
+        lines.append(
+            "Stripe webhook (POST /v1/providers/stripe/webhook): on, endpoint secret from"
+            " ORDERCANCEL_STRIPE_WEBHOOK_SECRET"
+        )
+    else:
+        lines.append(
+            "Stripe webhook (POST /v1/providers/stripe/webhook): off; to turn it on, restart with"
+            " ORDERCANCEL_STRIPE_WEBHOOK_SECRET=<the endpoint's whsec_... secret, e.g. from"
+            " `stripe listen`> (docs/api.md)"
+        )
+    if credentials is not None:
+        # The variables the README's curl examples use, ready to paste into a shell: one per
+        # line, so that no wrapped line leaves a key unexported.
+        lines.append("For the README's curl examples, paste:")
+        lines.append(f"  export API={url}")
+        lines += [
+            f"  export {shell_variable(principal)}={key}"
+            for principal, key in credentials.keys.items()
+        ]
+        if secret is not None:
+            lines.append(f"  export PAYMENT_WEBHOOK_SECRET={secret}")
+    return "\n".join(lines)
+
+
+def print_banner(console: Console, banner: str) -> None:
+    """Print the banner as is: no markup, no highlighting and no line wrapped at the
+    terminal's width (rich would otherwise break a long line into two)."""
+    console.print(banner, markup=False, highlight=False, soft_wrap=True)

@@ -423,11 +423,16 @@ class TemporalDevServer:
         answers a workflow listing and the search attributes are registered."""
         if self._proc is not None and self._proc.poll() is None:
             return self.address
-        for what, port in (("gRPC", self.port), ("UI", self.ui_port)):
+        for what, port, setting in (
+            ("gRPC", self.port, "ORDERCANCEL_TEMPORAL_PORT"),
+            ("UI", self.ui_port, "ORDERCANCEL_UI_PORT"),
+        ):
             if port is not None and _port_taken(self.ip, port):
                 raise RuntimeError(
                     f"cannot start the Temporal dev server: {what} port {self.ip}:{port} is "
-                    "already in use (another dev server or program is listening there)"
+                    "already in use (another dev server or program is listening there): set"
+                    f" {setting} to a free port (`{setting}=<port> make run`), or"
+                    " TEMPORAL_ADDRESS to use a Temporal server of your own"
                 )
         if self.db_file is not None:
             self.db_file.parent.mkdir(parents=True, exist_ok=True)

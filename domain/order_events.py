@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from domain.errors import CaptureExceedsAuthorisation, LedgerError
 from domain.models import (
     CaptureState,
     Identifier,
@@ -31,9 +32,22 @@ ORDER_SYSTEM = "order-system"
 SHIPPED_REASON = "shipped"
 
 
+class CaptureAmountMismatch(CaptureExceedsAuthorisation):
+    """`payment_captured` with an amount other than what is left of the authorisation
+    (authorised less released, R15): a capture takes all of it. Changes nothing."""
+
+    error_type = "CaptureAmountMismatch"
+
+
+class NothingToCapture(LedgerError):
+    """`payment_captured` when every share was released by a cancellation (R15)."""
+
+    error_type = "NothingToCapture"
+
+
 class OrderEventType(StrEnum):
     PAYMENT_VALIDATED = "payment_validated"
-    PAYMENT_CAPTURED = "payment_captured"  # amount: default authorised less released (R15)
+    PAYMENT_CAPTURED = "payment_captured"  # amount: authorised less released, exactly (R15)
     SELLER_ACCEPTED = "seller_accepted"  # per sub-order: seller_id
     SUB_ORDER_SHIPPED = "sub_order_shipped"  # per sub-order: seller_id
 
@@ -99,7 +113,8 @@ class OrderEventResult(Record):
     outcome: EventOutcome
     detail: str
     duplicate: bool = False
-    # R14: the request the shipment ended, and whether its workflow has been told.
+    # R14: the request the shipment ended (`request_rejected`), and whether its workflow has been
+    # told; for `sub_order_cancelled`, the cancellation that came first (no notification).
     cancellation_id: str | None = None
     workflow_notified: bool | None = None
     payment: PaymentState

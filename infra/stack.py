@@ -2,7 +2,10 @@
 
 `DATABASE_URL` and `TEMPORAL_ADDRESS` (or the Temporal client profile, infra/client.py) name the
 user's own servers. Without `DATABASE_URL`, the PostgreSQL of a running dev stack (`make run`)
-is used: the dev stack writes its address to `<data dir>/dev-stack.json` while it runs. Nothing
+is used, and without `TEMPORAL_ADDRESS` (nor a profile address) its Temporal server and
+namespace: the dev stack writes their addresses (and its API's URL) to
+`<data dir>/dev-stack.json` while it runs, so a command in another terminal reaches the same
+servers even when the dev stack was moved to other ports (`ORDERCANCEL_TEMPORAL_PORT`). Nothing
 here starts a server (that is devstack/, which the production image does not carry).
 """
 
@@ -43,16 +46,32 @@ def dev_stack_file(settings: Settings) -> Path:
     return settings.data_dir / DEV_STACK_FILE
 
 
+def dev_stack_record(settings: Settings) -> dict[str, object] | None:
+    """What the dev stack running from `settings.data_dir` wrote about itself, or None."""
+    try:
+        recorded = json.loads(dev_stack_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def dev_stack_database_url(settings: Settings) -> str:
     """The PostgreSQL of the dev stack running from `settings.data_dir`, or a clear error."""
     path = dev_stack_file(settings)
-    try:
-        return str(json.loads(path.read_text())["database_url"])
-    except (OSError, ValueError, KeyError, TypeError):
+    recorded = dev_stack_record(settings)
+    if recorded is None:
         raise RuntimeError(
             f"DATABASE_URL is not set and no dev stack is running ({path} not found): start"
             " one with `make run` (or `ordercancel dev`), or set DATABASE_URL"
-        ) from None
+        )
+    url = recorded.get("database_url")
+    if not isinstance(url, str):
+        # The dev stack runs on the user's own PostgreSQL, whose URL (a secret) is not recorded.
+        raise RuntimeError(
+            f"DATABASE_URL is not set, and the dev stack running from {settings.data_dir} uses"
+            " a PostgreSQL of your own: set DATABASE_URL here as you did for it"
+        )
+    return url
 
 
 def window_floor(settings: Settings) -> timedelta:
@@ -83,6 +102,34 @@ def temporal_target(settings: Settings) -> tuple[str | None, str]:
     ):
         namespace = profile.namespace
     return configured, namespace
+
+
+def dev_stack_temporal(settings: Settings) -> tuple[str, str] | None:
+    """The address and namespace of the Temporal dev server the running dev stack started, or
+    None (no dev stack, or one on a Temporal server of the user's own)."""
+    recorded = dev_stack_record(settings)
+    if recorded is None:
+        return None
+    address, namespace = recorded.get("temporal_address"), recorded.get("temporal_namespace")
+    if not isinstance(address, str) or not address:
+        return None
+    return address, namespace if isinstance(namespace, str) and namespace else "default"
+
+
+def temporal_server(settings: Settings) -> tuple[str, str]:
+    """The Temporal address and namespace a command talks to: the user's (TEMPORAL_ADDRESS, the
+    client profile), else the running dev stack's (`<data dir>/dev-stack.json`; an explicit
+    TEMPORAL_NAMESPACE still wins), else the default dev server's port on this machine."""
+    configured, namespace = temporal_target(settings)
+    if configured is not None:
+        return configured, namespace
+    running = dev_stack_temporal(settings)
+    if running is not None:
+        address, recorded_namespace = running
+        if "temporal_namespace" not in settings.model_fields_set:
+            namespace = recorded_namespace
+        return address, namespace
+    return f"127.0.0.1:{settings.temporal_port}", namespace
 
 
 @asynccontextmanager
@@ -130,8 +177,7 @@ async def open_stack(settings: Settings, *, runtime: Runtime | None = None) -> A
         dsn = settings.database_dsn()
     else:
         dsn = dev_stack_database_url(settings)
-    configured, namespace = temporal_target(settings)
-    address = configured or f"127.0.0.1:{settings.temporal_port}"
+    address, namespace = temporal_server(settings)
     async with connect_stack(
         settings, dsn=dsn, address=address, namespace=namespace, runtime=runtime
     ) as stack:

@@ -26,7 +26,9 @@ from domain.errors import (
 )
 from domain.models import CaptureState, PaymentValidation, SubOrderStatus
 from domain.order_events import (
+    CaptureAmountMismatch,
     EventOutcome,
+    NothingToCapture,
     OrderAccepted,
     OrderEventIn,
     OrderEventResult,
@@ -306,18 +308,39 @@ async def _payment_event(
             + _cancelled_note(cancelled)
         )
     # Captured implies validated (R13).
-    # R15: the shares released by cancellations before the capture are not captured.
+    # R15: a capture takes what is left of the authorisation: the shares released by
+    # cancellations before it are not captured. A given amount must be exactly that; a capture
+    # of less would leave shares neither captured nor released, which no cancellation could
+    # refund or release afterwards.
     authorised: int = payment["amount_minor"]
-    capturable = authorised - payment["released_minor"]
+    released: int = payment["released_minor"]
+    capturable = authorised - released
+    amounts = f"authorised {authorised}, released {released}, capturable {capturable}"
+    if payment["capture"] == "captured":
+        if event.amount_minor is not None and event.amount_minor != payment["captured_minor"]:
+            raise CaptureAmountMismatch(
+                f"amount_minor {event.amount_minor}: the payment was already captured"
+                f" ({payment['captured_minor']}; {amounts}); nothing changes"
+            )
+        return EventOutcome.UNCHANGED, (
+            f"the payment was already captured ({payment['captured_minor']}): nothing changes"
+        )
+    if capturable <= 0:
+        raise NothingToCapture(
+            f"nothing to capture: every share of the payment was released by a cancellation"
+            f" ({amounts})"
+        )
     amount = event.amount_minor if event.amount_minor is not None else capturable
     if amount > capturable:
         raise CaptureExceedsAuthorisation(
             f"amount_minor {amount} exceeds what the payment can capture ({capturable}:"
-            f" authorised {authorised}, released {payment['released_minor']})"
+            f" authorised {authorised}, released {released})"
         )
-    if payment["capture"] == "captured":
-        return EventOutcome.UNCHANGED, (
-            f"the payment was already captured ({payment['captured_minor']}): nothing changes"
+    if amount != capturable:
+        raise CaptureAmountMismatch(
+            f"amount_minor {amount} is not what the payment can capture ({amounts}): a capture"
+            " takes all that is left of the authorisation (R15); leave amount_minor out or"
+            f" send {capturable}"
         )
     await conn.execute(
         "UPDATE payments SET validation = 'validated', capture = 'captured', captured_minor = $2"
@@ -422,6 +445,11 @@ async def _result(
     duplicate: bool,
 ) -> OrderEventResult:
     payment, sub_orders = await order_state(conn, order_id)
+    if outcome is EventOutcome.SUB_ORDER_CANCELLED and cancellation_id is None:
+        # The cancellation that came first (None when the order system cancelled it).
+        cancellation_id = next(
+            (s.cancellation_id for s in sub_orders if s.seller_id == event.seller_id), None
+        )
     return OrderEventResult(
         event_id=event.event_id,
         order_id=order_id,
@@ -431,7 +459,7 @@ async def _result(
         detail=detail,
         duplicate=duplicate,
         cancellation_id=cancellation_id,
-        workflow_notified=notified if cancellation_id is not None else None,
+        workflow_notified=notified if outcome is EventOutcome.REQUEST_REJECTED else None,
         payment=payment,
         sub_orders=sub_orders,
     )

@@ -7,6 +7,9 @@ shipment that ends a request waiting for its seller is then told to that request
 once, by signal `order_shipped`; the ledger records when it was told. If telling it fails, the
 caller gets `NotTold` (the API answers 503) and a redelivery of the same event id tells it again:
 the ledger part is not repeated, and the workflow ignores an event it was already told.
+
+An event the ledger refuses raises `OrderRefused`, with the one code (and HTTP status) the API
+answers and the CLI prints for it.
 """
 
 from __future__ import annotations
@@ -15,11 +18,61 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from domain.order_events import ORDER_SYSTEM, OrderEventIn, OrderEventResult, OrderShipped
+from domain.errors import (
+    CaptureExceedsAuthorisation,
+    LedgerError,
+    OrderConflict,
+    OrderEventConflict,
+    OrderNotFound,
+    SubOrderNotFound,
+)
+from domain.order_events import (
+    ORDER_SYSTEM,
+    CaptureAmountMismatch,
+    EventOutcome,
+    NothingToCapture,
+    OrderEventIn,
+    OrderEventResult,
+    OrderShipped,
+)
 from ledger.order_events import apply_order_event, mark_notified
 from workflows.order_cancellation import OrderCancellation
 
-__all__ = ["NotTold", "deliver_order_event"]
+__all__ = ["REFUSALS", "NotTold", "OrderRefused", "deliver_order_event", "refusal_of"]
+
+# What the ledger refuses about an order or its events, as the API's status and code (and the
+# CLI's `error: <code>: ...`). The first matching class wins: subclasses first.
+REFUSALS: tuple[tuple[type[LedgerError], int, str], ...] = (
+    (OrderNotFound, 404, "order_not_found"),
+    (SubOrderNotFound, 404, "sub_order_not_found"),
+    (OrderEventConflict, 409, "event_conflict"),
+    (OrderConflict, 409, "order_conflict"),
+    (CaptureAmountMismatch, 422, "capture_amount_mismatch"),
+    (CaptureExceedsAuthorisation, 422, "amount_exceeds_authorisation"),
+    (NothingToCapture, 422, "nothing_to_capture"),
+)
+
+
+class OrderRefused(LedgerError):
+    """The ledger refused an order or an event; nothing was written."""
+
+    error_type = "OrderRefused"
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def refusal_of(err: LedgerError) -> OrderRefused | None:
+    """The refusal `err` is (see REFUSALS), or None when it is no refusal of an order's."""
+    if isinstance(err, OrderRefused):
+        return err
+    for kind, status, code in REFUSALS:
+        if isinstance(err, kind):
+            return OrderRefused(status, code, str(err))
+    return None
 
 
 class NotTold(Exception):
@@ -37,9 +90,20 @@ class NotTold(Exception):
 async def deliver_order_event(
     client: Client, pool: asyncpg.Pool, order_id: str, event: OrderEventIn
 ) -> OrderEventResult:
-    """Apply the event (once), then tell the request it ends, if any and not told yet."""
-    result = await apply_order_event(pool, order_id, event)
-    if result.cancellation_id is None or result.workflow_notified:
+    """Apply the event (once), then tell the request it ends, if any and not told yet. A refused
+    event raises `OrderRefused`."""
+    try:
+        result = await apply_order_event(pool, order_id, event)
+    except LedgerError as err:
+        refused = refusal_of(err)
+        if refused is None:
+            raise
+        raise refused from err
+    if (
+        result.outcome is not EventOutcome.REQUEST_REJECTED
+        or result.cancellation_id is None
+        or result.workflow_notified
+    ):
         return result
     assert event.seller_id is not None  # a shipment names its sub-order
     shipped = OrderShipped(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -30,14 +31,55 @@ from domain.models import (
     Money,
     PaymentMethod,
     RequestCancellationInput,
+    SubOrderStatus,
 )
 from domain.rules import cancellation_id
 from infra.settings import TASK_QUEUE
 from ledger.order_events import refuse_if_shipped
 from ledger.repository import Ledger
+from starter.order_events import OrderRefused
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
 from workflows.visibility import escape_markdown
+
+
+async def check_cancellable(pool: asyncpg.Pool, request: RequestCancellationInput) -> None:
+    """Refuse what the workflow would fail on, before it exists (the API and `ordercancel
+    request` both ask this): `OrderRefused` with `sub_order_not_found` (404; the same for a
+    wrong buyer as for no order: it reveals nothing about whose order it is, as the workflow
+    does), `already_shipped` (409, R14) or `sub_order_already_cancelled` (409)."""
+    row = await pool.fetchrow(
+        """
+        SELECT o.buyer_id, s.status, c.cancellation_id, s.shipped_at IS NOT NULL AS shipped
+        FROM sub_orders s
+        JOIN checkout_orders o ON o.order_id = s.order_id
+        LEFT JOIN cancellations c ON c.order_id = s.order_id AND c.seller_id = s.seller_id
+        WHERE s.order_id = $1 AND s.seller_id = $2
+        """,
+        request.order_id,
+        request.seller_id,
+    )
+    sub_order = f"{request.order_id}/{request.seller_id}"
+    if row is None or row["buyer_id"] != request.buyer_id:
+        raise OrderRefused(
+            404,
+            "sub_order_not_found",
+            f"order {request.order_id} has no sub-order of seller {request.seller_id} for"
+            f" buyer {request.buyer_id}",
+        )
+    if row["shipped"] and row["cancellation_id"] is None:
+        raise OrderRefused(
+            409,
+            "already_shipped",
+            f"sub-order {sub_order} has shipped: it cannot be cancelled here (a return or a"
+            " dispute can) (R14)",
+        )
+    if row["status"] == SubOrderStatus.CANCELLED.value and row["cancellation_id"] is None:
+        raise OrderRefused(
+            409,
+            "sub_order_already_cancelled",
+            f"sub-order {sub_order} was cancelled by the order system",
+        )
 
 
 def summary(

@@ -35,7 +35,12 @@ from domain.models import (
     RequestCancellationInput,
     SubOrderStatus,
 )
-from domain.order_events import EventOutcome, OrderEventIn, OrderEventType
+from domain.order_events import (
+    CaptureAmountMismatch,
+    EventOutcome,
+    OrderEventIn,
+    OrderEventType,
+)
 from domain.orders import CheckoutOrderIn
 from domain.rules import cancellation_id
 from ledger.order_events import apply_order_event, post_order
@@ -122,7 +127,7 @@ async def test_an_event_delivered_again_is_answered_the_same_and_changes_nothing
     pool: asyncpg.Pool,
 ) -> None:
     await post_order(pool, order("O-D1"))
-    captured = event("E-D1", OrderEventType.PAYMENT_CAPTURED, amount_minor=1000)
+    captured = event("E-D1", OrderEventType.PAYMENT_CAPTURED, amount_minor=2800)
     first = await apply_order_event(pool, "O-D1", captured)
     again = await apply_order_event(pool, "O-D1", captured)
 
@@ -136,7 +141,7 @@ async def test_an_event_delivered_again_is_answered_the_same_and_changes_nothing
             pool, "O-D1", event("E-D1", OrderEventType.PAYMENT_CAPTURED, amount_minor=999)
         )
     assert await pool.fetchval("SELECT captured_minor FROM payments WHERE order_id = 'O-D1'") == (
-        1000
+        2800
     )
 
 
@@ -196,6 +201,16 @@ async def test_bad_events_are_refused_and_write_nothing(pool: asyncpg.Pool) -> N
         await apply_order_event(
             pool, "O-B1", event("E-B3", OrderEventType.PAYMENT_CAPTURED, amount_minor=10**9)
         )
+
+    # R15: a capture takes all that is left of the authorisation (2800 here); less, or 0,
+    # would leave a share neither captured nor released.
+    for amount in (1000, 0):
+        with pytest.raises(CaptureAmountMismatch, match="authorised 2800, released 0, capturable"):
+            await apply_order_event(
+                pool,
+                "O-B1",
+                event(f"E-B4-{amount}", OrderEventType.PAYMENT_CAPTURED, amount_minor=amount),
+            )
 
     assert await pool.fetchval("SELECT count(*) FROM order_events") == 0
     row = await pool.fetchrow("SELECT validation, capture, captured_minor FROM payments")

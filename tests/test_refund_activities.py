@@ -601,7 +601,10 @@ async def test_a_retry_that_would_repeat_a_refusal_of_the_request_says_why_inste
     )
 
     # The payment is captured since: the next generation changes kind and goes through.
-    await h.pool.execute("UPDATE payments SET capture = 'captured' WHERE payment_id = 'P-1001'")
+    await h.pool.execute(
+        "UPDATE payments SET capture = 'captured', captured_minor = amount_minor - released_minor"
+        " WHERE payment_id = 'P-1001'"
+    )
     await h.provider.set_faults("P-1001", SimulatorFaults())
     second = await h.ledger_acts.request_refund(
         RefundRequestInput(cancellation_id=cid, event_key="refund_requested-3")

@@ -14,14 +14,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest import mock
 
 import pytest
+import structlog
 from helpers.openapi import OpenApiCheck
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
 from helpers.stacks import ApiStack, api_stack
 from helpers.wait import eventually, wait_for_status
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
+from api.app import borrowed, create_app
+from api.keys import KeyStore
+from cli.main import app as cli
 from domain.models import CancellationReason, CancellationStatus, RequestCancellationInput
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
@@ -31,6 +37,8 @@ from workflows.order_cancellation import OrderCancellation
 
 pytestmark = pytest.mark.e2e
 
+# A well-formed API keys line (`ordercancel api` refuses to start without one).
+GOOD_KEYS = "sre 0123456789abcdef sha256$" + "1" * 32 + "$" + "2" * 64
 ENDPOINT_SECRET = "whsec_" + "test0rdercancel" * 2
 ROUTE = "/v1/providers/stripe/webhook"
 
@@ -142,6 +150,81 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(api: ApiStack) -> 
         headers={"Authorization": f"Bearer {api.keys['payment-provider']}"},
     )
     assert response.status_code == 400 and response.json()["code"] == "missing_signature"
+
+
+async def test_a_timestamp_too_far_in_the_future_is_refused_like_one_too_old(
+    api: ApiStack,
+) -> None:
+    # The SDK checks only the past; a signature dated ahead (a clock far off, or one made to be
+    # replayed later) is refused as /v1/payment-events refuses it, in either direction.
+    event = stripe_event(
+        "refund.failed", {"id": "re_x", "object": "refund", "status": "failed"}, "evt_future"
+    )
+    body = json.dumps(event).encode()
+    status, problem = await post(api, event, signature=signed(body, at=int(time.time()) + 600))
+    assert (status, problem["code"]) == (400, "invalid_signature")
+    assert "future" in problem["detail"]
+    assert await events_recorded(api, "evt_future") == 0
+    # Within the tolerance (5 min) ahead, it is accepted: clocks are never quite in step.
+    ignored = stripe_event("customer.created", {"id": "cus_2", "object": "customer"})
+    ahead = json.dumps(ignored).encode()
+    status, answer = await post(api, ignored, signature=signed(ahead, at=int(time.time()) + 60))
+    assert status == 200 and answer["handled"] is False
+
+
+async def test_the_api_ready_line_says_which_webhooks_are_configured(api: ApiStack) -> None:
+    cases = (
+        (fast_refund_settings(stripe_webhook_secret=SecretStr(ENDPOINT_SECRET)), None),
+        (fast_refund_settings(), "a-shared-secret-of-the-neutral-webhook"),
+    )
+    for settings, secret in cases:
+        app = create_app(
+            settings,
+            resources=borrowed(api.pool, api.client),
+            keys=KeyStore.from_keys({}),
+            webhook_secret=secret,
+        )
+        with structlog.testing.capture_logs() as logs:
+            async with app.router.lifespan_context(app):
+                pass
+        (ready,) = [entry for entry in logs if entry["event"] == "api_ready"]
+        assert ready["webhooks_configured"] == {
+            "payment_events": secret is not None,
+            "stripe": settings.stripe_webhook_secret is not None,
+        }
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("whsec_example", "placeholder"),  # docs/api.md's own placeholder
+        ("short", "shorter than"),
+        ("whsec_...", "placeholder"),
+        ("  ", "empty"),
+    ],
+)
+def test_the_api_refuses_to_start_on_a_placeholder_stripe_secret(
+    value: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORDERCANCEL_API_KEYS", GOOD_KEYS)
+    monkeypatch.delenv("ORDERCANCEL_API_KEYS_FILE", raising=False)
+    monkeypatch.delenv("ORDERCANCEL_PAYMENT_WEBHOOK_SECRET", raising=False)
+    monkeypatch.setenv("ORDERCANCEL_STRIPE_WEBHOOK_SECRET", value)
+    with mock.patch("uvicorn.Server.run", side_effect=AssertionError("must not serve")):
+        result = CliRunner().invoke(cli, ["api"])
+    assert result.exit_code == 1, result.output
+    assert "ORDERCANCEL_STRIPE_WEBHOOK_SECRET" in result.output and says in result.output
+
+
+def test_the_api_starts_with_a_real_looking_stripe_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORDERCANCEL_API_KEYS", GOOD_KEYS)
+    monkeypatch.delenv("ORDERCANCEL_API_KEYS_FILE", raising=False)
+    monkeypatch.delenv("ORDERCANCEL_PAYMENT_WEBHOOK_SECRET", raising=False)
+    monkeypatch.setenv("ORDERCANCEL_STRIPE_WEBHOOK_SECRET", ENDPOINT_SECRET)
+    with mock.patch("uvicorn.Server.run") as run:
+        result = CliRunner().invoke(cli, ["api"])
+    assert result.exit_code == 0, result.output
+    assert run.called
 
 
 async def test_other_event_types_are_acknowledged_and_ignored(api: ApiStack) -> None:

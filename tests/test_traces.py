@@ -120,10 +120,13 @@ async def test_a_cancellation_opened_through_the_api_is_one_trace(traced: Traced
     assert "RunWorkflow:OrderCancellation" in names, sorted(names)
     assert "CompleteWorkflow:OrderCancellation" in names, sorted(names)
     run_activities = {n for n in names if n.startswith("RunActivity:")}
-    assert {"RunActivity:open_cancellation", "RunActivity:submit_refund"} <= run_activities
+    assert {
+        "RunActivity:open_cancellation",
+        "RunActivity:submit_refund_and_confirm",
+    } <= run_activities
     # The provider's call inside the activity that made it.
     (provider_call,) = [s for s in in_trace if s.name == "payment_provider.create_refund"]
-    assert "RunActivity:submit_refund" in ancestors(provider_call, by_id)
+    assert "RunActivity:submit_refund_and_confirm" in ancestors(provider_call, by_id)
     assert provider_call.attributes is not None
     assert provider_call.attributes["payment_provider.payment_id"] == f"P-{order_id}"
     # The ledger's statements: asyncpg spans, under the activities and under the API request.
