@@ -154,7 +154,16 @@ class CancellationService:
         """Start the cancellation (or join the one that exists), then read where it stands;
         an instant-path one is given up to `instant_wait` to finish, so the caller gets the
         outcome in the same request."""
-        handle = await start_cancellation(self._client, request, task_queue=self._task_queue)
+        try:
+            # With the ledger: the summary names the amount and the method (as the CLI's).
+            handle = await start_cancellation(
+                self._client, request, task_queue=self._task_queue, ledger=self._ledger
+            )
+        except SubOrderAlreadyShipped as err:
+            # R14 again (one key lookup): shipped since check_cancellable; the same answer.
+            raise ApiError(
+                409, "already_shipped", str(err).removeprefix("already_shipped: ")
+            ) from None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._instant_wait
         located: Located | None = None

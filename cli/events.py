@@ -23,7 +23,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli import console as ui
-from cli.console import CommandError, LogFormat, console
+from cli.console import CommandError, LogFormat, console, err_console
+from domain.rules import parse_cancellation_id
 from infra.settings import Settings
 from infra.stack import dev_stack_database_url
 from ledger.db import create_pool, migrate
@@ -103,7 +104,8 @@ def tail(
         bool, typer.Option("--follow", "-f", help="Keep printing new events")
     ] = False,
     cancellation: Annotated[
-        str | None, typer.Option("--cancellation", help="Only this cancellation's events")
+        str | None,
+        typer.Option("--cancellation", help="Only this cancellation's events (cancel-O-1002~S-7)"),
     ] = None,
     event_type: Annotated[
         str | None, typer.Option("--type", help=f"Only this type ({', '.join(EVENT_TYPES)})")
@@ -118,6 +120,11 @@ def tail(
     """The event stream in position order (what every subscriber receives, in that order)."""
     if event_type is not None and event_type not in EVENT_TYPES:
         raise ui.bad_argument(f"unknown event type {event_type!r}; known: {', '.join(EVENT_TYPES)}")
+    if cancellation is not None and parse_cancellation_id(cancellation) is None:
+        raise ui.bad_argument(
+            f"{cancellation!r} is not a cancellation id (cancel-ORDER~SELLER, e.g."
+            " cancel-O-1002~S-7)"
+        )
     settings = ui.settings("console", quiet=True)
 
     async def main() -> None:
@@ -131,6 +138,7 @@ def tail(
                     last, cancellation_id=cancellation, event_type=event_type
                 )
                 after = matching[-1] - 1 if matching else await store.last_position()
+            printed = 0
             while True:
                 events = await store.events_after(
                     after, limit=500, cancellation_id=cancellation, event_type=event_type
@@ -138,9 +146,16 @@ def tail(
                 for event in events:
                     _print(event, as_json)
                     after = event.position
+                printed += len(events)
                 if events:
                     continue
                 if not follow:
+                    if not printed:
+                        # On stderr: stdout stays events only (`--json` is one event a line).
+                        err_console.print(
+                            _no_events(cancellation, event_type, from_position, last),
+                            highlight=False,
+                        )
                     return
                 await asyncio.sleep(settings.dispatch_poll_interval.total_seconds())
                 await store.sequence()
@@ -151,6 +166,20 @@ def tail(
         # `... | head -1`: the reader has what it wanted.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
+
+
+def _no_events(
+    cancellation: str | None, event_type: str | None, from_position: int | None, last: int
+) -> str:
+    """What `tail` says when it has nothing to print (instead of printing nothing)."""
+    where = [f"for {escape(cancellation)}"] if cancellation else []
+    if event_type:
+        where.append(f"of type {event_type}")
+    if from_position is not None:
+        where.append(f"from position {from_position}")
+    elif last == 0:
+        where.append("(--last 0: add --follow to print new ones as they come)")
+    return " ".join(["no events", *where])
 
 
 @events_app.command("replay")
@@ -178,9 +207,15 @@ def replay(
                     f"no subscriber {subscriber!r} has a position yet (names: run"
                     " `ordercancel events subscribers`)"
                 )
+            if from_position > last:
+                what = (
+                    f"nothing to send again: {last} is the last event; it gets the events"
+                    " written from now on"
+                )
+            else:
+                what = f"events {from_position}..{last} will be sent (again) by the dispatcher"
             console.print(
-                f"{escape(subscriber)}: position {before} -> {from_position - 1}; events"
-                f" {from_position}..{last} will be sent (again) by the dispatcher",
+                f"{escape(subscriber)}: position {before} -> {from_position - 1}; {what}",
                 highlight=False,
             )
 

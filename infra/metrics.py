@@ -33,10 +33,18 @@ REFUNDS_PARKED: Final = "ordercancel_refunds_parked"
 REFUNDS_REVERSED: Final = "ordercancel_refunds_reversed"
 COUPON_OUTCOMES: Final = "ordercancel_coupon_outcomes"
 
+API_REQUESTS: Final = "ordercancel_api_requests"
+API_REQUEST_SECONDS: Final = "ordercancel_api_request_seconds"
+
 _HOUR = 3600.0
-# The exporter's default buckets stop at 10 (made for milliseconds-to-seconds latencies); a
-# seller has 48 h to answer and a card refund settles in days.
+# Every histogram here records seconds, so each needs buckets of its own: the exporter's
+# defaults are made for the SDK's millisecond durations (50, 100, 500, 1000, 2500, 10000), and
+# in seconds they would put every API answer in the first bucket, and cut off a seller's 48 h
+# or a card refund's days. Checked by tests/test_metrics.py: every histogram is listed here.
 HISTOGRAM_BUCKETS: Final[Mapping[str, Sequence[float]]] = {
+    # An API answer: a read of the ledger is milliseconds, a start or an update waits for
+    # Temporal (tens to hundreds of ms); past 10 s the client has given up.
+    API_REQUEST_SECONDS: (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     SELLER_DECISION_SECONDS: (
         60,
         5 * 60,
@@ -278,8 +286,6 @@ class DispatchMetrics:
 NO_DISPATCH_METRICS: Final = DispatchMetrics()
 
 
-API_REQUESTS: Final = "ordercancel_api_requests"
-API_REQUEST_SECONDS: Final = "ordercancel_api_request_seconds"
 # Default port of `ordercancel api`'s endpoint (`ordercancel dev` serves the API's metrics on
 # the worker's).
 DEFAULT_API_METRICS_PORT: Final = 9466

@@ -117,8 +117,11 @@ class Settings(BaseSettings):
     subscribers_file: Path | None = None
     dispatch_poll_interval: Duration = timedelta(seconds=1)
     dispatch_retry_initial: Duration = timedelta(seconds=1)
-    dispatch_retry_max: Duration = timedelta(minutes=5)
+    # The backoff's cap is also how long a subscriber that came back may wait for its next event.
+    dispatch_retry_max: Duration = timedelta(seconds=30)
     dispatch_timeout: Duration = timedelta(seconds=10)
+    # How often the lag gauges (events behind, oldest undelivered age) are refreshed.
+    dispatch_metrics_interval: Duration = timedelta(seconds=5)
     # Prometheus endpoint of `ordercancel dispatch` (0: off); `ordercancel dev` serves the
     # dispatcher's metrics on the worker's endpoint.
     dispatch_metrics_port: int = Field(default=9465, ge=0, le=65535)

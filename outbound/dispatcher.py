@@ -10,7 +10,11 @@
 - At least once: the position moves only after the acknowledgement, so a crash between the
   two sends the event again; receivers deduplicate on the event's `id`.
 - Retries forever, with exponential backoff (`ORDERCANCEL_DISPATCH_RETRY_INITIAL` doubling up
-  to `..._RETRY_MAX`): nothing is ever skipped.
+  to `..._RETRY_MAX`, 30 s by default): nothing is ever skipped, and a subscriber that comes
+  back gets its next event within that cap.
+- The lag gauges are refreshed every `ORDERCANCEL_DISPATCH_METRICS_INTERVAL` by a task of
+  their own (one query per subscriber), so they keep moving while a subscriber's task waits
+  out its backoff.
 - A sequencer task gives positions to committed events (`outbox_sequence()`, migration 011);
   several dispatchers may run, one sequences at a time.
 """
@@ -47,8 +51,9 @@ class Dispatcher:
         metrics: DispatchMetrics = NO_DISPATCH_METRICS,
         poll_interval: timedelta = timedelta(seconds=1),
         retry_initial: timedelta = timedelta(seconds=1),
-        retry_max: timedelta = timedelta(minutes=5),
+        retry_max: timedelta = timedelta(seconds=30),
         timeout: timedelta = timedelta(seconds=10),
+        metrics_interval: timedelta = timedelta(seconds=5),
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self._store = OutboxStore(pool)
@@ -58,6 +63,7 @@ class Dispatcher:
         self._retry_initial = retry_initial.total_seconds()
         self._retry_max = retry_max.total_seconds()
         self._timeout = timeout.total_seconds()
+        self._metrics_interval = metrics_interval.total_seconds()
         self._http = http
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -74,6 +80,8 @@ class Dispatcher:
                 tasks.append(
                     asyncio.create_task(self._deliver_loop(sub, http, stop), name=sub.name)
                 )
+            if self._subscribers:
+                tasks.append(asyncio.create_task(self._lag_reporter(stop), name="outbox-lag"))
             log.info("dispatch_started", subscribers=[s.name for s in self._subscribers])
             if not self._subscribers:
                 log.warning(
@@ -99,6 +107,24 @@ class Dispatcher:
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
                 log.warning("outbox_sequence_failed", error=str(err))
             await self._sleep(stop, self._poll)
+
+    async def _lag_reporter(self, stop: asyncio.Event) -> None:
+        """Refresh every subscriber's lag gauges on a fixed period, whatever its delivery task
+        is doing: a subscriber's task sleeping out a backoff would otherwise leave its
+        oldest-undelivered age frozen at the last attempt's value (and the alert on it late)."""
+        while not stop.is_set():
+            for sub in self._subscribers:
+                try:
+                    await self._report_lag(sub.name)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+                    log.warning("dispatch_lag_report_failed", subscriber=sub.name, error=str(err))
+            await self._sleep(stop, self._metrics_interval)
+
+    def retry_delay(self, attempts: int) -> float:
+        """The wait after the `attempts`-th failed attempt at one event: doubling from the
+        initial wait, capped at the maximum, less up to 20 % of jitter."""
+        delay = min(self._retry_initial * 2 ** min(max(attempts, 1) - 1, 30), self._retry_max)
+        return delay * random.uniform(0.8, 1.0)
 
     async def _deliver_loop(
         self, sub: Subscriber, http: httpx.AsyncClient, stop: asyncio.Event
@@ -177,8 +203,7 @@ class Dispatcher:
             reason = delivery_failure_reason(status, error)
             self._metrics.failed(subscriber=sub.name, reason=reason)
             attempts = await self._store.failed(sub.name, detail)
-            delay = min(self._retry_initial * 2 ** min(attempts - 1, 30), self._retry_max)
-            delay *= random.uniform(0.8, 1.0)
+            delay = self.retry_delay(attempts)
             log.warning(
                 "event_delivery_failed",
                 subscriber=sub.name,
@@ -218,4 +243,5 @@ def dispatcher_from_settings(
         retry_initial=settings.dispatch_retry_initial,
         retry_max=settings.dispatch_retry_max,
         timeout=settings.dispatch_timeout,
+        metrics_interval=settings.dispatch_metrics_interval,
     )

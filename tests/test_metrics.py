@@ -9,6 +9,7 @@ import urllib.request
 
 import httpx
 import pytest
+from temporalio.common import MetricMeter
 
 from api.app import create_app
 from api.keys import KeyStore
@@ -17,9 +18,11 @@ from infra.metrics import (
     API_REQUEST_SECONDS,
     API_REQUESTS,
     DEFAULT_METRICS_PORT,
+    HISTOGRAM_BUCKETS,
     NO_METRICS,
     ApiMetrics,
     BusinessMetrics,
+    DispatchMetrics,
     decided_by,
     delivery_failure_reason,
     failure_reason,
@@ -134,6 +137,17 @@ async def test_api_requests_are_counted_by_route_template_method_and_status() ->
     )
     assert value(API_REQUESTS, route="unmatched", method="GET", status="404") == 1
     assert value(API_REQUEST_SECONDS + "_count", route="/healthz", method="GET", status="200") == 2
+    # Seconds-scale buckets: both health answers (in-process, no I/O) are under half a second,
+    # counted in a sub-second bucket, not lumped into the exporter's millisecond defaults.
+    healthz = {"route": "/healthz", "method": "GET", "status": "200"}
+    assert value(API_REQUEST_SECONDS + "_bucket", le="0.5", **healthz) == 2
+    assert value(API_REQUEST_SECONDS + "_bucket", le="0.005", **healthz) <= 2
+    buckets = [
+        line.split('le="', 1)[1].split('"', 1)[0]
+        for line in lines
+        if line.startswith(API_REQUEST_SECONDS + "_bucket{") and 'route="/healthz"' in line
+    ]
+    assert buckets == [*(str(b) for b in HISTOGRAM_BUCKETS[API_REQUEST_SECONDS]), "+Inf"]
     assert "cancel-O-7" not in text and "/no/such/path" not in text
 
 
@@ -143,3 +157,34 @@ def test_dispatch_failure_reasons_are_a_small_set() -> None:
     assert delivery_failure_reason(None, httpx.ReadTimeout("slow")) == "timeout"
     assert delivery_failure_reason(None, httpx.ConnectError("refused")) == "connect"
     assert delivery_failure_reason(None, httpx.RemoteProtocolError("bad")) == "other"
+
+
+class _RecordingMeter:
+    """Stands in for a MetricMeter: notes each histogram created, and its unit."""
+
+    def __init__(self) -> None:
+        self.histograms: dict[str, str | None] = {}
+
+    def _histogram(self, name: str, description: str | None = None, unit: str | None = None):  # type: ignore[no-untyped-def]
+        self.histograms[name] = unit
+        return MetricMeter.noop.create_histogram_float(name, description, unit)
+
+    create_histogram = create_histogram_float = create_histogram_timedelta = _histogram
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(MetricMeter.noop, attr)
+
+
+def test_every_histogram_records_seconds_into_buckets_of_its_own() -> None:
+    """The exporter's default buckets are milliseconds (the SDK's unit): a histogram of seconds
+    without its own buckets would put every observation in the first bucket."""
+    meter = _RecordingMeter()
+    for kind in (BusinessMetrics, DispatchMetrics, ApiMetrics):
+        kind(meter)  # type: ignore[arg-type]
+    assert meter.histograms  # the three kinds do create histograms
+    assert set(meter.histograms.values()) == {"s"}
+    assert set(meter.histograms) == set(HISTOGRAM_BUCKETS)
+    for name, buckets in HISTOGRAM_BUCKETS.items():
+        assert list(buckets) == sorted(buckets), name
+    api = HISTOGRAM_BUCKETS[API_REQUEST_SECONDS]
+    assert api[0] <= 0.01 and 1 in api and api[-1] >= 10

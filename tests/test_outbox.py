@@ -471,16 +471,17 @@ def receivers(*items: Receiver, started: bool = True) -> Iterator[None]:
 
 @asynccontextmanager
 async def dispatching(
-    pool: asyncpg.Pool, subs: list[Subscriber], metrics: DispatchMetrics
+    pool: asyncpg.Pool, subs: list[Subscriber], metrics: DispatchMetrics, **options: timedelta
 ) -> AsyncIterator[None]:
     dispatcher = Dispatcher(
         pool,
         subs,
         metrics=metrics,
-        poll_interval=timedelta(seconds=0.05),
-        retry_initial=timedelta(seconds=0.05),
-        retry_max=timedelta(seconds=0.3),
-        timeout=timedelta(seconds=1),
+        poll_interval=options.get("poll_interval", timedelta(seconds=0.05)),
+        retry_initial=options.get("retry_initial", timedelta(seconds=0.05)),
+        retry_max=options.get("retry_max", timedelta(seconds=0.3)),
+        timeout=options.get("timeout", timedelta(seconds=1)),
+        metrics_interval=options.get("metrics_interval", timedelta(seconds=0.1)),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop))
@@ -609,6 +610,111 @@ async def test_delivery_survives_500s_timeouts_and_a_subscriber_down_for_a_while
         state = await OutboxStore(pool).state(name)
         assert state is not None
         assert (state.position, state.behind, state.attempts) == (10, 0, 0)
+
+
+async def test_the_lag_gauges_keep_moving_while_a_subscriber_backs_off(
+    pool: asyncpg.Pool,
+) -> None:
+    """Between two attempts at a down subscriber (here a minute apart) the oldest-undelivered
+    age keeps growing and the lag counts new events: the gauges are refreshed on their own
+    period, not only when an attempt is made, so an alert on them fires on time."""
+    await two_stories(pool)
+    down = Receiver()
+    metrics_port = free_port()
+    runtime = metrics_runtime(f"127.0.0.1:{metrics_port}")  # kept: it serves the endpoint
+    metrics = DispatchMetrics.for_runtime(runtime)
+    store = OutboxStore(pool)
+
+    async def gauges() -> tuple[float | None, float | None, float | None]:
+        text = await asyncio.to_thread(scrape, metrics_port)
+        return (
+            metric(text, "ordercancel_outbox_oldest_undelivered_seconds", subscriber="down"),
+            metric(text, "ordercancel_outbox_lag_events", subscriber="down"),
+            metric(
+                text, "ordercancel_outbox_delivery_failures", subscriber="down", reason="connect"
+            ),
+        )
+
+    with receivers(down, started=False):
+        async with dispatching(
+            pool,
+            [down.subscriber("down")],
+            metrics,
+            retry_initial=timedelta(minutes=1),
+            retry_max=timedelta(minutes=1),
+        ):
+
+            async def first_attempt_failed() -> float:
+                oldest, lag, failures = await gauges()
+                assert failures == 1 and lag == 10
+                assert oldest is not None and oldest > 0
+                return oldest
+
+            first = await eventually(first_attempt_failed, timeout=30)
+
+            async def grew() -> None:
+                oldest, _, failures = await gauges()
+                assert oldest is not None and oldest >= first + 1.0
+                assert failures == 1  # no attempt since: the gauge moved on its own
+
+            await eventually(grew, timeout=30)
+
+            # New events while it waits: counted at once, not at the next attempt.
+            ledger = Ledger(pool)
+            cid = cancellation_id("O-1001", "S-7")
+            await ledger.open_cancellation(cancellation_id=cid, request=request("O-1001", "S-7"))
+
+            async def counted() -> None:
+                _, lag, failures = await gauges()
+                assert lag == 12 and failures == 1  # requested, approved (instant)
+
+            await eventually(counted, timeout=30)
+            state = await store.state("down")
+            assert state is not None and (state.position, state.attempts) == (0, 1)
+    assert down.requests == 0
+
+
+def test_the_retry_backoff_is_capped_at_30s_by_default() -> None:
+    assert Settings().dispatch_retry_max == timedelta(seconds=30)
+    dispatcher = Dispatcher(None, [])  # type: ignore[arg-type]
+    delays = [dispatcher.retry_delay(n) for n in range(1, 40)]
+    assert 0.8 <= delays[0] <= 1.0  # ORDERCANCEL_DISPATCH_RETRY_INITIAL, less the jitter
+    assert all(24.0 <= d <= 30.0 for d in delays[5:])  # 32 s and more: capped (with jitter)
+    assert max(delays) <= 30.0
+
+
+async def test_a_subscriber_back_after_long_backoff_gets_its_events_within_the_cap(
+    pool: asyncpg.Pool,
+) -> None:
+    """Down long enough for the doubling backoff to pass its cap (ten failures: uncapped, the
+    next wait would be 51 s), then back: the next attempt comes within the cap (1 s here)."""
+    await two_stories(pool)
+    down = Receiver()
+    store = OutboxStore(pool)
+    with receivers(down, started=False):
+        async with dispatching(
+            pool,
+            [down.subscriber("down")],
+            DispatchMetrics(),
+            retry_initial=timedelta(seconds=0.1),
+            retry_max=timedelta(seconds=1),
+        ):
+
+            async def long_down() -> None:
+                state = await store.state("down")
+                assert state is not None and state.attempts >= 10
+
+            await eventually(long_down, timeout=60)
+            down.start()
+
+            async def resumed() -> None:
+                state = await store.state("down")
+                assert state is not None and state.position == 10
+
+            # Within the cap and the ten deliveries, with room for a loaded machine; an
+            # uncapped backoff (51 s and more) would not make it.
+            await eventually(resumed, timeout=15)
+    assert [e["position"] for e in down.first_receipts()] == list(range(1, 11))
 
 
 async def test_replay_sends_again_from_a_position(pool: asyncpg.Pool, database_url: str) -> None:
@@ -852,3 +958,37 @@ async def test_tail_follow_prints_new_events_as_they_commit(
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_tail_and_replay_say_when_there_is_nothing(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    await two_stories(pool)
+    env = {"DATABASE_URL": database_url}
+    ran = await run_command(ORDERCANCEL, "events", "tail", "--cancellation", "nope", env=env)
+    assert ran.returncode == 2 and "'nope' is not a cancellation id" in ran.stderr
+    assert ran.stdout == ""
+    unknown = cancellation_id("O-404", "S-4")
+    ran = await run_command(
+        ORDERCANCEL, "events", "tail", "--cancellation", unknown, "--json", env=env
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == ""  # stdout stays JSON lines only
+    assert f"no events for {unknown}" in ran.stderr
+    ran = await run_command(ORDERCANCEL, "events", "tail", "--last", "0", env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "no events" in ran.stderr and "--follow" in ran.stderr
+
+    await OutboxStore(pool).ensure_subscriber("notify")
+    ran = await run_command(
+        ORDERCANCEL, "events", "replay", "--subscriber", "notify", "--from", "11", env=env
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "position 0 -> 10; nothing to send again: 10 is the last event" in ran.stdout
+    assert "11..10" not in ran.stdout
+    ran = await run_command(
+        ORDERCANCEL, "events", "replay", "--subscriber", "notify", "--from", "12", env=env
+    )
+    assert ran.returncode == 1 and "past the end of the stream (10)" in ran.stderr
+    state = await OutboxStore(pool).state("notify")
+    assert state is not None and state.position == 10
