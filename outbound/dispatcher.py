@@ -157,8 +157,13 @@ class Dispatcher:
         for event in events:
             if stop.is_set():
                 return True
-            if sub.wants(event.type) and not await self._send(sub, http, event, stop):
-                return True  # stopped while retrying
+            if sub.wants(event.type):
+                sent = await self._send(sub, http, event, stop, position)
+                if sent is None:
+                    log.info("dispatch_position_moved", subscriber=sub.name)
+                    return True  # a replay moved the position while retrying: start from it
+                if not sent:
+                    return True  # stopped while retrying
             if not await self._store.delivered(sub.name, position, event.position):
                 log.info("dispatch_position_moved", subscriber=sub.name)
                 return True  # a replay moved the position: start again from it
@@ -169,11 +174,20 @@ class Dispatcher:
         return True
 
     async def _send(
-        self, sub: Subscriber, http: httpx.AsyncClient, event: OutboundEvent, stop: asyncio.Event
-    ) -> bool:
-        """POST until a 2xx; False if stopped first."""
+        self,
+        sub: Subscriber,
+        http: httpx.AsyncClient,
+        event: OutboundEvent,
+        stop: asyncio.Event,
+        expected: int,
+    ) -> bool | None:
+        """POST until a 2xx: True. False if stopped first; None when the subscriber's stored
+        position is no longer `expected` (an operator's `events replay` moved it, e.g. to skip
+        an event the subscriber keeps refusing): the event is not the next one any more."""
         body = event.body()
         while not stop.is_set():
+            if await self._store.position(sub.name) != expected:
+                return None
             headers = {
                 "Content-Type": "application/json",
                 EVENT_ID_HEADER: event.id,
@@ -215,8 +229,22 @@ class Dispatcher:
                 retry_in=round(delay, 2),
             )
             await self._report_lag(sub.name)
-            await self._sleep(stop, delay)
+            await self._wait_to_retry(sub.name, expected, stop, delay)
         return False
+
+    async def _wait_to_retry(
+        self, name: str, expected: int, stop: asyncio.Event, delay: float
+    ) -> None:
+        """Wait `delay` seconds before the next attempt, looking at the stored position every
+        second: a replay takes effect within a second, not after the backoff."""
+        deadline = asyncio.get_running_loop().time() + delay
+        while not stop.is_set():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await self._sleep(stop, min(left, 1.0))
+            if await self._store.position(name) != expected:
+                return
 
     async def _report_lag(self, name: str) -> None:
         state = await self._store.state(name)

@@ -116,6 +116,13 @@ class OutboxStore:
         )
         return position
 
+    async def position(self, name: str) -> int | None:
+        """The subscriber's stored position (None for an unknown subscriber)."""
+        position: int | None = await self._pool.fetchval(
+            "SELECT position FROM outbox_subscribers WHERE name = $1", name
+        )
+        return position
+
     async def delivered(self, name: str, expected: int, position: int) -> bool:
         """Acknowledged up to `position`, if the position is still `expected`. False when a
         replay (`reset`) moved it meanwhile: a delivery in flight does not undo the replay."""

@@ -388,8 +388,13 @@ class Receiver:
     longer than the dispatcher waits, and records what it accepted (2xx) and whether the
     signature verified."""
 
-    def __init__(self, *, fail: int = 0, slow: int = 0, port: int | None = None) -> None:
+    def __init__(
+        self, *, fail: int = 0, slow: int = 0, port: int | None = None, refuse: int | None = None
+    ) -> None:
         self.port = port or free_port()
+        # The position of an event this subscriber refuses (400) every time.
+        self.refuse = refuse
+        self.refused = 0
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.fail = fail
         self.slow = slow
@@ -413,6 +418,12 @@ class Receiver:
                 ):
                     receiver.bad_signatures += 1
                     self.send_response(401)
+                    self.end_headers()
+                    return
+                if receiver.refuse is not None and json.loads(body)["position"] == receiver.refuse:
+                    with receiver._lock:
+                        receiver.refused += 1
+                    self.send_response(400)
                     self.end_headers()
                     return
                 if n <= receiver.fail:
@@ -755,6 +766,49 @@ async def test_replay_sends_again_from_a_position(pool: asyncpg.Pool, database_u
             env={"DATABASE_URL": database_url},
         )
         assert ran.returncode == 1 and "no subscriber 'nobody'" in ran.stderr
+
+
+async def test_a_replay_past_a_refused_event_takes_effect_while_the_dispatcher_retries(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """The runbook's skip: a subscriber refuses event 5 for good; `events replay --from 6`
+    while the dispatcher is backing off on it moves the subscriber past it within seconds,
+    without a restart, and event 5 is not sent again."""
+    await two_stories(pool)
+    refusing = Receiver(refuse=5)
+    with receivers(refusing):
+        async with dispatching(
+            pool,
+            [refusing.subscriber("notify")],
+            DispatchMetrics(),
+            retry_initial=timedelta(seconds=20),
+            retry_max=timedelta(seconds=30),
+        ):
+
+            async def stuck_on_five() -> None:
+                assert refusing.refused >= 1
+                assert [e["position"] for e in refusing.accepted] == [1, 2, 3, 4]
+
+            await eventually(stuck_on_five)
+            ran = await run_command(
+                ORDERCANCEL,
+                "events",
+                "replay",
+                "--subscriber",
+                "notify",
+                "--from",
+                "6",
+                env={"DATABASE_URL": database_url},
+            )
+            assert ran.returncode == 0, ran.stderr
+            refused_before = refusing.refused
+
+            async def skipped() -> None:
+                assert [e["position"] for e in refusing.accepted] == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+
+            # Well within the 20 s the dispatcher would otherwise wait before its next try.
+            await eventually(skipped, timeout=8)
+            assert refusing.refused == refused_before
 
 
 async def test_a_type_filter_skips_other_types_and_tail_shows_the_stream(
