@@ -197,6 +197,7 @@ async def start_dev_events(
         retry_initial=settings.dispatch_retry_initial,
         retry_max=settings.dispatch_retry_max,
         timeout=settings.dispatch_timeout,
+        metrics_interval=settings.dispatch_metrics_interval,
     )
     # A dev stack started again keeps its data: the demo subscriber shows only what is new.
     await OutboxStore(pool).sequence()
