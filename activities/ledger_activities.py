@@ -16,6 +16,7 @@ from domain.models import (
     CancellationStatus,
     CouponDecision,
     CouponInput,
+    CouponOutcome,
     EventInput,
     OpenCancellationInput,
     OpenCancellationResult,
@@ -216,6 +217,12 @@ class LedgerActivities:
                 decided = await self._ledger.decide_coupon(
                     cancellation_id=params.cancellation_id, event_key=params.event_key
                 )
+            if decided is not None and decided.redemption_id is None:
+                # No coupon paid for this sub-order (most orders): no coupon footprint, so no
+                # sibling to wait on or tell, and no sibling can change this outcome (two reads
+                # fewer).
+                self._observe_coupon(decided)
+                return CouponDecision(outcome=decided, waiting_on=[], notify=[])
             waiting_on, notify = await self._ledger.coupon_siblings(
                 cancellation_id=params.cancellation_id
             )
@@ -225,9 +232,12 @@ class LedgerActivities:
             missing = CancellationNotFound(f"no coupon decision of {params.cancellation_id}")
             raise business_error(missing)
         if decided is not None:
-            log.info("coupon_decided", outcome=decided.outcome.value)
-            self._metrics.coupon_decided(outcome=decided.outcome.value)
+            self._observe_coupon(decided)
         return CouponDecision(outcome=outcome, waiting_on=waiting_on, notify=notify)
+
+    def _observe_coupon(self, decided: CouponOutcome) -> None:
+        log.info("coupon_decided", outcome=decided.outcome.value)
+        self._metrics.coupon_decided(outcome=decided.outcome.value)
 
     @activity.defn
     async def record_refund_failed(self, params: RefundFailureInput) -> RefundView:
