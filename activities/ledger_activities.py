@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from domain.errors import CancellationIdMismatch, CancellationNotFound, LedgerError
 from domain.models import (
@@ -89,8 +92,12 @@ class LedgerActivities:
         refund_policy: RefundPolicy,
         eta_table: Mapping[str, tuple[int, int, bool]] = DEFAULT_ETA_TABLE,
         metrics: BusinessMetrics = NO_METRICS,
+        client: Client | None = None,
     ) -> None:
+        """`client`: to leave out of a coupon decision's `notify` the siblings whose workflow
+        has ended (None: every sibling the ledger names is told)."""
         self._ledger = ledger
+        self._client = client
         self._metrics = metrics
         self._window = response_window
         self._floor = window_floor
@@ -233,7 +240,31 @@ class LedgerActivities:
             raise business_error(missing)
         if decided is not None:
             self._observe_coupon(decided)
-        return CouponDecision(outcome=outcome, waiting_on=waiting_on, notify=notify)
+        return CouponDecision(
+            outcome=outcome, waiting_on=waiting_on, notify=await self._still_running(notify)
+        )
+
+    async def _still_running(self, cancellation_ids: list[str]) -> list[str]:
+        """The siblings to tell (signal `coupon_settled`) of a decision already committed: those
+        whose workflow still runs. One whose run has ended cannot be told (the signal would fail:
+        a wasted command, action and events); it waits for nothing, and any run of it started
+        later reads the ledger after this decision. A sibling that ends between this look and the
+        signal costs the failed signal, as before; one that cannot be looked at is told."""
+        if self._client is None or not cancellation_ids:
+            return cancellation_ids
+        client = self._client
+
+        async def running(workflow_id: str) -> bool:
+            try:
+                described = await client.get_workflow_handle(workflow_id).describe()
+            except RPCError as err:
+                return err.status is not RPCStatusCode.NOT_FOUND
+            except Exception:
+                return True
+            return described.status is WorkflowExecutionStatus.RUNNING
+
+        found = await asyncio.gather(*(running(c) for c in cancellation_ids))
+        return [c for c, keep in zip(cancellation_ids, found, strict=True) if keep]
 
     def _observe_coupon(self, decided: CouponOutcome) -> None:
         log.info("coupon_decided", outcome=decided.outcome.value)

@@ -127,6 +127,7 @@ def build_worker(
         timeout_policy=settings.timeout_policy,
         refund_policy=settings.refund_policy(),
         metrics=metrics,
+        client=client,
     )
     history_activities = HistoryActivities(client)
     # While tracing is on (infra.tracing), each provider call is a span.
