@@ -43,6 +43,10 @@ log = structlog.get_logger(__name__)
 # the same write cannot succeed, so it fails for good with this type instead of for ever.
 LEDGER_DATA_REFUSED = "LedgerDataRefused"
 
+# How long a coupon decision waits to learn whether a sibling's workflow still runs (Temporal
+# unavailable: the sibling is told, as before).
+_DESCRIBE_TIMEOUT = timedelta(seconds=5)
+
 
 class ApproveInput(Record):
     """`approve_and_request_refund`: the approval (a transition) and the refund it records."""
@@ -256,7 +260,9 @@ class LedgerActivities:
 
         async def running(workflow_id: str) -> bool:
             try:
-                described = await client.get_workflow_handle(workflow_id).describe()
+                described = await client.get_workflow_handle(workflow_id).describe(
+                    rpc_timeout=_DESCRIBE_TIMEOUT
+                )
             except RPCError as err:
                 return err.status is not RPCStatusCode.NOT_FOUND
             except Exception:
