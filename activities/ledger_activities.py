@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -9,13 +10,16 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from domain.errors import CancellationIdMismatch, CancellationNotFound, LedgerError
 from domain.models import (
     CancellationStatus,
     CouponDecision,
     CouponInput,
+    CouponOutcome,
     EventInput,
     OpenCancellationInput,
     OpenCancellationResult,
@@ -38,6 +42,10 @@ log = structlog.get_logger(__name__)
 # PostgreSQL refused the data itself (a NUL in a text, a string it cannot encode): retrying
 # the same write cannot succeed, so it fails for good with this type instead of for ever.
 LEDGER_DATA_REFUSED = "LedgerDataRefused"
+
+# How long a coupon decision waits to learn whether a sibling's workflow still runs (Temporal
+# unavailable: the sibling is told, as before).
+_DESCRIBE_TIMEOUT = timedelta(seconds=5)
 
 
 class ApproveInput(Record):
@@ -88,8 +96,12 @@ class LedgerActivities:
         refund_policy: RefundPolicy,
         eta_table: Mapping[str, tuple[int, int, bool]] = DEFAULT_ETA_TABLE,
         metrics: BusinessMetrics = NO_METRICS,
+        client: Client | None = None,
     ) -> None:
+        """`client`: to leave out of a coupon decision's `notify` the siblings whose workflow
+        has ended (None: every sibling the ledger names is told)."""
         self._ledger = ledger
+        self._client = client
         self._metrics = metrics
         self._window = response_window
         self._floor = window_floor
@@ -216,6 +228,12 @@ class LedgerActivities:
                 decided = await self._ledger.decide_coupon(
                     cancellation_id=params.cancellation_id, event_key=params.event_key
                 )
+            if decided is not None and decided.redemption_id is None:
+                # No coupon paid for this sub-order (most orders): no coupon footprint, so no
+                # sibling to wait on or tell, and no sibling can change this outcome (two reads
+                # fewer).
+                self._observe_coupon(decided)
+                return CouponDecision(outcome=decided, waiting_on=[], notify=[])
             waiting_on, notify = await self._ledger.coupon_siblings(
                 cancellation_id=params.cancellation_id
             )
@@ -225,9 +243,38 @@ class LedgerActivities:
             missing = CancellationNotFound(f"no coupon decision of {params.cancellation_id}")
             raise business_error(missing)
         if decided is not None:
-            log.info("coupon_decided", outcome=decided.outcome.value)
-            self._metrics.coupon_decided(outcome=decided.outcome.value)
-        return CouponDecision(outcome=outcome, waiting_on=waiting_on, notify=notify)
+            self._observe_coupon(decided)
+        return CouponDecision(
+            outcome=outcome, waiting_on=waiting_on, notify=await self._still_running(notify)
+        )
+
+    async def _still_running(self, cancellation_ids: list[str]) -> list[str]:
+        """The siblings to tell (signal `coupon_settled`) of a decision already committed: those
+        whose workflow still runs. One whose run has ended cannot be told (the signal would fail:
+        a wasted command, action and events); it waits for nothing, and any run of it started
+        later reads the ledger after this decision. A sibling that ends between this look and the
+        signal costs the failed signal, as before; one that cannot be looked at is told."""
+        if self._client is None or not cancellation_ids:
+            return cancellation_ids
+        client = self._client
+
+        async def running(workflow_id: str) -> bool:
+            try:
+                described = await client.get_workflow_handle(workflow_id).describe(
+                    rpc_timeout=_DESCRIBE_TIMEOUT
+                )
+            except RPCError as err:
+                return err.status is not RPCStatusCode.NOT_FOUND
+            except Exception:
+                return True
+            return described.status is WorkflowExecutionStatus.RUNNING
+
+        found = await asyncio.gather(*(running(c) for c in cancellation_ids))
+        return [c for c, keep in zip(cancellation_ids, found, strict=True) if keep]
+
+    def _observe_coupon(self, decided: CouponOutcome) -> None:
+        log.info("coupon_decided", outcome=decided.outcome.value)
+        self._metrics.coupon_decided(outcome=decided.outcome.value)
 
     @activity.defn
     async def record_refund_failed(self, params: RefundFailureInput) -> RefundView:

@@ -136,6 +136,39 @@ async def test_a_sibling_restoring_the_coupon_shows_on_both_cancellations(world:
     )
 
 
+async def test_a_sibling_that_has_ended_is_not_signalled(world: World) -> None:
+    """Sub-orders cancelled in turn: the first ends with `partial_refund` (the other sub-order was
+    not being refunded, so it waits for nothing); the second restores the coupon and tells no
+    one, as the first's run has ended: no signal command, so no failed external signal in its
+    history (a billable action and events for nothing). The first's story still gets the
+    ending (R12)."""
+    order_id, buyer = unique("OCT"), unique("B-CT")
+    sellers = (unique("S-CT-A"), unique("S-CT-B"))
+    await load_orders(
+        world.pool, parse_orders_file(orders_file(two_seller_order(order_id, buyer, sellers)))
+    )
+    first = await world.start(order_id, sellers[0], buyer)
+    await world.accept(first, sellers[0])
+    assert (await asyncio.wait_for(first.result(), 60)).status is CancellationStatus.COMPLETED
+    first_attrs = (await first.describe()).typed_search_attributes
+    assert first_attrs.get(sa.COUPON_OUTCOME) == "partial_refund"
+
+    second = await world.start(order_id, sellers[1], buyer)
+    await world.accept(second, sellers[1])
+    assert (await asyncio.wait_for(second.result(), 60)).status is CancellationStatus.COMPLETED
+    assert (await second.describe()).typed_search_attributes.get(sa.COUPON_OUTCOME) == "restored"
+    events = [e async for e in second.fetch_history_events()]
+    assert not [
+        e
+        for e in events
+        if e.HasField("signal_external_workflow_execution_initiated_event_attributes")
+    ]
+    kinds = await world.pool.fetchval(
+        "SELECT array_agg(kind) FROM cancellation_events WHERE cancellation_id = $1", first.id
+    )
+    assert "coupon_restored" in kinds, kinds
+
+
 async def test_a_completed_cancellation_shows_no_stale_error_or_eta(world: World) -> None:
     """Parked (the provider refused), retried by an operator, completed: the last error and
     the ETA were true on the way, not once the refund is confirmed."""

@@ -53,6 +53,16 @@ PASSTHROUGH = (
     # The tracing interceptor's workflow side (infra/tracing.py) uses the one OpenTelemetry
     # context of the process.
     "opentelemetry",
+    # The workflow's helper modules: functions and constants, no state of their own (the
+    # workflow's state is its instance's). Not the `workflows` package as a whole: the workflow
+    # module itself is the sandbox's to check. The workflow imports them under
+    # `imports_passed_through`, but `from workflows import steps` reached them through the
+    # package, which the sandbox re-imports per workflow run, and so re-executed them too.
+    "workflows.handlers",
+    "workflows.messages",
+    "workflows.search_attributes",
+    "workflows.steps",
+    "workflows.visibility",
 )
 
 
@@ -117,6 +127,7 @@ def build_worker(
         timeout_policy=settings.timeout_policy,
         refund_policy=settings.refund_policy(),
         metrics=metrics,
+        client=client,
     )
     history_activities = HistoryActivities(client)
     # While tracing is on (infra.tracing), each provider call is a span.
