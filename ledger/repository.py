@@ -977,6 +977,27 @@ class Ledger:
         )
         return [AuditEntry(**dict(r)) for r in rows]
 
+    async def story(self, *, cancellation_id: str) -> list[AuditEntry]:
+        """The audit trail (in the order it was written) with the provider's events on this
+        cancellation put in among its rows by when they were received (kind `payment_event`):
+        what the workflow noted of them ends with its run, the ledger keeps them
+        (`payment_events`, with what was done with each)."""
+        trail = await self.audit_trail(cancellation_id=cancellation_id)
+        events = await self._pool.fetch(
+            "SELECT received_at, event_id, type, outcome FROM payment_events"
+            " WHERE cancellation_id = $1 ORDER BY received_at, event_id",
+            cancellation_id,
+        )
+        story: list[AuditEntry] = []
+        i = 0
+        for row in trail:
+            while i < len(events) and events[i]["received_at"] < row.at:
+                story.append(_payment_event_entry(events[i]))
+                i += 1
+            story.append(row)
+        story.extend(_payment_event_entry(e) for e in events[i:])
+        return story
+
     async def coupon_outcome(self, *, cancellation_id: str) -> CouponOutcome | None:
         """The coupon outcome as the buyer should see it now (None before it is decided)."""
         row = await self._pool.fetchrow(
@@ -1058,7 +1079,7 @@ class Ledger:
         async with self._pool.acquire() as conn:
             refund = await self._refund_row(conn, cancellation_id=cancellation_id)
         coupon = await self.coupon_outcome(cancellation_id=cancellation_id)
-        audit = await self.audit_trail(cancellation_id=cancellation_id)
+        audit = await self.story(cancellation_id=cancellation_id)
         # R17: once it has ended too, the seller's deadline and when each dot happened.
         return CancellationView(
             cancellation_id=cancellation_id,
@@ -1178,4 +1199,13 @@ def _refuse_a_repeat(declined: RefundRecord, kind: RefundKind, amount_minor: int
         f"generation {refund.generation} ({refund.kind.value} of {refund.amount}) was refused"
         f" with {code}; the same {kind.value} would be refused again. Capture the payment (the"
         " retry then refunds it, R2) or settle it with the provider by hand, then retry"
+    )
+
+
+def _payment_event_entry(row: asyncpg.Record) -> AuditEntry:
+    return AuditEntry(
+        at=row["received_at"],
+        actor="provider",
+        kind="payment_event",
+        detail=f"{row['type']} ({row['event_id']}): {row['outcome']}",
     )

@@ -62,7 +62,6 @@ WORKFLOW_ONLY_NOTES = frozenset(
         "decision_accept",
         "decision_reject",
         "withdraw_requested",
-        "payment_event",
         "reversal_not_confirmed",
     }
 )
@@ -146,7 +145,7 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
             # A coupon a sibling restored later is only known to the ledger; so are the
             # earlier runs' stories (a cancellation reopened by a reversed refund).
             coupon = await ledger.coupon_outcome(cancellation_id=cancellation_id)
-            trail = await ledger.audit_trail(cancellation_id=cancellation_id)
+            trail = await ledger.story(cancellation_id=cancellation_id)
             story = one_story(trail, view.audit)
             # R17: when each dot happened, as the ledger recorded it.
             times = await ledger.refund_times(cancellation_id=cancellation_id)

@@ -29,6 +29,8 @@ def test_a_third_run_places_its_notes_after_the_latest_rows_of_their_kind() -> N
         "refund_retry",
         "refund_confirmed",
         "completed",
+        # The provider's event is the ledger's too (`Ledger.story`, from `payment_events`).
+        "payment_event",
         "refund_reversed",
     )
     # The third run's clock is ahead of the database's (a time-skipping server, or skew).

@@ -405,3 +405,7 @@ async def test_status_tells_one_story_across_runs(stack: Stack) -> None:
     assert kinds.count("requested") == 1 and kinds.count("approved") == 1, kinds
     assert kinds.count("refund_confirmed") == 2 and kinds.count("completed") == 2, kinds
     assert kinds.index("coupon_revoked") < kinds.index("refund_retry"), kinds
+    # The provider's reversal stays in the story once the run that noted it has ended (the
+    # ledger keeps it), once, before what it caused.
+    assert kinds.count("payment_event") == 1, kinds
+    assert kinds.index("payment_event") < kinds.index("coupon_revoked"), kinds
