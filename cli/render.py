@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from domain.models import CancellationView
+from domain.models import CancellationView, RefundStage
 from domain.rules import refund_dots
 from ledger.inbox import CancellationPage
 
@@ -45,7 +45,13 @@ def render_view(console: Console, view: CancellationView) -> None:
             f"refund: {refund.kind.value} of {refund.amount} — stage {refund.stage.value}"
             + (f", provider ref {refund.provider_ref}" if refund.provider_ref else "")
         )
-        if refund.eta is not None:
+        # An ETA stands only while the refund is on its way (or parked, to be sent again):
+        # a confirmed one has arrived, a declined or reversed one needs a new refund first.
+        if refund.eta is not None and refund.stage in (
+            RefundStage.REQUESTED,
+            RefundStage.SUBMITTED,
+            RefundStage.FAILED,
+        ):
             console.print(
                 f"ETA: between {refund.eta.earliest:%Y-%m-%d} and {refund.eta.latest:%Y-%m-%d}"
             )
