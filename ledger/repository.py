@@ -1056,7 +1056,7 @@ class Ledger:
         rejected and by whom, when it last changed (its coupon outcome included). Empty when
         the ledger does not have the cancellation (yet)."""
         row = await self._pool.fetchrow(
-            f"SELECT c.reason_text, {VIEW_EXTRAS_COLUMNS} FROM cancellations c"
+            f"SELECT c.reason_text, c.seller_deadline, {VIEW_EXTRAS_COLUMNS} FROM cancellations c"
             f" {VIEW_EXTRAS_JOINS} WHERE c.cancellation_id = $1",
             cancellation_id,
         )
@@ -1067,6 +1067,8 @@ class Ledger:
             "decision_reason": row["decision_reason"],
             "decided_by": row["decided_by"],
             "updated_at": row["changed_at"],
+            # Recorded at the opening: a later run (reopened by a reversal) keeps it.
+            "seller_deadline": row["seller_deadline"],
         }
 
     async def view(self, *, cancellation_id: str) -> CancellationView:
@@ -1089,7 +1091,6 @@ class Ledger:
             reason=CancellationReason(row["reason"]),
             path=CancellationPath(row["path"]),
             status=CancellationStatus(row["status"]),
-            seller_deadline=row["seller_deadline"],
             refund=refund.view if refund else None,
             dots=buyer_dots(refund.view if refund else None, refund_times(refund)),
             coupon=coupon,

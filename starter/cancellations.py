@@ -157,6 +157,9 @@ async def locate(client: Client, ledger: Ledger, cancellation_id: str) -> Locate
                 # The buyer's free text, why it was rejected, when it last changed (R17).
                 **await ledger.view_extras(cancellation_id=cancellation_id),
             }
+            if view.seller_deadline is not None or update.get("seller_deadline") is None:
+                # The running workflow's own deadline, unless it has none (a reopened run).
+                update["seller_deadline"] = view.seller_deadline
             if coupon is not None:
                 update["coupon"] = coupon
             return Located(view.model_copy(update=update), running=True, source="workflow")

@@ -375,6 +375,11 @@ async def test_status_tells_one_story_across_runs(stack: Stack) -> None:
     kinds = story_of(located)
     assert kinds.count("requested") == 1 and kinds[0] == "requested", kinds
     assert "resumed" not in kinds, kinds
+    # The seller's deadline the ledger recorded at the opening, though the new run has none.
+    recorded = await stack.pool.fetchval(
+        "SELECT seller_deadline FROM cancellations WHERE cancellation_id = $1", s7
+    )
+    assert recorded is not None and located.view.seller_deadline == recorded
     # The first run's decision is its ledger row (the seller's message was a note of that run).
     approved = next(e for e in located.view.audit if e.kind == "approved")
     assert approved.actor == "seller:S-7", approved
