@@ -15,8 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
-from helpers.wait import assert_listed, eventually, wait_for_status
-from temporalio.api.sdk.v1 import WorkflowMetadata
+from helpers.wait import assert_listed, current_details, eventually, wait_for_status
 from temporalio.client import Client, WorkflowHandle
 
 from domain.models import (
@@ -90,11 +89,6 @@ def two_seller_order(order_id: str, buyer_id: str, sellers: tuple[str, str]) -> 
     order["sub_orders"].append(second)
     order["coupons"][0]["footprint"] = list(sellers)
     return order
-
-
-async def current_details(handle: Handle) -> str:
-    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
-    return metadata.current_details
 
 
 async def test_a_sibling_restoring_the_coupon_shows_on_both_cancellations(world: World) -> None:

@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from helpers.wait import wait_for_status
+from helpers.wait import current_details, wait_for_status
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
@@ -131,6 +131,9 @@ async def test_reversed_refund_reopens_parks_and_a_retry_refunds_once_more(stack
     handle = stack.client.get_workflow_handle_for(OrderCancellation.run, s7)
     parked = await wait_for_status(handle, CancellationStatus.REFUND_FAILED)
     assert parked.last_error is not None and "card_closed" in parked.last_error
+    # What the Web UI tells the operator: pay the buyer some other way first; no stale ETA.
+    details = await current_details(handle)
+    assert "find a way to pay the buyer" in details and "ETA" not in details, details
 
     # The ledger: refund reversed and its money no longer counted as refunded; the coupon
     # taken back, on both sub-orders' stories.

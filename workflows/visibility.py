@@ -231,6 +231,18 @@ class Visibility:
                 + " have decided the coupon (it comes back if they complete the refund of"
                 " everything it paid for)"
             )
+        refund_now = self._refund
+        if self._status is CancellationStatus.REFUND_FAILED and refund_now is not None:
+            if refund_now.stage is RefundStage.REVERSED:
+                next_step = (
+                    "the money came back from the buyer's bank: find a way to pay the buyer"
+                    " (with finance), then an operator retries (a new refund under a new key)"
+                )
+            elif refund_now.stage is RefundStage.DECLINED:
+                next_step = (
+                    "the provider refused this refund for good: find out why (the error below),"
+                    " then an operator retries (a new refund under a new key) or not"
+                )
         if self._status is CancellationStatus.REFUND_SUBMITTED and self._next_check is not None:
             next_step += (
                 f" (next check {self._next_check:%Y-%m-%d %H:%M:%S} UTC, or on its webhook)"
@@ -251,7 +263,11 @@ class Visibility:
                 )
             )
             # The estimate of when the money reaches the buyer, until the provider confirms it.
-            if refund.eta is not None and refund.stage is not RefundStage.CONFIRMED:
+            if refund.eta is not None and refund.stage in (
+                RefundStage.REQUESTED,
+                RefundStage.SUBMITTED,
+                RefundStage.FAILED,
+            ):
                 lines.append(f"ETA: {refund.eta.earliest:%Y-%m-%d} to {refund.eta.latest:%Y-%m-%d}")
         if self._coupon is not None:
             lines.append(

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
 from domain.models import CancellationStatus, CancellationView
@@ -63,3 +64,9 @@ async def wait_for_status(
         return view
 
     return await eventually(reached, timeout=timeout, interval=0.05)
+
+
+async def current_details(handle: WorkflowHandle[Any, Any]) -> str:
+    """The workflow's current details, as the Web UI shows them."""
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return str(metadata.current_details)
