@@ -541,6 +541,15 @@ async def test_a_declined_refund_is_listed_apart_and_held_back_from_a_bulk_retry
         f"{declined.id}:refund-submit-2"
     )
 
+    # Reconciliation explains why the ledger has more refunds than the provider: the declined
+    # generation never reached it (no finding for it).
+    ran = await run_command(ORDERCANCEL, "reconcile", "--json", env=stack.cli_env())
+    report = json.loads(ran.stdout)
+    assert not [f for f in report["findings"] if f["cancellation_id"] == declined.id], report
+    assert report["never_at_provider"] >= 1, report
+    ran = await run_command(ORDERCANCEL, "reconcile", env=stack.cli_env())
+    assert "declined or failed before the provider recorded it" in ran.stdout, ran.stdout
+
 
 async def test_passes_and_the_last_errors_pass_are_one_number_across_a_decline(
     stack: RefundStack,
