@@ -284,8 +284,10 @@ def retry(
 ) -> None:
     """Retry parked refunds (update `retry_refund`): each resumes under its idempotency key, or
     the next generation's when the provider declined or reversed it; each receipt names the
-    key used. Safe to run twice or to interrupt: one no longer in refund_failed refuses and is
-    counted as skipped."""
+    key used (a dry run names it too). Safe to run twice or to interrupt: one no longer in
+    refund_failed refuses and is counted as skipped. In bulk, refunds the provider declined
+    for good or reversed are held back (skipped, listed with stage and error) unless
+    --include-declined / --include-reversed."""
     if bool(ids) == all_failed:
         raise ui.bad_argument("give cancellation ids, or --all-failed (not both)")
     if query and not all_failed:

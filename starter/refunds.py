@@ -304,16 +304,6 @@ async def _ended_or_unknown(client: Client, cancellation_id: str) -> RetryResult
     )
 
 
-async def declined_for_good(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) -> set[str]:
-    """Those whose latest refund the provider declined for good (R10): a retry makes a new
-    refund under a new key, so a bulk retry holds them back unless asked."""
-    return {
-        r.cancellation_id
-        for r in await latest_refunds(pool, cancellation_ids)
-        if r.stage is RefundStage.DECLINED
-    }
-
-
 HELD_BACK = {
     RefundStage.DECLINED: (
         "declined for good by the provider: not retried in bulk (retry it by id, or pass"
