@@ -225,3 +225,30 @@ async def test_game_day_the_reversal_drill_with_the_documented_commands(stack: R
     ran = await cli(stack, "reconcile")
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "checked for their current status at the provider" in ran.stdout
+
+
+async def test_a_fault_named_by_cancellation_id_says_it_is_the_whole_payments(
+    stack: RefundStack,
+) -> None:
+    """The simulator's faults are per payment: named by one seller's cancellation id of a
+    two-seller order, the output says both sellers' refunds get it; an id whose order has no
+    sub-order of that seller injects nothing."""
+    first, second = unique("S"), unique("S")
+    order = one_seller_order(unique("TW"), buyer_id=BUYER, seller_id=first)
+    order["sub_orders"].append({**order["sub_orders"][0], "seller_id": second})
+    await load_orders(stack.pool, parse_orders_file(orders_file(order)))
+    mine, sibling = (cancellation_id(order["order_id"], s) for s in (first, second))
+
+    ran = await cli(stack, "provider", "fault", mine, "--decline", "card_closed")
+    assert ran.returncode == 0, ran.stderr
+    assert f"faults of {order['payment']['payment_id']}: " in ran.stdout
+    said = " ".join(ran.stdout.split())
+    assert "the whole payment's" in said and mine in said and sibling in said, said
+
+    stranger = cancellation_id(order["order_id"], unique("S"))
+    ran = await cli(stack, "provider", "fault", stranger, "--transient", "1")
+    assert ran.returncode == 1
+    said = " ".join(ran.stderr.split())  # however the terminal wrapped it
+    assert f"no order {order['order_id']} with a sub-order of seller" in said, said
+    ran = await cli(stack, "provider", "clear", mine)
+    assert ran.returncode == 0 and "cleared the faults of 1 payment(s)" in ran.stdout
