@@ -34,6 +34,7 @@ from domain.models import (
 )
 from domain.rules import DEFAULT_ETA_TABLE, cancellation_id, safe_text
 from infra.metrics import NO_METRICS, BusinessMetrics, decided_by, failure_reason, seconds_between
+from ledger.reports import parked_passes
 from ledger.repository import Ledger
 
 log = structlog.get_logger(__name__)
@@ -279,13 +280,21 @@ class LedgerActivities:
     @activity.defn
     async def record_refund_failed(self, params: RefundFailureInput) -> RefundView:
         with ledger_call():
+            # The pass as `refunds failed` counts it (ledger.reports.PARKED_KINDS, every run
+            # of the cancellation, declines and reversals included): one number, not the
+            # workflow's count of this run's passes (params.attempts).
+            passes = 1 + await parked_passes(
+                self._ledger.pool,
+                params.cancellation_id,
+                excluding_event_key=params.event_key,
+            )
             record = await self._ledger.record_refund_failed(
                 cancellation_id=params.cancellation_id,
-                error=f"{params.error} (pass {params.attempts})",
+                error=f"{params.error} (pass {passes})",
                 event_key=params.event_key,
                 final=params.final,
             )
-        log.warning("refund_parked", error=params.error, passes=params.attempts)
+        log.warning("refund_parked", error=params.error, passes=passes)
         self._metrics.refund_parked(reason=failure_reason(params.error))
         return record.view
 

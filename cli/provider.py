@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from cli import console as ui
 from cli.console import CommandError, console
-from domain.rules import parse_duration
+from domain.rules import cancellation_id, parse_cancellation_id, parse_duration
 from infra.settings import Settings
 from infra.stack import dev_stack_database_url
 from ledger.db import create_pool
@@ -51,20 +51,48 @@ def _simulator_only(settings: Settings) -> None:
 
 
 async def _payment_of(pool: asyncpg.Pool, target: str) -> str:
-    """The payment a target names: a payment id as it is, a cancellation id through the
-    ledger. Unknown: an error, so a typo injects nothing."""
-    payment = await pool.fetchval(
-        """
-        SELECT p.payment_id FROM payments p
-        LEFT JOIN cancellations c ON c.order_id = p.order_id
-        WHERE p.payment_id = $1 OR c.cancellation_id = $1
-        LIMIT 1
-        """,
-        target,
+    """The payment a target names: a payment id as it is, a cancellation id through its order
+    (`cancel-{order}~{seller}`: the order's payment, once the order is loaded, before or after
+    the request exists). Unknown: an error, so a typo injects nothing."""
+    payment = await pool.fetchval("SELECT payment_id FROM payments WHERE payment_id = $1", target)
+    if payment is not None:
+        return str(payment)
+    parsed = parse_cancellation_id(target)
+    if parsed is not None:
+        order_id, seller_id = parsed
+        payment = await pool.fetchval(
+            """
+            SELECT p.payment_id FROM payments p
+            JOIN sub_orders s ON s.order_id = p.order_id AND s.seller_id = $2
+            WHERE p.order_id = $1
+            """,
+            order_id,
+            seller_id,
+        )
+        if payment is not None:
+            return str(payment)
+    raise CommandError(
+        f"no payment or cancellation {target} in the ledger"
+        + (
+            f" (no order {parsed[0]} with a sub-order of seller {parsed[1]}: load the order first)"
+            if parsed is not None
+            else ""
+        )
     )
-    if payment is None:
-        raise CommandError(f"no payment or cancellation {target} in the ledger")
-    return str(payment)
+
+
+async def _sharing(pool: asyncpg.Pool, payment_id: str) -> list[str]:
+    """The cancellation ids of every seller of the payment's order: a fault is the payment's,
+    so every one of their refunds gets it."""
+    rows = await pool.fetch(
+        """
+        SELECT s.order_id, s.seller_id FROM sub_orders s
+        JOIN payments p ON p.order_id = s.order_id
+        WHERE p.payment_id = $1 ORDER BY s.seller_id
+        """,
+        payment_id,
+    )
+    return [cancellation_id(r["order_id"], r["seller_id"]) for r in rows]
 
 
 def _millis(text: str | None) -> int:
@@ -93,7 +121,9 @@ def fault(
         str | None, typer.Option(help="Each refund call answers this much later, e.g. 5s")
     ] = None,
 ) -> None:
-    """Set the faults of one payment (they replace what it had)."""
+    """Set the faults of one payment (they replace what it had). The simulator's faults are
+    per payment: named by a cancellation id, they apply to the refunds of every seller of that
+    order (the output names them)."""
     settings = ui.settings()
     _simulator_only(settings)
     try:
@@ -108,28 +138,43 @@ def fault(
     except ValueError as err:
         raise ui.bad_argument(str(err)) from None
 
-    async def main() -> str:
+    async def main() -> tuple[str, list[str]]:
         pool = await create_pool(_database_url(settings), min_size=1, max_size=2)
         try:
             payment = await _payment_of(pool, target)
             await SimulatedProvider(pool).set_faults(payment, faults)
-            return payment
+            return payment, await _sharing(pool, payment)
         finally:
             await pool.close()
 
-    payment = ui.run(main())
-    console.print(f"faults of {payment}: {faults.model_dump(exclude_defaults=True) or 'none'}")
+    payment, sharing = ui.run(main())
+    console.print(
+        f"faults of {payment}: {faults.model_dump(exclude_defaults=True) or 'none'}",
+        markup=False,
+    )
+    if len(sharing) > 1:
+        console.print(
+            f"the faults are the whole payment's: the refunds of {', '.join(sharing)} all get"
+            " them (the simulator cannot fault one seller's refund alone)",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @provider_app.command("clear")
 def clear(
     targets: Annotated[list[str] | None, typer.Argument(help="Payments or cancellations")] = None,
-    every: Annotated[bool, typer.Option("--all", help="Every payment's faults and the global")] = (
-        False
-    ),
+    every: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Every payment's faults (all of them, not only the global) and the"
+            " provider-wide settings",
+        ),
+    ] = False,
 ) -> None:
-    """Take faults away again: of the payments named, or (--all) every fault and the
-    provider-wide settings."""
+    """Take faults away again: of the payments named, or (--all) every payment's faults as well
+    as the provider-wide settings."""
     if bool(targets) == every:
         raise ui.bad_argument("name payments or cancellations, or --all (not both)")
     settings = ui.settings()
@@ -150,7 +195,8 @@ def clear(
 
     cleared = ui.run(main())
     console.print(
-        f"cleared the faults of {cleared} payment(s)" + (" and the global" if every else "")
+        f"cleared the faults of {cleared} payment(s)"
+        + (" and the global (provider-wide) settings" if every else "")
     )
 
 

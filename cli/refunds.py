@@ -33,12 +33,13 @@ from starter.refunds import (
     RetryOutcome,
     RetryResult,
     RetrySummary,
-    declined_for_good,
+    bulk_holds,
     failed_query,
     find_failed_ids,
     list_failed,
     parse_rate,
     parse_since,
+    retry_plans,
     retry_refunds,
     summarize,
 )
@@ -72,7 +73,7 @@ def _failed_table(rows: list[FailedRefund], title: str) -> Table:
         "stage",
         "last error",
         "passes",
-        "provider calls",
+        "attempts to call the provider",
         "since",
     ):
         table.add_column(column, overflow="fold")
@@ -86,7 +87,7 @@ def _failed_table(rows: list[FailedRefund], title: str) -> Table:
             escape(row.refund_stage or "?"),
             escape(row.last_error or ""),
             str(row.passes),
-            str(row.provider_calls),
+            str(row.provider_call_attempts),
             _since(row.failed_since),
         )
     return table
@@ -94,9 +95,12 @@ def _failed_table(rows: list[FailedRefund], title: str) -> Table:
 
 def _print_failed(rows: list[FailedRefund]) -> None:
     """Parked refunds the provider may take on a retry, and apart from them those it declined
-    for good (a retry makes a new refund under a new key; a bulk retry leaves them out)."""
+    for good or reversed (a retry makes a new refund under a new key; a bulk retry leaves them
+    out unless asked)."""
     declined = [r for r in rows if r.refund_stage == RefundStage.DECLINED.value]
-    retryable = [r for r in rows if r.refund_stage != RefundStage.DECLINED.value]
+    reversed_ = [r for r in rows if r.refund_stage == RefundStage.REVERSED.value]
+    apart = {RefundStage.DECLINED.value, RefundStage.REVERSED.value}
+    retryable = [r for r in rows if r.refund_stage not in apart]
     console.print(_failed_table(retryable, f"{len(retryable)} cancellation(s) in refund_failed"))
     if declined:
         console.print(
@@ -104,6 +108,15 @@ def _print_failed(rows: list[FailedRefund]) -> None:
                 declined,
                 f"{len(declined)} declined for good by the provider: a retry makes a new"
                 " refund (`refunds retry ID`, or `--all-failed --include-declined`)",
+            )
+        )
+    if reversed_:
+        console.print(
+            _failed_table(
+                reversed_,
+                f"{len(reversed_)} reversed by the provider after it confirmed: talk to finance"
+                " first (a way to pay the buyer back), then a retry makes a new refund"
+                " (`refunds retry ID`, or `--all-failed --include-reversed`)",
             )
         )
 
@@ -168,6 +181,26 @@ def _summary_table(summary: RetrySummary) -> Table:
     return table
 
 
+def _skip_reasons(summary: RetrySummary) -> str:
+    """Why they were skipped, truly: held back by this bulk run (declined or reversed, still
+    parked) or no longer parked (retried by someone else, or not running)."""
+    held = summary.held_back
+    gone = summary.skipped - held
+    reasons = ([f"{gone} no longer in refund_failed"] if gone else []) + (
+        [f"{held} held back: declined or reversed, still in refund_failed"] if held else []
+    )
+    return f" ({'; '.join(reasons)})" if reasons else ""
+
+
+def _skip_reasons_dry(summary: RetrySummary) -> str:
+    held = summary.held_back
+    gone = summary.count(RetryOutcome.WOULD_SKIP) - held
+    reasons = ([f"{gone} not in refund_failed"] if gone else []) + (
+        [f"{held} held back: declined or reversed"] if held else []
+    )
+    return f" ({'; '.join(reasons)})" if reasons else ""
+
+
 def _print_summary(summary: RetrySummary, *, as_json: bool, interrupted: bool = False) -> None:
     if as_json:
         payload = {
@@ -193,11 +226,12 @@ def _print_summary(summary: RetrySummary, *, as_json: bool, interrupted: bool = 
     if summary.dry_run:
         console.print(
             f"dry run: would retry {summary.count(RetryOutcome.WOULD_RETRY)}, would skip"
-            f" {summary.count(RetryOutcome.WOULD_SKIP)}, errors {summary.errors}"
+            f" {summary.count(RetryOutcome.WOULD_SKIP)}{_skip_reasons_dry(summary)},"
+            f" errors {summary.errors}"
         )
     else:
         console.print(
-            f"retried {summary.retried}, skipped {summary.skipped} (no longer failed),"
+            f"retried {summary.retried}, skipped {summary.skipped}{_skip_reasons(summary)},"
             f" errors {summary.errors}"
         )
     if interrupted:
@@ -238,18 +272,30 @@ def retry(
             " new refund under a new key)",
         ),
     ] = False,
+    include_reversed: Annotated[
+        bool,
+        typer.Option(
+            "--include-reversed",
+            help="With --all-failed: also those the provider reversed after confirming them"
+            " (each gets a new refund under a new key; talk to finance first)",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
 ) -> None:
     """Retry parked refunds (update `retry_refund`): each resumes under its idempotency key, or
     the next generation's when the provider declined or reversed it; each receipt names the
-    key used. Safe to run twice or to interrupt: one no longer in refund_failed refuses and is
-    counted as skipped."""
+    key used (a dry run names it too). Safe to run twice or to interrupt: one no longer in
+    refund_failed refuses and is counted as skipped. In bulk, refunds the provider declined
+    for good or reversed are held back (skipped, listed with stage and error) unless
+    --include-declined / --include-reversed."""
     if bool(ids) == all_failed:
         raise ui.bad_argument("give cancellation ids, or --all-failed (not both)")
     if query and not all_failed:
         raise ui.bad_argument("--query goes with --all-failed")
     if include_declined and not all_failed:
         raise ui.bad_argument("--include-declined goes with --all-failed")
+    if include_reversed and not all_failed:
+        raise ui.bad_argument("--include-reversed goes with --all-failed")
     try:
         per_second = parse_rate(rate)
         visibility = failed_query(query=query)
@@ -285,13 +331,17 @@ def retry(
             )
             if not targets:
                 return RetrySummary(dry_run=dry_run, results=[])
-            hold: dict[str, str] = {}
-            if all_failed and not include_declined:
-                for declined in await declined_for_good(stack.pool, targets):
-                    hold[declined] = (
-                        "declined for good by the provider: not retried in bulk (retry it by"
-                        " id, or pass --include-declined; it gets a new refund)"
-                    )
+            hold = (
+                await bulk_holds(
+                    stack.pool,
+                    targets,
+                    include_declined=include_declined,
+                    include_reversed=include_reversed,
+                )
+                if all_failed
+                else {}
+            )
+            plans = await retry_plans(stack.pool, targets) if dry_run else None
             task = progress.add_task(
                 "checking" if dry_run else "retrying",
                 total=len(dict.fromkeys(targets)),
@@ -330,6 +380,7 @@ def retry(
                     dry_run=dry_run,
                     on_result=on_result,
                     hold=hold,
+                    plans=plans,
                 )
 
     try:
@@ -404,6 +455,26 @@ def reconcile_command(
         if report.findings:
             console.print(_reconcile_table(report))
         scope = f"{report.ledger_refunds} ledger and {report.provider_refunds} provider refund(s)"
+        notes = []
+        if report.never_at_provider:
+            notes.append(
+                f"{report.never_at_provider} declined or failed before the provider recorded"
+                " it (the provider has none: no mismatch)"
+            )
+        if report.in_flight:
+            notes.append(f"{report.in_flight} in flight (requested, not compared)")
+        if report.status_checked or report.status_unchecked:
+            notes.append(
+                f"{report.status_checked} confirmed refund(s) checked for their current status"
+                " at the provider"
+                + (
+                    f", {report.status_unchecked} could not be read"
+                    if report.status_unchecked
+                    else ""
+                )
+            )
+        if notes:
+            scope += " (" + "; ".join(notes) + ")"
         if report.findings:
             console.print(
                 f"{len(report.findings)} finding(s) over {scope}: "

@@ -170,11 +170,13 @@ def stuck(
     table = Table(
         title=f"{len(rows)} request(s) waiting at least {_show(threshold)}", title_justify="left"
     )
-    for column in ("id", "status", "waited", "left", "deadline"):
+    for column in ("id", "order", "seller", "status", "waited", "left", "deadline"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
             escape(r.cancellation_id),
+            escape(r.order_id),
+            escape(r.seller_id),
             r.status.value,
             _show(r.waited),
             _show(r.left) if r.left is not None else "?",

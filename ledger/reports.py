@@ -31,15 +31,42 @@ class ParkedRefund(Record):
     order_id: str
     seller_id: str
     idempotency_key: str
+    # The refund's generation (1 for the first key, 2 for `…:refund-submit-2`, ...).
+    generation: int = 1
     stage: RefundStage
     amount: Money
     last_error: str | None = None
-    # Passes that ended parked (refund_failed and refund_reversed events).
+    # Passes that ended parked, over every run of the cancellation (refund_failed,
+    # refund_declined and refund_reversed events): the N of the last error's "(pass N)".
     passes: int
     # Calls to the provider to create this refund (generation), failed ones included.
     provider_calls: int = 0
     # When it parked the last time: refunds.failed_at (reversed_at for a reversal).
     failed_since: datetime | None = None
+
+
+# The audit events that end a pass of the refund parked: a failure, a decline for good, a
+# reversal. `passes` counts them; the "(pass N)" of a parking's error is the same count.
+PARKED_KINDS = ("refund_failed", "refund_declined", "refund_reversed")
+
+
+async def parked_passes(
+    pool: asyncpg.Pool, cancellation_id: str, *, excluding_event_key: str | None = None
+) -> int:
+    """How many passes of this cancellation's refund ended parked, over all its runs; without
+    the event `excluding_event_key` (the one being recorded: a retried activity counts the
+    same)."""
+    count: int = await pool.fetchval(
+        """
+        SELECT count(*) FROM cancellation_events
+        WHERE cancellation_id = $1 AND kind = ANY($2::text[])
+          AND ($3::text IS NULL OR event_key IS DISTINCT FROM $3)
+        """,
+        cancellation_id,
+        list(PARKED_KINDS),
+        excluding_event_key,
+    )
+    return count
 
 
 def _money(row: asyncpg.Record) -> Money:
@@ -71,18 +98,19 @@ async def latest_refunds(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) ->
     rows = await pool.fetch(
         """
         SELECT DISTINCT ON (r.cancellation_id)
-            r.cancellation_id, c.order_id, c.seller_id, r.idempotency_key, r.stage,
+            r.cancellation_id, c.order_id, c.seller_id, r.idempotency_key, r.generation, r.stage,
             r.amount_minor, r.currency, r.last_error, r.attempts AS provider_calls,
             CASE WHEN r.stage = 'reversed' THEN r.reversed_at ELSE r.failed_at END
                 AS failed_since,
             (SELECT count(*) FROM cancellation_events e
              WHERE e.cancellation_id = r.cancellation_id
-               AND e.kind IN ('refund_failed', 'refund_reversed')) AS passes
+               AND e.kind = ANY($2::text[])) AS passes
         FROM refunds r JOIN cancellations c USING (cancellation_id)
         WHERE r.cancellation_id = ANY($1::text[])
         ORDER BY r.cancellation_id, r.generation DESC
         """,
         list(cancellation_ids),
+        list(PARKED_KINDS),
     )
     return [
         ParkedRefund(
@@ -90,6 +118,7 @@ async def latest_refunds(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) ->
             order_id=r["order_id"],
             seller_id=r["seller_id"],
             idempotency_key=r["idempotency_key"],
+            generation=r["generation"],
             stage=RefundStage(r["stage"]),
             amount=_money(r),
             last_error=r["last_error"],

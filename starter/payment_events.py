@@ -17,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from domain.models import PaymentEvent, PaymentEventType, Record
 from infra.settings import TASK_QUEUE
 from ledger.repository import Ledger
-from starter.requests import start_attributes
+from starter.requests import details, start_attributes, summary
 from workflows.order_cancellation import OrderCancellation
 
 
@@ -90,6 +90,7 @@ async def _reopen(
     """A new run of the ended cancellation, started with the event. (Had one been started
     meanwhile, USE_EXISTING turns this into a plain signal to it.)"""
     request = await ledger.original_request(cancellation_id=cancellation_id)
+    amount = await ledger.sub_order_amount(order_id=request.order_id, seller_id=request.seller_id)
     await client.start_workflow(
         OrderCancellation.run,
         request,
@@ -100,6 +101,10 @@ async def _reopen(
         start_signal="payment_event",
         start_signal_args=[event],
         search_attributes=start_attributes(request),
+        # The same summary and details as the first run (starter.requests), so the reopened
+        # run is as readable in the Web UI; the summary says why this run exists.
+        static_summary=f"{summary(request, amount)}; reopened by {event.type.value}",
+        static_details=details(request),
     )
     return ForwardOutcome.REOPENED
 

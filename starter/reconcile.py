@@ -16,6 +16,13 @@ idempotency key is the join: the ledger's primary key, the provider's idempotenc
   it by its key), ledger `confirmed` but provider `pending`, ledger `reversed` but provider
   `succeeded`.
 
+The provider's list is what it recorded; for a refund the ledger says `confirmed` and the list
+says `succeeded`, reconciliation also asks the provider for its current status (the same read
+the workflow makes while confirming): a refund failed or reversed since confirmation is often
+only known on that read (the simulator's `--fail-after-success`; a processor that reverses
+later), and it is then the `confirmed`/`failed` mismatch above. A read that fails leaves the
+listed status (`status_unchecked` counts them).
+
 A ledger refund still `requested` is in flight (intent recorded, provider call under way) and
 is not compared. Repairs never write the ledger: each repairable mismatch becomes a synthetic
 payment event, handed to `forward_payment_event` exactly like a webhook, whose id is derived
@@ -31,6 +38,7 @@ from enum import StrEnum
 import asyncpg
 from temporalio.client import Client
 
+from domain.errors import ProviderReadError, ProviderTransientError
 from domain.models import (
     PaymentEvent,
     PaymentEventType,
@@ -75,6 +83,15 @@ class ReconcileReport(Record):
     provider_refunds: int
     fix: bool
     findings: list[Finding]
+    # Confirmed refunds whose current status was asked of the provider (not only listed), and
+    # those the read failed for (the listed status was compared).
+    status_checked: int = 0
+    status_unchecked: int = 0
+    # Ledger refunds the provider is not expected to have: declined outright at submission, or
+    # parked as failed before the provider recorded anything (no finding), and those still
+    # `requested` (in flight, not compared). They explain why the two counts can differ.
+    never_at_provider: int = 0
+    in_flight: int = 0
 
     @property
     def unresolved(self) -> list[Finding]:
@@ -230,8 +247,10 @@ async def reconcile(
     if fix and client is None:
         raise ValueError("--fix needs a Temporal client")
     ours = await all_refunds(pool)
-    theirs = await provider.list_refunds()
+    listed = await provider.list_refunds()
+    theirs, checked, unchecked = await _current_statuses(ours, listed, provider)
     findings = compare(ours, theirs)
+    keys = {p.idempotency_key for p in theirs}
     if fix and client is not None:
         ledger = Ledger(pool)
         repaired: list[Finding] = []
@@ -268,4 +287,40 @@ async def reconcile(
         provider_refunds=len(theirs),
         fix=fix,
         findings=findings,
+        status_checked=checked,
+        status_unchecked=unchecked,
+        never_at_provider=sum(
+            1
+            for r in ours
+            if r.stage in (RefundStage.FAILED, RefundStage.DECLINED)
+            and r.idempotency_key not in keys
+        ),
+        in_flight=sum(1 for r in ours if r.stage is RefundStage.REQUESTED),
     )
+
+
+async def _current_statuses(
+    ours: list[LedgerRefund], listed: list[ProviderRefund], provider: PaymentProvider
+) -> tuple[list[ProviderRefund], int, int]:
+    """The provider's records, with the current status of each refund the ledger says
+    `confirmed` and the list says `succeeded` (asked by its reference, as the workflow does):
+    a refund that failed or was reversed after its confirmation shows up there."""
+    confirmed = {r.idempotency_key for r in ours if r.stage is RefundStage.CONFIRMED}
+    current: list[ProviderRefund] = []
+    checked = unchecked = 0
+    for record in listed:
+        if (
+            record.idempotency_key not in confirmed
+            or record.status is not ProviderRefundStatus.SUCCEEDED
+        ):
+            current.append(record)
+            continue
+        try:
+            now = await provider.get_refund(provider_ref=record.provider_ref)
+        except (ProviderTransientError, ProviderReadError):
+            unchecked += 1
+            current.append(record)
+            continue
+        checked += 1
+        current.append(now)
+    return current, checked, unchecked

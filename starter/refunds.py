@@ -3,11 +3,11 @@ and retry them, one at a time or in bulk, safely.
 
 Finding goes through Temporal visibility (the `CancellationStatus` search attribute, plus
 `SellerId` or any query the SRE writes); the ledger adds what visibility does not hold (amount,
-last error, how many passes failed, how many provider calls, since when). Retrying only ever
-sends the workflow's update `retry_refund`, which the workflow accepts only while it is parked in
-`refund_failed` and which resumes the refund with the same idempotency key (the next
-generation's, after a decline or reversal; the receipt names it): sending it twice, or
-re-running a bulk retry that was interrupted, retries nothing twice. What the CLI
+last error, how many passes failed, how many attempts to call the provider, since when).
+Retrying only ever sends the workflow's update `retry_refund`, which the workflow accepts only
+while it is parked in `refund_failed` and which resumes the refund with the same idempotency
+key (the next generation's, after a decline or reversal; the receipt names it): sending it
+twice, or re-running a bulk retry that was interrupted, retries nothing twice. What the CLI
 (`ordercancel refunds ...`) calls; the HTTP API can call `retry_one` for its single retry.
 """
 
@@ -34,8 +34,8 @@ from domain.models import (
     RefundStage,
     RetryRefundRequest,
 )
-from domain.rules import parse_duration
-from ledger.reports import latest_refunds
+from domain.rules import parse_duration, refund_idempotency_key
+from ledger.reports import ParkedRefund, latest_refunds
 from workflows import search_attributes as sa
 from workflows.order_cancellation import OrderCancellation
 
@@ -103,13 +103,16 @@ class FailedRefund(Record):
     # failed by the provider).
     refund_stage: str | None = None
     last_error: str | None = None
-    # Passes of the refund that ended parked (each pass is up to
-    # ORDERCANCEL_REFUND_SUBMIT_MAX_ATTEMPTS provider calls), reversals included: the N of the
-    # last error's "(pass N)".
+    # Passes of the refund that ended parked, over every run (each pass is up to
+    # ORDERCANCEL_REFUND_SUBMIT_MAX_ATTEMPTS attempts to call the provider), declines and
+    # reversals included: the N of the last error's "(pass N)".
     passes: int = 0
-    # Calls to the provider to create the latest refund (its idempotency key), failed ones
-    # included (the ledger's refunds.attempts).
+    # Our attempts to call the provider to create the latest refund (its idempotency key),
+    # failed ones included (the ledger's refunds.attempts). Not what the provider saw: a call
+    # that timed out may or may not have reached it. `provider_calls` is the former name of
+    # `provider_call_attempts` (the same number, kept for scripts).
     provider_calls: int = 0
+    provider_call_attempts: int = 0
     # When it parked the last time: the ledger's refunds.failed_at (reversed_at for a reversal).
     failed_since: datetime | None = None
 
@@ -154,6 +157,7 @@ async def list_failed(
             last_error=parked.last_error,
             passes=parked.passes,
             provider_calls=parked.provider_calls,
+            provider_call_attempts=parked.provider_calls,
             failed_since=parked.failed_since,
         )
     listed = [
@@ -180,6 +184,9 @@ class RetryResult(Record):
     cancellation_id: str
     outcome: RetryOutcome
     detail: str = ""
+    # Skipped because the bulk run held it back (declined or reversed: a decision, not a bulk
+    # action), not because it was no longer parked.
+    held_back: bool = False
 
 
 class RetrySummary(Record):
@@ -200,6 +207,10 @@ class RetrySummary(Record):
     @property
     def errors(self) -> int:
         return self.count(RetryOutcome.ERROR)
+
+    @property
+    def held_back(self) -> int:
+        return sum(1 for r in self.results if r.held_back)
 
     def totals(self) -> dict[str, int]:
         return {o.value: self.count(o) for o in RetryOutcome if self.count(o)}
@@ -293,19 +304,71 @@ async def _ended_or_unknown(client: Client, cancellation_id: str) -> RetryResult
     )
 
 
-async def declined_for_good(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) -> set[str]:
-    """Those whose latest refund the provider declined for good (R10): a retry makes a new
-    refund under a new key, so a bulk retry holds them back unless asked."""
+HELD_BACK = {
+    RefundStage.DECLINED: (
+        "declined for good by the provider: not retried in bulk (retry it by id, or pass"
+        " --include-declined; it gets a new refund under a new key)"
+    ),
+    RefundStage.REVERSED: (
+        "reversed by the provider after it confirmed: not retried in bulk (find a way to pay"
+        " the buyer back with finance first, then retry it by id or pass --include-reversed;"
+        " it gets a new refund under a new key)"
+    ),
+}
+
+
+async def bulk_holds(
+    pool: asyncpg.Pool,
+    cancellation_ids: Sequence[str],
+    *,
+    include_declined: bool = False,
+    include_reversed: bool = False,
+) -> dict[str, str]:
+    """The cancellations a bulk retry leaves out, with why: a refund the provider declined for
+    good or reversed is dead under its key, so its retry makes a new refund (and, for a
+    reversal, needs a way to pay the buyer back first): a decision per cancellation, taken
+    in bulk only when the operator says so."""
+    included = {
+        RefundStage.DECLINED: include_declined,
+        RefundStage.REVERSED: include_reversed,
+    }
     return {
-        r.cancellation_id
+        r.cancellation_id: f"stage {r.stage.value}"
+        + (f" ({r.last_error})" if r.last_error else "")
+        + f"; {HELD_BACK[r.stage]}"
         for r in await latest_refunds(pool, cancellation_ids)
-        if r.stage is RefundStage.DECLINED
+        if r.stage in HELD_BACK and not included[r.stage]
     }
 
 
-async def check_one(client: Client, cancellation_id: str) -> RetryResult:
+def retry_plan(cancellation_id: str, parked: ParkedRefund | None) -> str:
+    """The key a retry would use, as the workflow's receipt will name it: the parked refund's
+    own, or the next generation's when the provider declined or reversed it (R10)."""
+    if parked is None:
+        return f"a new refund under idempotency key {refund_idempotency_key(cancellation_id)}"
+    if parked.stage.is_dead:
+        generation = parked.generation + 1
+        key = refund_idempotency_key(cancellation_id, generation)
+        return (
+            f"a new refund (generation {generation}) under idempotency key {key};"
+            f" {parked.idempotency_key} was {parked.stage.value}"
+        )
+    return (
+        f"the same idempotency key {parked.idempotency_key}"
+        f" ({parked.provider_calls} attempt(s) to call the provider so far)"
+    )
+
+
+async def retry_plans(pool: asyncpg.Pool, cancellation_ids: Sequence[str]) -> dict[str, str]:
+    """`retry_plan` of each cancellation, from the ledger (a dry run shows it)."""
+    latest = {r.cancellation_id: r for r in await latest_refunds(pool, cancellation_ids)}
+    return {i: retry_plan(i, latest.get(i)) for i in cancellation_ids}
+
+
+async def check_one(client: Client, cancellation_id: str, plan: str | None = None) -> RetryResult:
     """Dry run: what `retry_one` would do now, read from the workflow's description (its
-    search attributes), changing nothing."""
+    search attributes), changing nothing. `plan`: which key the retry would use
+    (`retry_plan`), named in the result."""
     try:
         description = await client.get_workflow_handle(cancellation_id).describe()
     except RPCError as err:
@@ -335,7 +398,7 @@ async def check_one(client: Client, cancellation_id: str) -> RetryResult:
     return RetryResult(
         cancellation_id=cancellation_id,
         outcome=RetryOutcome.WOULD_RETRY,
-        detail="parked in refund_failed",
+        detail="parked in refund_failed" + (f"; the retry would use {plan}" if plan else ""),
     )
 
 
@@ -349,12 +412,14 @@ async def retry_refunds(
     dry_run: bool = False,
     on_result: Callable[[RetryResult], None] | None = None,
     hold: Mapping[str, str] | None = None,
+    plans: Mapping[str, str] | None = None,
 ) -> RetrySummary:
     """Retry (or, with `dry_run`, check) each cancellation once: at most `concurrency` in
     flight, at most `rate` per second. Every result is reported to `on_result` as it comes
     (a progress bar, or the partial summary of an interrupted run). Cancelling the call
     midway is safe: each cancellation either got its update or did not, and running again
-    retries only those still parked. `hold`: ids not to retry, with the reason (skipped)."""
+    retries only those still parked. `hold`: ids not to retry, with the reason (skipped, held
+    back). `plans`: for a dry run, the key each retry would use (`retry_plans`)."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     ids = list(dict.fromkeys(cancellation_ids))
@@ -368,6 +433,7 @@ async def retry_refunds(
                 cancellation_id=cancellation_id,
                 outcome=RetryOutcome.WOULD_SKIP if dry_run else RetryOutcome.SKIPPED,
                 detail=hold[cancellation_id],
+                held_back=True,
             )
             results[cancellation_id] = result
             if on_result is not None:
@@ -378,7 +444,9 @@ async def retry_refunds(
                 await bucket.acquire()
             try:
                 if dry_run:
-                    result = await check_one(client, cancellation_id)
+                    result = await check_one(
+                        client, cancellation_id, (plans or {}).get(cancellation_id)
+                    )
                 else:
                     result = await retry_one(client, cancellation_id, request)
             except Exception as err:  # one bad cancellation must not stop the batch

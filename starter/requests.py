@@ -94,6 +94,16 @@ def summary(
     )
 
 
+def details(request: RequestCancellationInput) -> str:
+    """The static details (Markdown) operators see on the workflow's page: who asked what."""
+    return (
+        f"**Order** {request.order_id}  \n**Seller** {request.seller_id}  \n"
+        f"**Buyer** {request.buyer_id}  \n**Reason** {request.reason.value} "
+        f"({request.reason.fault.value} fault)"
+        + (f"  \n> {escape_markdown(request.reason_text)}" if request.reason_text else "")
+    )
+
+
 def start_attributes(request: RequestCancellationInput) -> TypedSearchAttributes:
     """Every attribute a cancellation has from its first moment, set with the start (free):
     the workflow then upserts none of them again (workflows.order_cancellation, A1)."""
@@ -142,12 +152,7 @@ async def start_cancellation(
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             search_attributes=start_attributes(request),
             static_summary=summary(request, amount),
-            static_details=(
-                f"**Order** {request.order_id}  \n**Seller** {request.seller_id}  \n"
-                f"**Buyer** {request.buyer_id}  \n**Reason** {request.reason.value} "
-                f"({request.reason.fault.value} fault)"
-                + (f"  \n> {escape_markdown(request.reason_text)}" if request.reason_text else "")
-            ),
+            static_details=details(request),
         )
     except WorkflowAlreadyStartedError:
         handle = client.get_workflow_handle(workflow_id, result_type=CancellationResult)

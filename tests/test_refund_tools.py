@@ -479,6 +479,13 @@ async def test_a_declined_refund_is_listed_apart_and_held_back_from_a_bulk_retry
     head, _, apart = ran.stdout.partition("declined for good by the provider")
     assert transient.id in head and declined.id not in head
     assert declined.id in apart and "[card_closed] by issuer" in apart and "declined" in apart
+    ran = await run_command(
+        ORDERCANCEL, "refunds", "failed", "--seller", seller, "--json", env=stack.cli_env()
+    )
+    (row,) = [r for r in json.loads(ran.stdout) if r["cancellation_id"] == declined.id]
+    # A decline is a pass that ended parked: counted, and the same N as its "(pass N)".
+    assert row["passes"] == 1 and row["last_error"].endswith("(pass 1)"), row
+    assert row["provider_call_attempts"] == row["provider_calls"] == 1, row
 
     query = f'SellerId="{seller}"'
     ran = await run_command(
@@ -533,3 +540,31 @@ async def test_a_declined_refund_is_listed_apart_and_held_back_from_a_bulk_retry
     assert done.refund is not None and done.refund.idempotency_key == (
         f"{declined.id}:refund-submit-2"
     )
+
+    # Reconciliation explains why the ledger has more refunds than the provider: the declined
+    # generation never reached it (no finding for it).
+    ran = await run_command(ORDERCANCEL, "reconcile", "--json", env=stack.cli_env())
+    report = json.loads(ran.stdout)
+    assert not [f for f in report["findings"] if f["cancellation_id"] == declined.id], report
+    assert report["never_at_provider"] >= 1, report
+    ran = await run_command(ORDERCANCEL, "reconcile", env=stack.cli_env())
+    assert "declined or failed before the provider recorded it" in ran.stdout, ran.stdout
+
+
+async def test_passes_and_the_last_errors_pass_are_one_number_across_a_decline(
+    stack: RefundStack,
+) -> None:
+    """An outage parks the refund (pass 1); the operator's retry meets a decline for good
+    (pass 2): `refunds failed` says 2 passes and the last error says "(pass 2)"."""
+    seller = unique("S")
+    (c,) = await park(stack, 1, seller)
+    await stack.provider.set_faults(c.payment_id, SimulatorFaults(final_failure="card_closed"))
+    assert (await retry_one(stack.client, c.id, SRE)).outcome is RetryOutcome.RETRIED
+
+    async def declined() -> None:
+        (row,) = await list_failed(stack.client, stack.pool, seller=seller)
+        assert row.refund_stage == "declined", row
+        assert row.passes == 2, row
+        assert row.last_error is not None and row.last_error.endswith("(pass 2)"), row
+
+    await eventually(declined, timeout=20)

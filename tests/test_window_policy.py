@@ -381,3 +381,8 @@ def test_the_stuck_command_lists_oldest_first_as_json(
     assert rows[0]["waited_seconds"] >= 2 * 86400 and rows[0]["left_seconds"] > 0
     table = CliRunner().invoke(app, ["stuck"])
     assert table.exit_code == 0 and "2 request(s)" in table.output, table.output
+    # Each row names its order and seller (the id's parts), not only the id.
+    wide = CliRunner().invoke(app, ["stuck"], env={"COLUMNS": "250"})
+    for cid in ids:
+        order_id, seller = cid.removeprefix("cancel-").split("~")
+        assert f" {order_id} " in wide.output and f" {seller} " in wide.output, wide.output

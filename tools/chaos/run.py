@@ -204,6 +204,15 @@ async def _clear_faults(pool: asyncpg.Pool, payments: list[str]) -> None:
         " WHERE payment_id = ANY($1::text[])",
         payments,
     )
+    # Nor will a refund that has not failed yet fail later: `fail_after_success` is also stamped
+    # on each refund made while the fault was set (a second generation made by the bulk retry
+    # during faults, say), and `ordercancel reconcile` reads confirmed refunds again, which
+    # would flip them into reversals the plan never sent.
+    await pool.execute(
+        "UPDATE provider_sim.refunds SET fail_after_success = false"
+        " WHERE payment_id = ANY($1::text[]) AND status <> 'failed'",
+        payments,
+    )
 
 
 async def _provider_fault_counts(
