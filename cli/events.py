@@ -12,11 +12,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated
 
-import asyncpg
 import structlog
 import typer
 from rich.markup import escape
@@ -25,9 +22,7 @@ from rich.table import Table
 from cli import console as ui
 from cli.console import CommandError, LogFormat, console, err_console
 from domain.rules import parse_cancellation_id
-from infra.settings import Settings
-from infra.stack import dev_stack_database_url
-from ledger.db import create_pool, migrate
+from infra.stack import open_ledger
 from outbound.store import OutboundEvent, OutboxStore
 from outbound.subscribers import EVENT_TYPES, SubscribersError
 
@@ -35,21 +30,6 @@ events_app = typer.Typer(
     help="The outbound events (R16): the stream, and the subscribers' positions.",
     no_args_is_help=True,
 )
-
-
-@asynccontextmanager
-async def _ledger(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    url = settings.database_dsn() if settings.database_url else dev_stack_database_url(settings)
-    try:
-        pool = await create_pool(url, min_size=1, max_size=4)
-    except (OSError, asyncpg.PostgresError) as err:
-        raise RuntimeError(f"cannot reach PostgreSQL: {err}") from err
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        yield pool
-    finally:
-        await pool.close()
 
 
 def dispatch(log_format: LogFormat = None) -> None:
@@ -71,7 +51,7 @@ def dispatch(log_format: LogFormat = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=4) as pool:
             try:
                 dispatcher = dispatcher_from_settings(settings, pool, metrics=metrics)
             except SubscribersError as err:
@@ -128,7 +108,7 @@ def tail(
     settings = ui.settings("console", quiet=True)
 
     async def main() -> None:
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=4) as pool:
             store = OutboxStore(pool)
             await store.sequence()
             if from_position is not None:
@@ -194,7 +174,7 @@ def replay(
     settings = ui.settings("console", quiet=True)
 
     async def main() -> None:
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=4) as pool:
             store = OutboxStore(pool)
             last = await store.last_position()
             if from_position > last + 1:
@@ -228,7 +208,7 @@ def subscribers(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     settings = ui.settings("console", quiet=True)
 
     async def main() -> None:
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=4) as pool:
             store = OutboxStore(pool)
             await store.sequence()
             states = await store.subscribers()

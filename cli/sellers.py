@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated
 
-import asyncpg
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -23,31 +20,13 @@ from cli import console as ui
 from cli.console import console
 from domain.models import TimeoutPolicy
 from domain.rules import parse_duration
-from infra.settings import Settings
-from infra.stack import dev_stack_database_url, window_floor
-from ledger.db import create_pool, migrate
+from infra.stack import open_ledger, window_floor
 from ledger.policies import SellerPolicy, clear_policy, list_policies, set_policy
 from ledger.stuck import StuckCancellation, stuck_cancellations
 
 sellers_app = typer.Typer(
     help="Sellers' policies: each seller's response window (R19).", no_args_is_help=True
 )
-
-
-@asynccontextmanager
-async def _ledger(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """The ledger alone (these commands need no Temporal), migrated."""
-    url = settings.database_dsn() if settings.database_url else dev_stack_database_url(settings)
-    try:
-        pool = await create_pool(url, min_size=1, max_size=2)
-    except (OSError, asyncpg.PostgresError) as err:
-        raise RuntimeError(f"cannot reach PostgreSQL: {err}") from err
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        yield pool
-    finally:
-        await pool.close()
 
 
 def _duration(text: str) -> timedelta:
@@ -93,7 +72,7 @@ def policy(
     settings = ui.settings()
 
     async def main() -> SellerPolicy | bool:
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=2) as pool:
             if response_window is None:
                 return await clear_policy(pool, seller_id=seller_id)
             return await set_policy(
@@ -126,7 +105,7 @@ def policies(
     settings = ui.settings()
 
     async def main() -> list[SellerPolicy]:
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=2) as pool:
             return await list_policies(pool)
 
     rows = ui.run(main())
@@ -160,7 +139,7 @@ def stuck(
     settings = ui.settings()
 
     async def main() -> list[StuckCancellation]:
-        async with _ledger(settings) as pool:
+        async with open_ledger(settings, max_size=2) as pool:
             return await stuck_cancellations(pool, older_than=threshold, limit=limit)
 
     rows = ui.run(main())

@@ -132,6 +132,44 @@ def temporal_server(settings: Settings) -> tuple[str, str]:
     return f"127.0.0.1:{settings.temporal_port}", namespace
 
 
+async def _ledger_pool(settings: Settings, dsn: str, *, max_size: int) -> asyncpg.Pool:
+    """A pool on `dsn` with the ledger migrated; a clear error when PostgreSQL is out of reach."""
+    try:
+        pool = await create_pool(
+            dsn, min_size=min(settings.db_pool_min, max_size), max_size=max_size
+        )
+    except (OSError, asyncpg.PostgresError) as err:
+        where = "DATABASE_URL" if settings.database_url else str(dev_stack_file(settings))
+        raise RuntimeError(
+            f"cannot reach PostgreSQL (from {where}): {err}. Start the stack with `make run`"
+            " / `ordercancel dev`, or set DATABASE_URL."
+        ) from err
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+    except BaseException:
+        await pool.close()
+        raise
+    if applied:
+        log.info("ledger_migrated", versions=applied)
+    return pool
+
+
+def _ledger_dsn(settings: Settings) -> str:
+    return settings.database_dsn() if settings.database_url else dev_stack_database_url(settings)
+
+
+@asynccontextmanager
+async def open_ledger(settings: Settings, *, max_size: int = 4) -> AsyncIterator[asyncpg.Pool]:
+    """The configured ledger, or the running dev stack's, migrated; for commands that need no
+    Temporal. Closed on exit."""
+    pool = await _ledger_pool(settings, _ledger_dsn(settings), max_size=max_size)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
 @asynccontextmanager
 async def connect_stack(
     settings: Settings,
@@ -144,21 +182,8 @@ async def connect_stack(
 ) -> AsyncIterator[Stack]:
     """A pool on `dsn` (the ledger migrated) and a client of `address`; closed on exit."""
     async with AsyncExitStack() as stack:
-        try:
-            pool = await create_pool(
-                dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max
-            )
-        except (OSError, asyncpg.PostgresError) as err:
-            where = "DATABASE_URL" if settings.database_url else str(dev_stack_file(settings))
-            raise RuntimeError(
-                f"cannot reach PostgreSQL (from {where}): {err}. Start the stack with `make run`"
-                " / `ordercancel dev`, or set DATABASE_URL."
-            ) from err
+        pool = await _ledger_pool(settings, dsn, max_size=settings.db_pool_max)
         stack.push_async_callback(pool.close)
-        async with pool.acquire() as conn:
-            applied = await migrate(conn)
-        if applied:
-            log.info("ledger_migrated", versions=applied)
         try:
             client = await connect(address, namespace, runtime=runtime)
         except Exception as err:
@@ -173,10 +198,7 @@ async def connect_stack(
 @asynccontextmanager
 async def open_stack(settings: Settings, *, runtime: Runtime | None = None) -> AsyncIterator[Stack]:
     """The configured servers, or those of the running dev stack."""
-    if settings.database_url is not None:
-        dsn = settings.database_dsn()
-    else:
-        dsn = dev_stack_database_url(settings)
+    dsn = _ledger_dsn(settings)
     address, namespace = temporal_server(settings)
     async with connect_stack(
         settings, dsn=dsn, address=address, namespace=namespace, runtime=runtime
