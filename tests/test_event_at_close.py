@@ -16,11 +16,10 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import asyncpg
 import pytest
 from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.stacks import WorkerStack, worker_stack
 from helpers.wait import eventually, wait_for_status
 from temporalio.client import Client
 
@@ -32,14 +31,10 @@ from domain.models import (
     PaymentEventType,
     RequestCancellationInput,
 )
-from infra.client import connect
-from ledger.db import create_pool
 from ledger.orders import load_orders, parse_orders_file
-from ledger.repository import Ledger
-from payments.provider import SimulatedProvider, SimulatorFaults
+from payments.provider import SimulatorFaults
 from starter.payment_events import ForwardOutcome, forward_payment_event
 from starter.requests import start_cancellation
-from workers.worker import build_worker
 from workflows.order_cancellation import OrderCancellation
 
 pytestmark = pytest.mark.e2e
@@ -48,28 +43,19 @@ ROUNDS = 24
 AT_ONCE = 6
 
 
-@dataclass
-class Stack:
-    client: Client
-    pool: asyncpg.Pool
-    ledger: Ledger
-    provider: SimulatedProvider
-    task_queue: str
+Stack = WorkerStack
 
 
 @pytest.fixture
 async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Stack]:
-    client = await connect(temporal_address)
-    pool = await create_pool(e2e_database_url, min_size=1, max_size=12)
-    provider = SimulatedProvider(pool)
-    task_queue = f"event-at-close-{uuid.uuid4()}"
-    try:
-        async with build_worker(
-            client, pool, fast_refund_settings(), provider=provider, task_queue=task_queue
-        ):
-            yield Stack(client, pool, Ledger(pool), provider, task_queue)
-    finally:
-        await pool.close()
+    async with worker_stack(
+        temporal_address,
+        e2e_database_url,
+        fast_refund_settings(),
+        name="event-at-close",
+        max_size=12,
+    ) as stack:
+        yield stack
 
 
 async def approved_with_refund_reversed_later(stack: Stack) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,9 +18,9 @@ import pytest
 import stripe
 from helpers.localstripe import API_KEY, payment_intent
 from helpers.orders import fast_refund_settings, orders_file, unique
+from helpers.stacks import WorkerStack, worker_stack
 from helpers.wait import wait_for_status
 from rich.console import Console
-from temporalio.client import Client
 
 from cli.render import render_view
 from domain.errors import CaptureExceedsAuthorisation, ProviderFinalError
@@ -49,28 +48,15 @@ from workers.worker import build_worker
 pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class Stack:
-    client: Client
-    pool: asyncpg.Pool
-    ledger: Ledger
-    provider: SimulatedProvider
-    task_queue: str
+Stack = WorkerStack
 
 
 @pytest.fixture
 async def stack(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Stack]:
-    client = await connect(temporal_address)
-    pool = await create_pool(e2e_database_url, min_size=1, max_size=8)
-    provider = SimulatedProvider(pool)
-    task_queue = f"partial-auth-{uuid.uuid4()}"
-    try:
-        async with build_worker(
-            client, pool, fast_refund_settings(), provider=provider, task_queue=task_queue
-        ):
-            yield Stack(client, pool, Ledger(pool), provider, task_queue)
-    finally:
-        await pool.close()
+    async with worker_stack(
+        temporal_address, e2e_database_url, fast_refund_settings(), name="partial-auth", max_size=8
+    ) as stack:
+        yield stack
 
 
 def two_seller_order(order_id: str) -> dict[str, Any]:

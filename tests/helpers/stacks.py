@@ -29,6 +29,8 @@ from devstack.embedded import TemporalDevServer, free_port
 from infra.client import connect
 from infra.settings import Settings
 from ledger.db import create_pool
+from ledger.repository import Ledger
+from payments.provider import SimulatedProvider
 from workers.worker import build_worker
 from workflows.search_attributes import CLI_TYPES
 
@@ -146,5 +148,32 @@ async def api_stack(
             ) as http,
         ):
             yield ApiStack(app, http, keys, pool, client)
+    finally:
+        await pool.close()
+
+
+@dataclass
+class WorkerStack:
+    """The product's worker on a task queue of its own, on the module's servers."""
+
+    client: Client
+    pool: asyncpg.Pool
+    ledger: Ledger
+    provider: SimulatedProvider
+    task_queue: str
+
+
+@asynccontextmanager
+async def worker_stack(
+    temporal_address: str, database_url: str, settings: Settings, *, name: str, max_size: int = 8
+) -> AsyncIterator[WorkerStack]:
+    """A worker (`build_worker`) with the simulated provider, on the task queue `name-<uuid>`."""
+    client = await connect(temporal_address)
+    pool = await create_pool(database_url, min_size=1, max_size=max_size)
+    provider = SimulatedProvider(pool)
+    task_queue = f"{name}-{uuid.uuid4()}"
+    try:
+        async with build_worker(client, pool, settings, provider=provider, task_queue=task_queue):
+            yield WorkerStack(client, pool, Ledger(pool), provider, task_queue)
     finally:
         await pool.close()
