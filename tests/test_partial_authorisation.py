@@ -90,7 +90,9 @@ def two_seller_order(order_id: str) -> dict[str, Any]:
     }
 
 
-async def cancel(stack: Stack, order_id: str, seller_id: str) -> str:
+async def cancel(stack: Stack, order_id: str, seller_id: str, *, captured: bool = False) -> str:
+    """One seller's share cancelled to the end: instantly a void while the payment is only
+    authorised; once it is `captured`, the seller accepts and the share is refunded."""
     handle = await start_cancellation(
         stack.client,
         RequestCancellationInput(
@@ -101,10 +103,13 @@ async def cancel(stack: Stack, order_id: str, seller_id: str) -> str:
         ),
         task_queue=stack.task_queue,
     )
+    if captured:
+        await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
+        await handle.signal("seller_decision", {"seller_id": seller_id, "decision": "accept"})
     result = await handle.result()
     assert result.status is CancellationStatus.COMPLETED
     assert result.refund is not None
-    assert result.refund.kind is RefundKind.VOID
+    assert result.refund.kind is (RefundKind.REFUND if captured else RefundKind.VOID)
     assert result.refund.stage is RefundStage.CONFIRMED
     return handle.id
 
@@ -280,7 +285,7 @@ async def test_the_order_systems_capture_after_a_release_takes_what_is_left(stac
         refunded_minor=0,
     )
     # S-2 cancelled after the capture: a refund of its share, within what was captured.
-    second = await cancel_refunded(stack, order_id, "S-2")
+    second = await cancel(stack, order_id, "S-2", captured=True)
     assert await amounts(stack, second) == PaymentAmounts(
         payment_id=f"P-{order_id}",
         currency="EUR",
@@ -294,23 +299,3 @@ async def test_the_order_systems_capture_after_a_release_takes_what_is_left(stac
         await stack.pool.execute(
             "UPDATE payments SET captured_minor = 5700 WHERE order_id = $1", order_id
         )
-
-
-async def cancel_refunded(stack: Stack, order_id: str, seller_id: str) -> str:
-    """A cancellation of a captured payment's share: the seller accepts, the refund completes."""
-    handle = await start_cancellation(
-        stack.client,
-        RequestCancellationInput(
-            order_id=order_id,
-            seller_id=seller_id,
-            buyer_id="B-15",
-            reason=CancellationReason.ORDERED_BY_MISTAKE,
-        ),
-        task_queue=stack.task_queue,
-    )
-    await wait_for_status(handle, CancellationStatus.AWAITING_SELLER)
-    await handle.signal("seller_decision", {"seller_id": seller_id, "decision": "accept"})
-    result = await handle.result()
-    assert result.status is CancellationStatus.COMPLETED
-    assert result.refund is not None and result.refund.kind is RefundKind.REFUND
-    return handle.id
