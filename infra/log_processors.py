@@ -131,8 +131,23 @@ def _redact_all(text: str) -> str:
     return _CARD_CANDIDATE.sub(_mask_card, text)
 
 
+# Whether a key names a secret, by key: a service logs the same few dozen keys on every line.
+# Bounded, so that keys built from data (a mapping's keys) cannot grow it without limit.
+_SECRET_KEYS_SEEN: dict[str, bool] = {}
+_SECRET_KEYS_SEEN_MAX = 4096
+
+
+def _is_secret_key(key: str) -> bool:
+    secret = _SECRET_KEYS_SEEN.get(key)
+    if secret is None:
+        secret = _SECRET_KEY.match(key) is not None
+        if len(_SECRET_KEYS_SEEN) < _SECRET_KEYS_SEEN_MAX:
+            _SECRET_KEYS_SEEN[key] = secret
+    return secret
+
+
 def _redact_value(key: str | None, value: Any) -> Any:
-    if key is not None and _SECRET_KEY.match(key) and value not in (None, ""):
+    if key is not None and _is_secret_key(key) and value not in (None, ""):
         return REDACTED
     if isinstance(value, str):
         return redact_text(value)
@@ -144,11 +159,25 @@ def _redact_value(key: str | None, value: Any) -> Any:
 
 
 def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """Mask secrets and card numbers in every field (run after exceptions are formatted)."""
-    for key in list(event_dict):
+    """Mask secrets and card numbers in every field (run after exceptions are formatted).
+
+    A line's plain strings (most of its fields: ids, statuses, the event) are looked at in one
+    search, and one by one only when that finds something suspect: this runs on every line."""
+    strings: list[str] = []
+    for key, value in event_dict.items():
         if key.startswith("_"):  # the formatter's own bookkeeping (_record, _from_structlog)
             continue
-        event_dict[key] = _redact_value(key, event_dict[key])
+        if _is_secret_key(key):
+            if value not in (None, ""):
+                event_dict[key] = REDACTED
+        elif type(value) is str:
+            strings.append(key)
+        elif value is not None and not isinstance(value, int | float):
+            event_dict[key] = _redact_value(key, value)
+    # A newline cannot be part of a match: joined, the strings match only where one does.
+    if strings and _SUSPECT.search("\n".join(event_dict[k] for k in strings)) is not None:
+        for key in strings:
+            event_dict[key] = redact_text(event_dict[key])
     return event_dict
 
 

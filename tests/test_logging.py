@@ -118,6 +118,10 @@ def test_ids_of_reads_requests_and_models_holding_one() -> None:
     assert ids_of(request) == ids
     assert ids_of(OpenCancellationInput(cancellation_id="cancel-O-1-S-7", request=request)) == ids
     assert ids_of("not a model") == {}
+    # The workflow's input is untyped: it arrives as the JSON object.
+    assert ids_of(request.model_dump(mode="json")) == ids
+    assert ids_of({"request": request.model_dump(mode="json")}) == ids
+    assert ids_of({"order_id": 7, "request": "x"}) == {}
 
 
 def test_configured_json_lines_have_fields_and_no_secrets() -> None:
