@@ -61,18 +61,41 @@ STAGE_TEXT: dict[CancellationStatus, tuple[str, str]] = {
 }
 
 
+def _minute(at: datetime) -> str:
+    """`YYYY-MM-DD HH:MM`. The details are written on every status change, in the workflow's
+    sandbox, where `strftime` (an f-string's `:%Y`) imports `time` through the sandbox's import
+    hook on every call: `isoformat` does not."""
+    return at.isoformat(sep=" ", timespec="minutes")[:16]
+
+
+def _second(at: datetime) -> str:
+    """`YYYY-MM-DD HH:MM:SS` (see `_minute`)."""
+    return at.isoformat(sep=" ", timespec="seconds")[:19]
+
+
+def _day(at: datetime) -> str:
+    """`YYYY-MM-DD` (see `_minute`)."""
+    return at.date().isoformat()
+
+
 def escape_markdown(text: str) -> str:
     """`text` shown as itself in the Web UI, which renders details as Markdown: every ASCII
     punctuation character backslash-escaped (CommonMark allows it for all of them, and it
     breaks emphasis, links, images, raw HTML, headings, lists, tables and bare-URL autolinks),
     line breaks and other control characters as spaces. For everything a buyer, a seller, an
     operator or the provider wrote (issue 18)."""
-    return "".join(
-        "\\" + c
-        if c.isascii() and not c.isalnum() and c.isprintable() and c != " "
-        else (c if c.isprintable() else " ")
-        for c in text
-    )
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    return text.translate(_MARKDOWN_ESCAPES)
+
+
+# Every ASCII punctuation character, backslash-escaped (one `translate`: the details are
+# written on every status change).
+_MARKDOWN_ESCAPES = {
+    code: "\\" + chr(code)
+    for code in range(128)
+    if not chr(code).isalnum() and chr(code).isprintable() and chr(code) != " "
+}
 
 
 POLICY_TEXT: dict[TimeoutPolicy | None, str] = {
@@ -221,9 +244,7 @@ class Visibility:
         """Markdown for the Web UI: what is happening, since when, what comes next, ETA, error."""
         headline, next_step = STAGE_TEXT[self._status]
         if self._status is CancellationStatus.AWAITING_SELLER and self._deadline is not None:
-            next_step += (
-                f" by {self._deadline:%Y-%m-%d %H:%M} UTC; then {POLICY_TEXT[self._policy]}"
-            )
+            next_step += f" by {_minute(self._deadline)} UTC; then {POLICY_TEXT[self._policy]}"
         if self._status is CancellationStatus.COMPLETED and self._coupon_waiting:
             next_step = (
                 "end once the sibling cancellations "
@@ -244,11 +265,9 @@ class Visibility:
                     " then an operator retries (a new refund under a new key) or not"
                 )
         if self._status is CancellationStatus.REFUND_SUBMITTED and self._next_check is not None:
-            next_step += (
-                f" (next check {self._next_check:%Y-%m-%d %H:%M:%S} UTC, or on its webhook)"
-            )
+            next_step += f" (next check {_second(self._next_check)} UTC, or on its webhook)"
         lines = [
-            f"**{headline}** since {self._since:%Y-%m-%d %H:%M:%S} UTC",
+            f"**{headline}** since {_second(self._since)} UTC",
             f"Next: {next_step}",
         ]
         refund = self._refund
@@ -268,7 +287,7 @@ class Visibility:
                 RefundStage.SUBMITTED,
                 RefundStage.FAILED,
             ):
-                lines.append(f"ETA: {refund.eta.earliest:%Y-%m-%d} to {refund.eta.latest:%Y-%m-%d}")
+                lines.append(f"ETA: {_day(refund.eta.earliest)} to {_day(refund.eta.latest)}")
         if self._coupon is not None:
             lines.append(
                 f"Coupon: {self._coupon.outcome.value} ({escape_markdown(self._coupon.reason)})"
@@ -276,7 +295,7 @@ class Visibility:
         if self._message is not None:
             author, text, at = self._message
             lines.append(
-                f"Latest message: {escape_markdown(author)} at {at:%Y-%m-%d %H:%M:%S} UTC:"
+                f"Latest message: {escape_markdown(author)} at {_second(at)} UTC:"
                 f" {escape_markdown(text)}"
             )
         if self._last_error and self._status is CancellationStatus.REFUND_FAILED:
