@@ -17,11 +17,16 @@ Decoding stays a pure function of the payload's bytes (replay-safe).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import TypeAdapter
 from temporalio.api.common.v1 import Payload
-from temporalio.contrib.pydantic import PydanticPayloadConverter
+from temporalio.contrib.pydantic import (
+    PydanticJSONPlainPayloadConverter,
+    PydanticPayloadConverter,
+)
 from temporalio.converter import DataConverter
 
 from domain.errors import UndecodablePayload
@@ -29,7 +34,35 @@ from domain.errors import UndecodablePayload
 ERROR_LIMIT = 200
 
 
+# One cache of pydantic type adapters for the process. The SDK makes a payload converter for
+# every workflow run, each with a cache of its own, so each run built again the adapters of the
+# activity results it decodes (a few per cancellation, costly inside the sandbox). The types
+# are the product's models (passed through the sandbox: one class each for the process);
+# the bound keeps a class that is not (a type defined in a sandboxed module) from piling up.
+_shared_type_adapter = functools.lru_cache(maxsize=512)(TypeAdapter)
+
+
+class SharedAdapterJSONConverter(PydanticJSONPlainPayloadConverter):
+    """The SDK's pydantic JSON converter, with the process's type adapters."""
+
+    def from_payload(self, payload: Payload, type_hint: type | None = None) -> Any:
+        hint: Any = type_hint if type_hint is not None else Any
+        try:
+            adapter = _shared_type_adapter(hint)
+        except TypeError:  # an unhashable hint (or one pydantic refuses): as the SDK does it
+            return super().from_payload(payload, type_hint)
+        return adapter.validate_json(payload.data)
+
+
 class MessagePayloadConverter(PydanticPayloadConverter):
+    def __init__(self) -> None:
+        super().__init__()
+        json = SharedAdapterJSONConverter()
+        self.converters = {
+            encoding: json if isinstance(c, PydanticJSONPlainPayloadConverter) else c
+            for encoding, c in self.converters.items()
+        }
+
     def from_payloads(
         self, payloads: Sequence[Payload], type_hints: list[type] | None = None
     ) -> list[Any]:

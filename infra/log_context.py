@@ -49,10 +49,18 @@ _SEARCH_ATTRIBUTES = {"OrderId": "order_id", "SellerId": "seller_id", "BuyerId":
 
 def ids_of(value: Any) -> dict[str, str]:
     """The business ids of a workflow or activity input: `RequestCancellationInput`, or a
-    model holding one as `request` (`OpenCancellationInput`)."""
-    request = getattr(value, "request", value)
-    found = {name: getattr(request, name, None) for name in ID_FIELDS}
-    return {name: v for name, v in found.items() if isinstance(v, str)}
+    model holding one as `request` (`OpenCancellationInput`), or either as the JSON object the
+    workflow's untyped input decodes to (read once per run, not from the search attributes
+    on every activity it schedules)."""
+    if isinstance(value, Mapping):
+        request = value.get("request", value)
+        pairs = (
+            {name: request.get(name) for name in ID_FIELDS} if isinstance(request, Mapping) else {}
+        )
+    else:
+        request = getattr(value, "request", value)
+        pairs = {name: getattr(request, name, None) for name in ID_FIELDS}
+    return {name: v for name, v in pairs.items() if isinstance(v, str)}
 
 
 def _encode(ids: Mapping[str, str]) -> Payload:
@@ -144,10 +152,17 @@ class _WorkflowOutbound(WorkflowOutboundInterceptor):
     def __init__(self, next: WorkflowOutboundInterceptor, inbound: _WorkflowInbound) -> None:
         super().__init__(next)
         self._inbound = inbound
+        # The header of the ids last encoded: a run's ids do not change, and each activity it
+        # schedules carries them (one encoding per run instead of one per activity).
+        self._encoded: tuple[dict[str, str], Payload] | None = None
 
     def _with_ids(self, headers: Mapping[str, Payload]) -> Mapping[str, Payload]:
         ids = self._inbound.current_ids()
-        return {**headers, HEADER: _encode(ids)} if ids else headers
+        if not ids:
+            return headers
+        if self._encoded is None or self._encoded[0] != ids:
+            self._encoded = (dict(ids), _encode(ids))
+        return {**headers, HEADER: self._encoded[1]}
 
     def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
         input.headers = self._with_ids(input.headers)
