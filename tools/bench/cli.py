@@ -299,3 +299,30 @@ def sweep(
     if chart is not None:
         sweep_chart(result, chart)
     _write(result, as_json, out, lambda: console.print(sweep_table(result)))
+
+
+@bench_app.command()
+def replay(
+    rounds: Annotated[int, typer.Option(help="Replays of each history")] = 20,
+    tag: Annotated[
+        str, typer.Option(help="Which recorded generation of tests/histories/")
+    ] = "lean-and-drain",
+    history: Annotated[
+        list[str] | None, typer.Option(help="Only this history (e.g. instant); repeatable")
+    ] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="Write a cProfile of the workflow thread here")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON report here")] = None,
+) -> None:
+    """The workflow code's CPU per cancellation: replay the recorded histories through the
+    worker's sandbox, converter and interceptors, no server needed."""
+    from tools.bench.replay import replay_table, run_replay
+
+    try:
+        report = asyncio.run(run_replay(tag=tag, names=history, rounds=rounds, profile=profile))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console = Console(stderr=as_json)
+    _write(report, as_json, out, lambda: console.print(replay_table(report)))
