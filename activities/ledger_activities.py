@@ -150,6 +150,9 @@ class LedgerActivities:
     async def record_transition(self, params: TransitionInput) -> None:
         with ledger_call():
             created_at = await self._ledger.record_transition(params)
+        self._transition_recorded(params, created_at)
+
+    def _transition_recorded(self, params: TransitionInput, created_at: datetime) -> None:
         log.info(
             "transition_recorded", status=params.status.value, actor=params.actor, kind=params.kind
         )
@@ -183,33 +186,39 @@ class LedgerActivities:
                 now=datetime.now(UTC),
                 eta_table=self._eta_table,
             )
-        if record.view.stage is RefundStage.REQUESTED:
-            # The status change the workflow makes of it (its one log line, see
-            # `OrderCancellation._set_status`).
-            log.info(
-                "refund_requested",
-                status=CancellationStatus.REFUND_REQUESTED.value,
-                kind=record.view.kind.value,
-                amount_minor=record.view.amount.amount_minor,
-                currency=record.view.amount.currency,
-            )
+        _log_requested(record.view)
         return record.view
 
     @activity.defn
     async def approve_and_request_refund(self, params: ApproveInput) -> RefundView | None:
         """One business step: the approval (sub-order cancelled, audit row) and the refund it
-        calls for (dot 1), each in its own transaction, each once per event key (a retry writes
-        neither twice). None: approved, but the ledger refused to record the refund (e.g.
-        RefundLimitExceeded); the workflow then asks `request_refund`, which says why, and
-        parks (issue 18). A refusal of the approval itself fails the activity, as
-        `record_transition` does."""
-        await self.record_transition(params.transition)
-        try:
-            return await self.request_refund(params.refund)
-        except ApplicationError as err:
-            if not err.non_retryable:
-                raise
+        calls for (dot 1), in one ledger round trip and transaction (migration 014), each
+        written once per event key (a retry writes neither twice). None: approved, but the
+        ledger refused to record the refund (e.g. RefundLimitExceeded); the workflow then asks
+        `request_refund`, which says why, and parks (issue 18). A refusal of the approval
+        itself fails the activity, as `record_transition` does."""
+        transition = params.transition
+        if params.refund.cancellation_id != transition.cancellation_id:
+            # Not what the workflow sends; each on its own then, as they name them.
+            await self.record_transition(transition)
+            try:
+                return await self.request_refund(params.refund)
+            except ApplicationError as err:
+                if not err.non_retryable:
+                    raise
+                return None
+        with ledger_call():
+            created_at, record = await self._ledger.approve_and_request_refund(
+                transition,
+                event_key=params.refund.event_key,
+                now=datetime.now(UTC),
+                eta_table=self._eta_table,
+            )
+        self._transition_recorded(transition, created_at)
+        if isinstance(record, LedgerError):
             return None
+        _log_requested(record.view)
+        return record.view
 
     @activity.defn
     async def complete_with_coupon(self, params: CompleteInput) -> CouponDecision:
@@ -297,6 +306,19 @@ class LedgerActivities:
         log.warning("refund_parked", error=params.error, passes=passes)
         self._metrics.refund_parked(reason=failure_reason(params.error))
         return record.view
+
+
+def _log_requested(refund: RefundView) -> None:
+    if refund.stage is RefundStage.REQUESTED:
+        # The status change the workflow makes of it (its one log line, see
+        # `OrderCancellation._set_status`).
+        log.info(
+            "refund_requested",
+            status=CancellationStatus.REFUND_REQUESTED.value,
+            kind=refund.kind.value,
+            amount_minor=refund.amount.amount_minor,
+            currency=refund.amount.currency,
+        )
 
 
 def _scheduled_time() -> datetime:

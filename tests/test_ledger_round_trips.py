@@ -17,8 +17,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.exceptions import ApplicationError
 
-from activities.ledger_activities import LedgerActivities
+from activities.ledger_activities import ApproveInput, LedgerActivities
 from activities.refund_activities import RefundActivities
 from devstack.demo import DEMO_FILE
 from domain.errors import CancellationNotFound
@@ -28,6 +29,7 @@ from domain.models import (
     CancellationStatus,
     CouponOutcomeKind,
     EtaRange,
+    Money,
     RefundPolicy,
     RefundRequestInput,
     RefundStage,
@@ -154,8 +156,9 @@ async def test_each_stage_is_one_round_trip_and_metrics_read_nothing(counted: Co
 
     counted.reset()
     await ledger_acts.request_refund(RefundRequestInput(cancellation_id=CID, event_key="r"))
-    # BEGIN, payment locked, live refund looked up under that lock, the intent, COMMIT.
-    assert await counted.ledger_totals() == (5, 1)
+    # One call of `ledger_request_refund` (migration 014; 5 round trips before issue 19:
+    # BEGIN, payment locked, live refund looked up under that lock, the intent, COMMIT).
+    assert await counted.ledger_totals() == (1, 1)
 
     counted.reset()
     await refund_acts.submit_refund(step)
@@ -177,6 +180,132 @@ async def test_each_stage_is_one_round_trip_and_metrics_read_nothing(counted: Co
     assert kinds == ["seller_decided", "refund_stage_reached", "refund_stage_reached"]
     assert all(labels["seconds"] >= 0 for _, labels in metrics.seen)
     assert [labels.get("stage") for _, labels in metrics.seen[1:]] == ["submitted", "confirmed"]
+
+
+def ledger_activities(counted: Counted, metrics: BusinessMetrics | None = None) -> LedgerActivities:
+    return LedgerActivities(
+        counted.ledger,
+        response_window=timedelta(hours=48),
+        timeout_policy=TimeoutPolicy.AUTO_APPROVE,
+        refund_policy=RefundPolicy(),
+        metrics=metrics or BusinessMetrics(),
+    )
+
+
+APPROVAL = ApproveInput(
+    transition=transition(CancellationStatus.APPROVED, "approved", cancel=True),
+    refund=RefundRequestInput(cancellation_id=CID, event_key="refund-requested"),
+)
+
+
+async def test_the_approval_and_its_refund_are_one_round_trip_written_once(
+    counted: Counted,
+) -> None:
+    """`approve_and_request_refund`: the approval and the refund's intent in one call of
+    `ledger_request_refund` (migration 014; 1 + 5 round trips before issue 19), written in the
+    order they were before (the approval's audit row first); a retried attempt writes nothing
+    again and returns the same refund."""
+    metrics = RecordedMetrics()
+    acts = ledger_activities(counted, metrics)
+    await open_request(counted.ledger)
+    counted.reset()
+    first = await acts.approve_and_request_refund(APPROVAL)
+    assert await counted.ledger_totals() == (1, 1)
+    assert first is not None and first.stage is RefundStage.REQUESTED
+    assert first.idempotency_key == refund_idempotency_key(CID)
+    paid = Money(amount_minor=6589, currency="EUR")
+    assert first.amount == paid
+    assert [name for name, _ in metrics.seen] == ["seller_decided"]
+    detail = await counted.pool.fetchval(
+        "SELECT detail FROM cancellation_events WHERE cancellation_id = $1 AND event_key = $2",
+        CID,
+        "refund-requested",
+    )
+    assert detail == f"refund of {paid} requested"  # the text Ledger.request_refund wrote
+    row = await counted.pool.fetchrow(
+        "SELECT c.status, s.status AS sub, p.refunded_minor,"
+        " (SELECT count(*) FROM refunds r WHERE r.cancellation_id = c.cancellation_id) AS refunds"
+        " FROM cancellations c JOIN sub_orders s USING (order_id, seller_id)"
+        " JOIN payments p USING (order_id) WHERE cancellation_id = $1",
+        CID,
+    )
+    assert dict(row) == {
+        "status": "refund_requested",
+        "sub": "cancelled",
+        "refunded_minor": 6589,
+        "refunds": 1,
+    }
+
+    again = await acts.approve_and_request_refund(APPROVAL)
+    assert again == first
+    assert await audit(counted.pool) == [
+        ("000-requested", "requested"),
+        ("001-path", "awaiting_seller"),
+        ("approved", "approved"),
+        ("refund-requested", "refund_requested"),
+    ]
+    assert await counted.pool.fetchval("SELECT count(*) FROM refunds") == 1
+    assert (
+        await counted.pool.fetchval(
+            "SELECT refunded_minor FROM payments WHERE payment_id = 'P-1002'"
+        )
+        == 6589
+    )
+
+
+async def test_an_approval_whose_refund_is_refused_is_recorded_without_it(
+    counted: Counted,
+) -> None:
+    """The ledger refuses the refund (more than is left of the payment): the approval is
+    recorded all the same and nothing of the refund is; `request_refund` then says why, with the
+    error type and text the workflow parks with."""
+    acts = ledger_activities(counted)
+    await open_request(counted.ledger)
+    await counted.pool.execute(
+        "UPDATE payments SET refunded_minor = amount_minor - 6588 WHERE payment_id = 'P-1002'"
+    )
+    assert await acts.approve_and_request_refund(APPROVAL) is None
+    assert await audit(counted.pool) == [
+        ("000-requested", "requested"),
+        ("001-path", "awaiting_seller"),
+        ("approved", "approved"),
+    ]
+    with pytest.raises(ApplicationError) as refused:
+        await acts.request_refund(APPROVAL.refund)
+    assert refused.value.type == "RefundLimitExceeded"
+    assert refused.value.non_retryable
+    assert str(refused.value) == (
+        "RefundLimitExceeded: refunding 65.89 EUR would exceed payment P-1002"
+    )
+    row = await counted.pool.fetchrow(
+        "SELECT c.status, s.status AS sub, p.refunded_minor, p.amount_minor,"
+        " (SELECT count(*) FROM refunds r WHERE r.cancellation_id = c.cancellation_id) AS refunds"
+        " FROM cancellations c JOIN sub_orders s USING (order_id, seller_id)"
+        " JOIN payments p USING (order_id) WHERE cancellation_id = $1",
+        CID,
+    )
+    assert (row["status"], row["sub"], row["refunds"]) == ("approved", "cancelled", 0)
+    assert row["refunded_minor"] == row["amount_minor"] - 6588
+
+
+async def test_an_approval_of_an_unknown_cancellation_fails_and_writes_nothing(
+    counted: Counted,
+) -> None:
+    acts = ledger_activities(counted)
+    unknown = "cancel-nope"
+    before = await counted.pool.fetchval("SELECT count(*) FROM cancellation_events")
+    with pytest.raises(ApplicationError) as refused:
+        await acts.approve_and_request_refund(
+            ApproveInput(
+                transition=APPROVAL.transition.model_copy(update={"cancellation_id": unknown}),
+                refund=RefundRequestInput(cancellation_id=unknown, event_key="r"),
+            )
+        )
+    assert (refused.value.type, str(refused.value)) == (
+        "CancellationNotFound",
+        f"CancellationNotFound: {unknown}",
+    )
+    assert await counted.pool.fetchval("SELECT count(*) FROM cancellation_events") == before
 
 
 async def test_opening_is_one_round_trip_and_reopening_three(counted: Counted) -> None:
