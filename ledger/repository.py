@@ -547,7 +547,7 @@ class Ledger:
             event_key,
             "provider",
             "refund_submitted",
-            f"accepted by the provider as {provider_ref}",
+            _submitted_detail(provider_ref),
             provider_ref,
             eta.earliest,
             eta.latest,
@@ -555,6 +555,33 @@ class Ledger:
         if row is None:
             raise CancellationNotFound(f"no refund for {cancellation_id}")
         return _refund_record(row)
+
+    async def record_refund_submitted_and_confirmed(
+        self,
+        *,
+        cancellation_id: str,
+        provider_ref: str,
+        eta: EtaRange,
+        event_key: str,
+        confirm_event_key: str,
+    ) -> tuple[RefundRecord, RefundStage]:
+        """`record_refund_submitted`, then `record_refund_confirmed` when the refund was left
+        `submitted` by it, in one round trip and one transaction (migration 015), each with its
+        audit row once per its event key. For a refund the provider settled when it was created.
+        Returns the refund as it stands and the stage the submission left it in."""
+        row = await self._pool.fetchrow(
+            "SELECT * FROM ledger_refund_submitted_and_confirmed($1, $2, $3, $4, $5, $6, $7)",
+            cancellation_id,
+            provider_ref,
+            eta.earliest,
+            eta.latest,
+            event_key,
+            _submitted_detail(provider_ref),
+            confirm_event_key,
+        )
+        if row is None:
+            raise CancellationNotFound(f"no refund for {cancellation_id}")
+        return _refund_record(row), RefundStage(row["submitted_stage"])
 
     async def count_provider_call(self, *, idempotency_key: str) -> int | None:
         """A call to create this refund that the provider failed or refused: `attempts` counts
@@ -1198,6 +1225,10 @@ def _refund_record(row: asyncpg.Record) -> RefundRecord:
         submitted_at=row["submitted_at"],
         confirmed_at=row["confirmed_at"],
     )
+
+
+def _submitted_detail(provider_ref: str) -> str:
+    return f"accepted by the provider as {provider_ref}"
 
 
 class _RefusedAfterTransition(Exception):

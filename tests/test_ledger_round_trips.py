@@ -20,7 +20,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities.ledger_activities import ApproveInput, LedgerActivities
-from activities.refund_activities import RefundActivities
+from activities.refund_activities import RefundActivities, SubmitRefundInput
 from devstack.demo import DEMO_FILE
 from domain.errors import CancellationNotFound
 from domain.models import (
@@ -306,6 +306,70 @@ async def test_an_approval_of_an_unknown_cancellation_fails_and_writes_nothing(
         f"CancellationNotFound: {unknown}",
     )
     assert await counted.pool.fetchval("SELECT count(*) FROM cancellation_events") == before
+
+
+async def test_a_refund_settled_at_once_is_submitted_and_confirmed_in_one_round_trip(
+    counted: Counted,
+) -> None:
+    """`submit_refund_and_confirm` with a provider that answers synchronously with success:
+    the refund's read, the provider's call, then dot 2 and dot 3 in one call of
+    `ledger_refund_submitted_and_confirmed` (migration 015; two round trips before issue 19).
+    Each stage keeps its audit row (once per its event key), its outbound event (dot 2 while the
+    refund stood submitted, then dot 3), its timestamp and its duration metric; a retried attempt
+    writes nothing again."""
+    metrics = RecordedMetrics()
+    acts = ledger_activities(counted, metrics)
+    provider = SimulatedProvider(counted.pool, settle_at_once=True)
+    refunds = RefundActivities(counted.ledger, provider, metrics=metrics)
+    await open_request(counted.ledger)
+    await acts.approve_and_request_refund(APPROVAL)
+    step = SubmitRefundInput(
+        cancellation_id=CID,
+        idempotency_key=refund_idempotency_key(CID),
+        event_key="refund-submitted",
+        confirm_event_key="refund-confirmed",
+    )
+    counted.reset()
+    metrics.seen.clear()
+    confirmed = await refunds.submit_refund_and_confirm(step)
+    assert await counted.ledger_totals() == (2, 2)  # the refund read, both stages
+    assert confirmed.stage is RefundStage.CONFIRMED
+    assert confirmed.provider_ref is not None and confirmed.eta is not None
+    assert [labels["stage"] for _, labels in metrics.seen] == ["submitted", "confirmed"]
+    assert all(labels["seconds"] >= 0 for _, labels in metrics.seen)
+
+    again = await refunds.submit_refund_and_confirm(step)
+    assert again == confirmed
+    assert (await audit(counted.pool))[-3:] == [
+        ("refund-requested", "refund_requested"),
+        ("refund-submitted", "refund_submitted"),
+        ("refund-confirmed", "refund_confirmed"),
+    ]
+    row = await counted.pool.fetchrow(
+        "SELECT c.status, r.stage, r.attempts, r.provider_ref,"
+        " r.requested_at <= r.submitted_at AND r.submitted_at <= r.confirmed_at AS in_order"
+        " FROM cancellations c JOIN refunds r USING (cancellation_id)"
+        " WHERE cancellation_id = $1",
+        CID,
+    )
+    assert dict(row) == {
+        "status": "refund_confirmed",
+        "stage": "confirmed",
+        "attempts": 1,
+        "provider_ref": confirmed.provider_ref,
+        "in_order": True,
+    }
+    events = await counted.pool.fetch(
+        "SELECT o.type, o.data->>'stage' AS stage, o.data->>'status' AS status"
+        " FROM outbox o WHERE o.cancellation_id = $1 AND o.type = 'refund.stage_changed'"
+        " ORDER BY o.id",
+        CID,
+    )
+    assert [(e["stage"], e["status"]) for e in events] == [
+        ("requested", "refund_requested"),
+        ("submitted", "refund_submitted"),
+        ("confirmed", "refund_confirmed"),
+    ]
 
 
 async def test_opening_is_one_round_trip_and_reopening_three(counted: Counted) -> None:
