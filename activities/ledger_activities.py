@@ -222,9 +222,26 @@ class LedgerActivities:
 
     @activity.defn
     async def complete_with_coupon(self, params: CompleteInput) -> CouponDecision:
-        """One business step: the coupon decision (R11) and the completion after it."""
-        decision = await self.restore_coupon(params.coupon)
-        await self.record_transition(params.transition)
+        """One business step: the coupon decision (R11) and the completion after it. No coupon
+        paid for the sub-order (most orders): both in one ledger round trip and transaction
+        (migration 016). A coupon: decided as `restore_coupon` decides, then the completion."""
+        coupon, transition = params.coupon, params.transition
+        if coupon.again or coupon.cancellation_id != transition.cancellation_id:
+            decision = await self.restore_coupon(coupon)
+        else:
+            with ledger_call():
+                decided, created_at = await self._ledger.decide_coupon_and_complete(
+                    cancellation_id=coupon.cancellation_id,
+                    event_key=coupon.event_key,
+                    transition=transition,
+                )
+            if decided is not None and created_at is not None:
+                # No coupon: no sibling to wait on or tell, nothing to read again.
+                self._observe_coupon(decided)
+                self._transition_recorded(transition, created_at)
+                return CouponDecision(outcome=decided, waiting_on=[], notify=[])
+            decision = await self._restore_coupon(coupon, decided=decided, decide=decided is None)
+        await self.record_transition(transition)
         return decision
 
     @activity.defn
@@ -232,9 +249,14 @@ class LedgerActivities:
         """The coupon decision of this refund (made once; called again, it reads it), with the
         siblings it may wait on or concern, and the outcome as it stands after both reads (a
         sibling that restored the coupon meanwhile shows)."""
+        return await self._restore_coupon(params, decided=None, decide=not params.again)
+
+    async def _restore_coupon(
+        self, params: CouponInput, *, decided: CouponOutcome | None, decide: bool
+    ) -> CouponDecision:
+        """`restore_coupon`, the decision made now (`decide`) or already read (`decided`)."""
         with ledger_call():
-            decided = None
-            if not params.again:
+            if decide:
                 decided = await self._ledger.decide_coupon(
                     cancellation_id=params.cancellation_id, event_key=params.event_key
                 )

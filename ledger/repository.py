@@ -10,7 +10,7 @@ around the call (R9).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -909,6 +909,42 @@ class Ledger:
                 f"coupon_{outcome.outcome.value}",
             )
             return outcome
+
+    async def decide_coupon_and_complete(
+        self, *, cancellation_id: str, event_key: str, transition: TransitionInput
+    ) -> tuple[CouponOutcome | None, datetime | None]:
+        """The coupon decision of a sub-order no coupon paid for and the transition after it
+        (the completion), in one round trip and one transaction (migration 016), each audit row
+        once per its event key. Returns the decision (None: a coupon paid for the sub-order and
+        it is not decided yet; `decide_coupon` decides it, nothing was written) and, when the
+        transition was written, the cancellation's creation time (None: a coupon decision,
+        whose siblings are read before the transition)."""
+        no_coupon = decide_coupon(
+            redemption_id=None, footprint_fully_refunded={}, expires_at=None, now=datetime.now(UTC)
+        )
+        row = await self._pool.fetchrow(
+            "SELECT * FROM ledger_decide_coupon($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            cancellation_id,
+            event_key,
+            no_coupon.outcome.value,
+            no_coupon.reason,
+            transition.status.value,
+            transition.cancel_sub_order,
+            transition.event_key,
+            transition.actor,
+            transition.kind,
+            transition.detail,
+        )
+        assert row is not None  # the function always returns one row
+        match row["result"]:
+            case "not_found":
+                raise CancellationNotFound(cancellation_id)
+            case "coupon":
+                return None, None
+            case "decided" | "existing":
+                return _coupon_outcome(row), row["created_at"]
+            case other:
+                raise AssertionError(f"unknown result {other!r} of ledger_decide_coupon")
 
     async def coupon_siblings(self, *, cancellation_id: str) -> tuple[list[str], list[str]]:
         """The other cancellations of this sub-order's coupon footprint (R11): those whose

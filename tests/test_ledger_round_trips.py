@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from activities.ledger_activities import ApproveInput, LedgerActivities
+from activities.ledger_activities import ApproveInput, CompleteInput, LedgerActivities
 from activities.refund_activities import RefundActivities, SubmitRefundInput
 from devstack.demo import DEMO_FILE
 from domain.errors import CancellationNotFound
@@ -27,6 +27,7 @@ from domain.models import (
     CancellationPath,
     CancellationReason,
     CancellationStatus,
+    CouponInput,
     CouponOutcomeKind,
     EtaRange,
     Money,
@@ -420,6 +421,128 @@ async def test_the_coupon_decision_is_six_round_trips_and_decided_once(counted: 
         "SELECT count(*) FROM coupon_decisions WHERE cancellation_id = $1", CID
     )
     assert decisions == 1
+
+
+def completion(cid: str) -> CompleteInput:
+    return CompleteInput(
+        coupon=CouponInput(cancellation_id=cid, event_key="coupon"),
+        transition=TransitionInput(
+            cancellation_id=cid,
+            status=CancellationStatus.COMPLETED,
+            actor="system",
+            kind="completed",
+            event_key="completed",
+        ),
+    )
+
+
+async def settled(
+    acts: LedgerActivities, counted: Counted, order_id: str, seller_id: str, buyer_id: str
+) -> str:
+    """A validated sub-order's cancellation approved, its refund requested and confirmed."""
+    cid = cancellation_id(order_id, seller_id)
+    opened = await counted.ledger.open_cancellation(
+        cancellation_id=cid,
+        request=REQUEST.model_copy(
+            update={"order_id": order_id, "seller_id": seller_id, "buyer_id": buyer_id}
+        ),
+    )
+    assert opened.path is CancellationPath.REQUEST
+    approval = ApproveInput(
+        transition=transition(CancellationStatus.APPROVED, "approved", cancel=True).model_copy(
+            update={"cancellation_id": cid}
+        ),
+        refund=RefundRequestInput(cancellation_id=cid, event_key="refund-requested"),
+    )
+    assert await acts.approve_and_request_refund(approval) is not None
+    refunds = RefundActivities(counted.ledger, SimulatedProvider(counted.pool, settle_at_once=True))
+    confirmed = await refunds.submit_refund_and_confirm(
+        SubmitRefundInput(
+            cancellation_id=cid,
+            idempotency_key=refund_idempotency_key(cid),
+            event_key="refund-submitted",
+            confirm_event_key="refund-confirmed",
+        )
+    )
+    assert confirmed.stage is RefundStage.CONFIRMED
+    return cid
+
+
+async def test_without_a_coupon_the_decision_and_the_completion_are_one_round_trip(
+    counted: Counted,
+) -> None:
+    """`complete_with_coupon` of a sub-order no coupon paid for: one call of
+    `ledger_decide_coupon` (migration 016; 6 + 1 round trips before issue 19): the decision with
+    its audit row, then the completion with its own; a retried attempt decides nothing again
+    and writes no row twice."""
+    acts = ledger_activities(counted)
+    await settled(acts, counted, "O-1002", "S-7", "B-502")
+    counted.reset()
+    first = await acts.complete_with_coupon(completion(CID))
+    assert await counted.ledger_totals() == (1, 1)
+    assert first.outcome.outcome is CouponOutcomeKind.NO_COUPON
+    assert first.outcome.reason == "no coupon paid for this sub-order"
+    assert (first.waiting_on, first.notify) == ([], [])
+
+    again = await acts.complete_with_coupon(completion(CID))
+    assert again == first
+    assert (await audit(counted.pool))[-2:] == [
+        ("coupon", "coupon_no_coupon"),
+        ("completed", "completed"),
+    ]
+    row = await counted.pool.fetchrow(
+        "SELECT c.status, (SELECT count(*) FROM coupon_decisions d"
+        " WHERE d.cancellation_id = c.cancellation_id) AS decisions"
+        " FROM cancellations c WHERE cancellation_id = $1",
+        CID,
+    )
+    assert (row["status"], row["decisions"]) == ("completed", 1)
+    # The decision's event was written while the cancellation stood where the refund left it.
+    event = await counted.pool.fetchrow(
+        "SELECT data->>'outcome' AS outcome, data->>'status' AS status FROM outbox"
+        " WHERE cancellation_id = $1 AND type = 'coupon.decided'",
+        CID,
+    )
+    assert (event["outcome"], event["status"]) == ("no_coupon", "refund_confirmed")
+
+
+async def test_with_a_coupon_the_completion_decides_as_before_and_restores_it_once(
+    counted: Counted,
+) -> None:
+    """O-2001: both sub-orders a coupon paid for are fully refunded, then complete together:
+    the coupon is decided under the redemption's lock as before (R11), given back exactly once,
+    and each completion follows its decision."""
+    acts = ledger_activities(counted)
+    first_id = await settled(acts, counted, "O-2001", "S-7", "B-601")
+    second_id = await settled(acts, counted, "O-2001", "S-8", "B-601")
+    decisions = await asyncio.gather(
+        acts.complete_with_coupon(completion(first_id)),
+        acts.complete_with_coupon(completion(second_id)),
+    )
+    assert [d.outcome.outcome for d in decisions] == [CouponOutcomeKind.RESTORED] * 2
+    assert [d.outcome.redemption_id for d in decisions] == ["R-2001"] * 2
+    restored = await counted.pool.fetch(
+        "SELECT cancellation_id FROM coupon_decisions WHERE performed_restore"
+    )
+    assert len(restored) == 1
+    restored_by = await counted.pool.fetchval(
+        "SELECT restored_by FROM coupon_redemptions WHERE redemption_id = 'R-2001'"
+    )
+    assert restored_by == restored[0]["cancellation_id"]
+    for cid in (first_id, second_id):
+        rows = await counted.pool.fetch(
+            "SELECT event_key, kind FROM cancellation_events WHERE cancellation_id = $1"
+            " AND event_key IN ('coupon', 'completed') ORDER BY event_id",
+            cid,
+        )
+        assert [(r["event_key"], r["kind"]) for r in rows] == [
+            ("coupon", "coupon_restored"),
+            ("completed", "completed"),
+        ]
+        status = await counted.pool.fetchval(
+            "SELECT status FROM cancellations WHERE cancellation_id = $1", cid
+        )
+        assert status == "completed"
 
 
 async def test_a_repeated_transition_writes_one_audit_row(counted: Counted) -> None:
