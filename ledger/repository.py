@@ -1278,12 +1278,12 @@ class _RefusedAfterTransition(Exception):
 
 def _eta_choices(
     now: datetime, eta_table: Mapping[str, tuple[int, int, bool]]
-) -> tuple[list[str], list[datetime], list[datetime]]:
+) -> tuple[list[str], list[str], list[str]]:
     """The refund's ETA for each key of the ETA table (`void`, or a payment method), from one
-    moment: `ledger_request_refund` picks the one of the refund it records."""
+    moment, as ISO 8601 texts: `ledger_request_refund` picks the one of the refund it records."""
     keys: list[str] = []
-    earliest: list[datetime] = []
-    latest: list[datetime] = []
+    earliest: list[str] = []
+    latest: list[str] = []
     for key in eta_table:
         if key == RefundKind.VOID.value:
             eta = refund_eta(PaymentMethod.CARD, RefundKind.VOID, now, eta_table)
@@ -1292,12 +1292,17 @@ def _eta_choices(
         else:
             continue
         keys.append(key)
-        earliest.append(eta.earliest)
-        latest.append(eta.latest)
+        earliest.append(_iso(eta.earliest))
+        latest.append(_iso(eta.latest))
     return keys, earliest, latest
 
 
 _METHODS = frozenset(m.value for m in PaymentMethod)
+
+
+def _iso(at: datetime) -> str:
+    """A moment as PostgreSQL reads it back exactly (naive: UTC, as asyncpg takes it)."""
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).isoformat()
 
 
 def _refuse_a_repeat(declined: RefundRecord, kind: RefundKind, amount_minor: int) -> None:

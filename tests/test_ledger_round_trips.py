@@ -31,6 +31,8 @@ from domain.models import (
     CouponOutcomeKind,
     EtaRange,
     Money,
+    PaymentMethod,
+    RefundKind,
     RefundPolicy,
     RefundRequestInput,
     RefundStage,
@@ -39,7 +41,12 @@ from domain.models import (
     TimeoutPolicy,
     TransitionInput,
 )
-from domain.rules import DEFAULT_ETA_TABLE, cancellation_id, refund_idempotency_key
+from domain.rules import (
+    DEFAULT_ETA_TABLE,
+    cancellation_id,
+    refund_eta,
+    refund_idempotency_key,
+)
 from infra.metrics import BusinessMetrics
 from ledger.db import create_pool, migrate, migration_files
 from ledger.orders import load_orders, parse_orders_file
@@ -252,6 +259,29 @@ async def test_the_approval_and_its_refund_are_one_round_trip_written_once(
         )
         == 6589
     )
+
+
+async def test_the_refund_gets_the_kind_key_and_eta_the_rules_give(counted: Counted) -> None:
+    """`ledger_request_refund` picks the refund's kind (R2), key (R9) and ETA (R8) in SQL from
+    what Python computed or would compute: the same values, to the microsecond."""
+    at = datetime(2026, 12, 4, 17, 30, 12, 345678, tzinfo=UTC)  # a Friday
+    instant = cancellation_id("O-1001", "S-7")  # authorised: a void
+    await counted.ledger.open_cancellation(
+        cancellation_id=instant,
+        request=REQUEST.model_copy(update={"order_id": "O-1001", "buyer_id": "B-501"}),
+    )
+    await open_request(counted.ledger)
+    await counted.ledger.record_transition(transition(CancellationStatus.APPROVED, "a"))
+    for cid, method, kind in (
+        (instant, PaymentMethod.CARD, RefundKind.VOID),
+        (CID, PaymentMethod.CARD, RefundKind.REFUND),
+    ):
+        record = await counted.ledger.request_refund(
+            cancellation_id=cid, event_key="r", now=at, eta_table=DEFAULT_ETA_TABLE
+        )
+        assert record.view.kind is kind
+        assert record.view.idempotency_key == refund_idempotency_key(cid)
+        assert record.view.eta == refund_eta(method, kind, at, DEFAULT_ETA_TABLE)
 
 
 async def test_an_approval_whose_refund_is_refused_is_recorded_without_it(

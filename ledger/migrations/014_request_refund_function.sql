@@ -39,8 +39,9 @@ CREATE FUNCTION ledger_request_refund(
     p_event_key         text,
     p_status            text,
     p_eta_keys          text[],
-    p_eta_earliest      timestamptz[],
-    p_eta_latest        timestamptz[],
+    -- ISO 8601 texts (a text[] is one of the types asyncpg knows without asking the server).
+    p_eta_earliest      text[],
+    p_eta_latest        text[],
     p_declined_checked  int,
     -- The transition written first (NULL p_t_status: none).
     p_t_status          text,
@@ -173,7 +174,7 @@ BEGIN
         p_cancellation_id || ':refund-submit'
             || CASE WHEN v_gen = 1 THEN '' ELSE '-' || v_gen::text END,
         p_cancellation_id, sub.payment_id, v_kind, sub.cash_minor, sub.currency, 'requested',
-        p_eta_earliest[v_at], p_eta_latest[v_at], v_gen)
+        p_eta_earliest[v_at]::timestamptz, p_eta_latest[v_at]::timestamptz, v_gen)
     RETURNING * INTO made;
     UPDATE cancellations c SET status = p_status, updated_at = clock_timestamp()
     WHERE c.cancellation_id = p_cancellation_id;
