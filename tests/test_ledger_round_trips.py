@@ -51,7 +51,8 @@ from infra.metrics import BusinessMetrics
 from ledger.db import create_pool, migrate, migration_files
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
-from payments.provider import SimulatedProvider
+from domain.errors import ProviderFinalError, ProviderTransientError
+from payments.provider import SimulatedProvider, SimulatorSettings
 from tools.bench.sql_counter import SqlCounter, counting_pool
 
 CID = cancellation_id("O-1002", "S-7")  # payment validated: the request path
@@ -573,6 +574,90 @@ async def test_with_a_coupon_the_completion_decides_as_before_and_restores_it_on
             "SELECT status FROM cancellations WHERE cancellation_id = $1", cid
         )
         assert status == "completed"
+
+
+async def provider_totals(counted: Counted) -> tuple[int, int]:
+    await asyncio.sleep(0.05)
+    totals = counted.counter.snapshot()
+    return totals.get("provider_sim.statements", 0), totals.get("provider_sim.transactions", 0)
+
+
+async def test_a_void_at_the_simulator_is_one_round_trip_released_once(counted: Counted) -> None:
+    """The simulator's void of a payment without faults: one call of `provider_sim.create_refund`
+    (migration 017; ten round trips before issue 19). It releases the share once (R15), a
+    repeated call with the key returns the same refund, concurrent first calls with the same key
+    make one refund and one release, and a release the authorisation cannot give is refused."""
+    provider = SimulatedProvider(counted.pool)
+    share = Money(amount_minor=2041 + 499, currency="EUR")
+    # A first call reads the settings: the calls within a second after it need no read.
+    await provider.create_refund(
+        idempotency_key="k-0", payment_id="P-1002", kind=RefundKind.REFUND, amount=share
+    )
+    counted.reset()
+    made = await asyncio.gather(
+        *(
+            provider.create_refund(
+                idempotency_key="k-1", payment_id="P-1001", kind=RefundKind.VOID, amount=share
+            )
+            for _ in range(3)
+        )
+    )
+    assert await provider_totals(counted) == (3, 3)  # one statement each
+    assert len({m.provider_ref for m in made}) == 1
+    assert {m.status.value for m in made} == {"succeeded"}
+    held = await provider.authorisation("P-1001")
+    assert held is not None
+    assert (held["released_minor"], held["status"]) == (share.amount_minor, "voided")
+    calls = await counted.pool.fetch(
+        "SELECT outcome FROM provider_sim.calls WHERE idempotency_key = 'k-1' ORDER BY call_id"
+    )
+    assert [c["outcome"] for c in calls] == ["created", "replayed", "replayed"]
+
+    with pytest.raises(ProviderFinalError) as refused:
+        await provider.create_refund(
+            idempotency_key="k-2", payment_id="P-1001", kind=RefundKind.VOID, amount=share
+        )
+    assert refused.value.code == "release_exceeds_authorisation"
+    with pytest.raises(ProviderFinalError) as reused:
+        await provider.create_refund(
+            idempotency_key="k-1", payment_id="P-1001", kind=RefundKind.REFUND, amount=share
+        )
+    assert reused.value.code == "idempotency_key_reused"
+    outcomes = await counted.pool.fetch(
+        "SELECT outcome FROM provider_sim.calls WHERE idempotency_key IN ('k-1', 'k-2')"
+        " ORDER BY call_id DESC LIMIT 2"
+    )
+    assert [c["outcome"] for c in outcomes] == ["mismatch", "refused"]
+    held = await provider.authorisation("P-1001")
+    assert held is not None and held["released_minor"] == share.amount_minor
+
+
+async def test_settings_changed_elsewhere_apply_from_the_call_after_the_next(
+    counted: Counted,
+) -> None:
+    """Each refund call reads the provider-wide settings with its own statement: a change
+    another process makes (`ordercancel provider settings`) applies from the call after the
+    first one that saw it (and within a second in any case, as before), with no statement of
+    its own while calls come in."""
+    worker = SimulatedProvider(counted.pool)
+    operator = SimulatedProvider(counted.pool)
+    money = Money(amount_minor=100, currency="EUR")
+
+    async def refund(key: str) -> None:
+        await worker.create_refund(
+            idempotency_key=key, payment_id="P-1002", kind=RefundKind.REFUND, amount=money
+        )
+
+    await refund("s-1")
+    await operator.set_settings(SimulatorSettings(transient_rate=1.0))
+    counted.reset()
+    await refund("s-2")  # its network went by what the first call read; its statement read anew
+    assert await provider_totals(counted) == (1, 1)
+    counted.reset()
+    with pytest.raises(ProviderTransientError):
+        await refund("s-3")
+    assert await provider_totals(counted) == (0, 0)  # failed before reaching the provider
+    assert await worker.find_refund(idempotency_key="s-3") is None
 
 
 async def test_a_repeated_transition_writes_one_audit_row(counted: Counted) -> None:
