@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 from activities.ledger_activities import ApproveInput, CompleteInput, LedgerActivities
 from activities.refund_activities import RefundActivities, SubmitRefundInput
 from devstack.demo import DEMO_FILE
-from domain.errors import CancellationNotFound
+from domain.errors import CancellationNotFound, ProviderFinalError, ProviderTransientError
 from domain.models import (
     CancellationPath,
     CancellationReason,
@@ -51,7 +51,6 @@ from infra.metrics import BusinessMetrics
 from ledger.db import create_pool, migrate, migration_files
 from ledger.orders import load_orders, parse_orders_file
 from ledger.repository import Ledger
-from domain.errors import ProviderFinalError, ProviderTransientError
 from payments.provider import SimulatedProvider, SimulatorSettings
 from tools.bench.sql_counter import SqlCounter, counting_pool
 
