@@ -150,6 +150,9 @@ class LedgerActivities:
     async def record_transition(self, params: TransitionInput) -> None:
         with ledger_call():
             created_at = await self._ledger.record_transition(params)
+        self._transition_recorded(params, created_at)
+
+    def _transition_recorded(self, params: TransitionInput, created_at: datetime) -> None:
         log.info(
             "transition_recorded", status=params.status.value, actor=params.actor, kind=params.kind
         )
@@ -183,39 +186,62 @@ class LedgerActivities:
                 now=datetime.now(UTC),
                 eta_table=self._eta_table,
             )
-        if record.view.stage is RefundStage.REQUESTED:
-            # The status change the workflow makes of it (its one log line, see
-            # `OrderCancellation._set_status`).
-            log.info(
-                "refund_requested",
-                status=CancellationStatus.REFUND_REQUESTED.value,
-                kind=record.view.kind.value,
-                amount_minor=record.view.amount.amount_minor,
-                currency=record.view.amount.currency,
-            )
+        _log_requested(record.view)
         return record.view
 
     @activity.defn
     async def approve_and_request_refund(self, params: ApproveInput) -> RefundView | None:
         """One business step: the approval (sub-order cancelled, audit row) and the refund it
-        calls for (dot 1), each in its own transaction, each once per event key (a retry writes
-        neither twice). None: approved, but the ledger refused to record the refund (e.g.
-        RefundLimitExceeded); the workflow then asks `request_refund`, which says why, and
-        parks (issue 18). A refusal of the approval itself fails the activity, as
-        `record_transition` does."""
-        await self.record_transition(params.transition)
-        try:
-            return await self.request_refund(params.refund)
-        except ApplicationError as err:
-            if not err.non_retryable:
-                raise
+        calls for (dot 1), in one ledger round trip and transaction (migration 014), each
+        written once per event key (a retry writes neither twice). None: approved, but the
+        ledger refused to record the refund (e.g. RefundLimitExceeded); the workflow then asks
+        `request_refund`, which says why, and parks (issue 18). A refusal of the approval
+        itself fails the activity, as `record_transition` does."""
+        transition = params.transition
+        if params.refund.cancellation_id != transition.cancellation_id:
+            # Not what the workflow sends; each on its own then, as they name them.
+            await self.record_transition(transition)
+            try:
+                return await self.request_refund(params.refund)
+            except ApplicationError as err:
+                if not err.non_retryable:
+                    raise
+                return None
+        with ledger_call():
+            created_at, record = await self._ledger.approve_and_request_refund(
+                transition,
+                event_key=params.refund.event_key,
+                now=datetime.now(UTC),
+                eta_table=self._eta_table,
+            )
+        self._transition_recorded(transition, created_at)
+        if isinstance(record, LedgerError):
             return None
+        _log_requested(record.view)
+        return record.view
 
     @activity.defn
     async def complete_with_coupon(self, params: CompleteInput) -> CouponDecision:
-        """One business step: the coupon decision (R11) and the completion after it."""
-        decision = await self.restore_coupon(params.coupon)
-        await self.record_transition(params.transition)
+        """One business step: the coupon decision (R11) and the completion after it. No coupon
+        paid for the sub-order (most orders): both in one ledger round trip and transaction
+        (migration 016). A coupon: decided as `restore_coupon` decides, then the completion."""
+        coupon, transition = params.coupon, params.transition
+        if coupon.again or coupon.cancellation_id != transition.cancellation_id:
+            decision = await self.restore_coupon(coupon)
+        else:
+            with ledger_call():
+                decided, created_at = await self._ledger.decide_coupon_and_complete(
+                    cancellation_id=coupon.cancellation_id,
+                    event_key=coupon.event_key,
+                    transition=transition,
+                )
+            if decided is not None and created_at is not None:
+                # No coupon: no sibling to wait on or tell, nothing to read again.
+                self._observe_coupon(decided)
+                self._transition_recorded(transition, created_at)
+                return CouponDecision(outcome=decided, waiting_on=[], notify=[])
+            decision = await self._restore_coupon(coupon, decided=decided, decide=decided is None)
+        await self.record_transition(transition)
         return decision
 
     @activity.defn
@@ -223,9 +249,14 @@ class LedgerActivities:
         """The coupon decision of this refund (made once; called again, it reads it), with the
         siblings it may wait on or concern, and the outcome as it stands after both reads (a
         sibling that restored the coupon meanwhile shows)."""
+        return await self._restore_coupon(params, decided=None, decide=not params.again)
+
+    async def _restore_coupon(
+        self, params: CouponInput, *, decided: CouponOutcome | None, decide: bool
+    ) -> CouponDecision:
+        """`restore_coupon`, the decision made now (`decide`) or already read (`decided`)."""
         with ledger_call():
-            decided = None
-            if not params.again:
+            if decide:
                 decided = await self._ledger.decide_coupon(
                     cancellation_id=params.cancellation_id, event_key=params.event_key
                 )
@@ -297,6 +328,19 @@ class LedgerActivities:
         log.warning("refund_parked", error=params.error, passes=passes)
         self._metrics.refund_parked(reason=failure_reason(params.error))
         return record.view
+
+
+def _log_requested(refund: RefundView) -> None:
+    if refund.stage is RefundStage.REQUESTED:
+        # The status change the workflow makes of it (its one log line, see
+        # `OrderCancellation._set_status`).
+        log.info(
+            "refund_requested",
+            status=CancellationStatus.REFUND_REQUESTED.value,
+            kind=refund.kind.value,
+            amount_minor=refund.amount.amount_minor,
+            currency=refund.amount.currency,
+        )
 
 
 def _scheduled_time() -> datetime:

@@ -78,13 +78,13 @@ class RefundActivities:
     @activity.defn
     async def submit_refund(self, params: RefundStepInput) -> RefundView:
         """Dot 2: hand the void or refund to the provider."""
-        view, _ = await self._submit(params)
-        return view
+        return await self._submit(params)
 
     async def _submit(
-        self, params: RefundStepInput
-    ) -> tuple[RefundView, ProviderRefundStatus | None]:
-        """Dot 2, and what the provider answered (None: recorded by an earlier attempt)."""
+        self, params: RefundStepInput, *, confirm_event_key: str | None = None
+    ) -> RefundView:
+        """Dot 2; and dot 3 with it, under `confirm_event_key`, when given and the provider
+        answered that the refund has succeeded (one ledger round trip for both)."""
         try:
             record = await self._ledger.get_refund(cancellation_id=params.cancellation_id)
         except LedgerError as err:
@@ -92,7 +92,7 @@ class RefundActivities:
         if record.view.stage in (RefundStage.SUBMITTED, RefundStage.CONFIRMED):
             # Recorded by an earlier attempt, whose line may have been lost with it.
             _log_stage(RefundStage.SUBMITTED, record.view)
-            return record.view, None
+            return record.view
         try:
             made = await self._provider.create_refund(
                 idempotency_key=record.view.idempotency_key,
@@ -109,6 +109,21 @@ class RefundActivities:
             await self._count_call(record.view.idempotency_key)
             raise ApplicationError(str(err), type=REFUND_REJECTED, non_retryable=True) from err
         eta = refund_eta(record.method, record.view.kind, datetime.now(UTC), self._eta_table)
+        if confirm_event_key is not None and made.status is ProviderRefundStatus.SUCCEEDED:
+            record, submitted = await self._ledger.record_refund_submitted_and_confirmed(
+                cancellation_id=params.cancellation_id,
+                provider_ref=made.provider_ref,
+                eta=eta,
+                event_key=params.event_key,
+                confirm_event_key=confirm_event_key,
+            )
+            _log_stage(RefundStage.SUBMITTED, record.view)
+            self._observe_stage(record, submitted)
+            if submitted is RefundStage.SUBMITTED:
+                # Confirmed in the same transaction.
+                _log_stage(RefundStage.CONFIRMED, record.view)
+                self._observe_stage(record, RefundStage.CONFIRMED)
+            return record.view
         record = await self._ledger.record_refund_submitted(
             cancellation_id=params.cancellation_id,
             provider_ref=made.provider_ref,
@@ -117,26 +132,16 @@ class RefundActivities:
         )
         _log_stage(RefundStage.SUBMITTED, record.view)
         self._observe_stage(record)
-        return record.view, made.status
+        return record.view
 
     @activity.defn
     async def submit_refund_and_confirm(self, params: SubmitRefundInput) -> RefundView:
         """Dot 2, and dot 3 with it when the provider answers synchronously (a void; a refund
         the provider settled at once): then no separate confirmation step follows. A pending
         answer returns the refund `submitted`, as `submit_refund` does."""
-        view, answered = await self._submit(params)
-        if (
-            view.stage is not RefundStage.SUBMITTED
-            or answered is not ProviderRefundStatus.SUCCEEDED
-        ):
-            # Pending, or recorded by an earlier attempt: the workflow asks (`confirm_refund`).
-            return view
-        record = await self._ledger.record_refund_confirmed(
-            cancellation_id=params.cancellation_id, event_key=params.confirm_event_key
-        )
-        _log_stage(RefundStage.CONFIRMED, record.view)
-        self._observe_stage(record)
-        return record.view
+        # Pending, or recorded by an earlier attempt: returned `submitted`, and the workflow
+        # asks (`confirm_refund`). Succeeded: submitted and confirmed in one transaction.
+        return await self._submit(params, confirm_event_key=params.confirm_event_key)
 
     async def _count_call(self, idempotency_key: str) -> None:
         """The refund's `attempts` count every provider call to create it, the failed ones too
@@ -188,21 +193,23 @@ class RefundActivities:
         self._observe_stage(record)
         return record.view
 
-    def _observe_stage(self, record: RefundRecord) -> None:
-        """How long the refund took to reach its stage from the previous one (ledger clock),
-        from the timestamps the recording write returned (no read of their own)."""
+    def _observe_stage(self, record: RefundRecord, stage: RefundStage | None = None) -> None:
+        """How long the refund took to reach its stage (`stage`, else the one it is in) from
+        the previous one (ledger clock), from the timestamps the recording write returned (no
+        read of their own)."""
         if not self._metrics.enabled:
             return
         refund = record.view
-        if refund.stage is RefundStage.SUBMITTED:
+        stage = stage or refund.stage
+        if stage is RefundStage.SUBMITTED:
             seconds = seconds_between(record.requested_at, record.submitted_at)
-        elif refund.stage is RefundStage.CONFIRMED:
+        elif stage is RefundStage.CONFIRMED:
             seconds = seconds_between(record.submitted_at, record.confirmed_at)
         else:
             return
         if seconds is not None:
             self._metrics.refund_stage_reached(
-                stage=refund.stage.value, kind=refund.kind.value, seconds=seconds
+                stage=stage.value, kind=refund.kind.value, seconds=seconds
             )
 
     @activity.defn

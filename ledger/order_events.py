@@ -24,7 +24,7 @@ from domain.errors import (
     SubOrderAlreadyShipped,
     SubOrderNotFound,
 )
-from domain.models import CaptureState, PaymentValidation, SubOrderStatus
+from domain.models import CaptureState, Money, PaymentMethod, PaymentValidation, SubOrderStatus
 from domain.order_events import (
     CaptureAmountMismatch,
     EventOutcome,
@@ -46,6 +46,7 @@ __all__ = [
     "order_state",
     "post_order",
     "refuse_if_shipped",
+    "refuse_if_shipped_else_amount",
 ]
 
 PENDING = ("awaiting_seller", "escalated")
@@ -477,18 +478,33 @@ async def mark_notified(pool: asyncpg.Pool, event_id: str) -> None:
 async def refuse_if_shipped(pool: asyncpg.Pool, *, order_id: str, seller_id: str) -> None:
     """R14, before a cancellation is started: a shipped sub-order without a cancellation is not
     cancelled here (`SubOrderAlreadyShipped`). The opening refuses it again, under the lock."""
-    shipped = await pool.fetchval(
+    await refuse_if_shipped_else_amount(pool, order_id=order_id, seller_id=seller_id)
+
+
+async def refuse_if_shipped_else_amount(
+    pool: asyncpg.Pool, *, order_id: str, seller_id: str
+) -> tuple[Money, PaymentMethod] | None:
+    """`refuse_if_shipped`, and the cash paid for the sub-order and how (for the one-line
+    summary, as `Ledger.sub_order_amount` gives it; None: unknown sub-order), in one round
+    trip."""
+    row = await pool.fetchrow(
         """
-        SELECT s.shipped_at IS NOT NULL AND c.cancellation_id IS NULL
+        SELECT s.shipped_at IS NOT NULL AND c.cancellation_id IS NULL AS shipped,
+            s.cash_minor, p.currency, p.method
         FROM sub_orders s
+        JOIN payments p ON p.order_id = s.order_id
         LEFT JOIN cancellations c ON c.order_id = s.order_id AND c.seller_id = s.seller_id
         WHERE s.order_id = $1 AND s.seller_id = $2
         """,
         order_id,
         seller_id,
     )
-    if shipped:
+    if row is None:
+        return None
+    if row["shipped"]:
         raise SubOrderAlreadyShipped(
             f"already_shipped: sub-order {order_id}/{seller_id} has shipped; it cannot be"
             " cancelled here (a return or a dispute can)"
         )
+    money = Money(amount_minor=row["cash_minor"], currency=row["currency"].strip())
+    return money, PaymentMethod(row["method"])

@@ -10,7 +10,7 @@ around the call (R9).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -18,6 +18,7 @@ import asyncpg
 from domain.errors import (
     CancellationConflict,
     CancellationNotFound,
+    LedgerError,
     RefundLimitExceeded,
     RefundWouldRepeatRefusal,
     SubOrderAlreadyCancelled,
@@ -53,8 +54,6 @@ from domain.rules import (
     messages_of,
     refund_dots,
     refund_eta,
-    refund_idempotency_key,
-    refund_kind,
     repeated_refusal,
 )
 
@@ -227,34 +226,6 @@ WITH upd AS (
 )"""
     + _REFUND_RESULT
 )
-
-# The refund intent, once the payment row is locked and no live refund exists: the reservation
-# (the payments CHECK refuses more than was paid), the refund row, the status and the audit row.
-# $1 key, $2 cancellation, $3 payment, $4 amount, $5 kind, $6 currency, $7/$8 ETA, $9 generation,
-# $10 status, $11 event key, $12 detail.
-_RESERVE_REFUND = """
-WITH pay AS (
-    UPDATE payments SET refunded_minor = refunded_minor + $4,
-        -- R15: a void reserves a released share of the authorisation.
-        released_minor = released_minor + CASE WHEN $5::text = 'void' THEN $4 ELSE 0 END
-    WHERE payment_id = $3
-    RETURNING method
-), ins AS (
-    INSERT INTO refunds (idempotency_key, cancellation_id, payment_id, kind,
-        amount_minor, currency, stage, eta_earliest, eta_latest, generation)
-    SELECT $1, $2, $3, $5, $4, $6, 'requested', $7, $8, $9 FROM pay
-    RETURNING *
-), st AS (
-    UPDATE cancellations SET status = $10, updated_at = clock_timestamp()
-    WHERE cancellation_id = $2
-), ev AS (
-    INSERT INTO cancellation_events (cancellation_id, event_key, actor, kind, detail)
-    VALUES ($2, $11, 'system', 'refund_requested', $12)
-    ON CONFLICT (cancellation_id, event_key) DO NOTHING
-)
-SELECT ins.*, pay.method FROM ins, pay
-"""
-
 
 # What the views (one cancellation, the list, the buyer's order view) read beside the
 # cancellation's row `c`: why it was rejected and by whom (the `rejected` audit row), and when
@@ -460,56 +431,98 @@ class Ledger:
         The refund's primary key is its idempotency key, and a cancellation has at most one
         live (not reversed) refund: a second one cannot exist. The reservation is checked by
         the payments table's CHECK, so the total can never exceed what was paid. After a
-        reversal the next call makes the next generation, with a key of its own.
+        reversal the next call makes the next generation, with a key of its own. One round
+        trip (the function of migration 014): the payment locked, the live refund looked up
+        under that lock, the reservation, the refund, the status and the audit row.
         """
-        async with self._pool.acquire() as conn, conn.transaction():
-            sub = await conn.fetchrow(
-                """
-                SELECT s.cash_minor, p.payment_id, p.currency, p.method, p.capture
-                FROM cancellations c
-                JOIN sub_orders s ON s.order_id = c.order_id AND s.seller_id = c.seller_id
-                JOIN payments p ON p.order_id = c.order_id
-                WHERE c.cancellation_id = $1
-                FOR UPDATE OF p
-                """,
-                cancellation_id,
+        _, record = await self._request_refund(
+            cancellation_id=cancellation_id, event_key=event_key, now=now, eta_table=eta_table
+        )
+        return record
+
+    async def approve_and_request_refund(
+        self,
+        transition: TransitionInput,
+        *,
+        event_key: str,
+        now: datetime,
+        eta_table: Mapping[str, tuple[int, int, bool]],
+    ) -> tuple[datetime, RefundRecord | LedgerError]:
+        """The approval (`record_transition`) and the refund it calls for (`request_refund`) in
+        one round trip and one transaction. Returns when the cancellation was created (for the
+        seller-decision metric) and the refund, or why the ledger refused to record it: the
+        approval is recorded all the same. A refusal of the transition itself (an unknown
+        cancellation) raises, and nothing is written."""
+        try:
+            return await self._request_refund(
+                cancellation_id=transition.cancellation_id,
+                event_key=event_key,
+                now=now,
+                eta_table=eta_table,
+                transition=transition,
             )
-            if sub is None:
-                raise CancellationNotFound(cancellation_id)
-            # Looked up only once the payment is locked: a concurrent call for the same
-            # cancellation has committed its refund by then, and this statement's fresh
-            # snapshot (read committed) sees it, so the amount is never reserved twice.
-            existing = await self._refund_row(conn, cancellation_id=cancellation_id)
-            if existing is not None and not existing.view.stage.is_dead:
-                return existing
-            generation = existing.view.generation + 1 if existing is not None else 1
-            kind = refund_kind(CaptureState(sub["capture"]))
-            if existing is not None and existing.view.stage is RefundStage.DECLINED:
-                _refuse_a_repeat(existing, kind, sub["cash_minor"])
-            eta = refund_eta(PaymentMethod(sub["method"]), kind, now, eta_table)
-            amount = Money(amount_minor=sub["cash_minor"], currency=sub["currency"].strip())
+        except _RefusedAfterTransition as refused:
+            return refused.created_at, refused.error
+
+    async def _request_refund(
+        self,
+        *,
+        cancellation_id: str,
+        event_key: str,
+        now: datetime,
+        eta_table: Mapping[str, tuple[int, int, bool]],
+        transition: TransitionInput | None = None,
+    ) -> tuple[datetime, RefundRecord]:
+        """`ledger_request_refund` (migration 014): one statement, one round trip. A declined
+        newest refund is checked here (`_refuse_a_repeat`, issue 18) and the function called
+        again with its generation checked (a second round trip, only after a decline)."""
+        keys, earliest, latest = _eta_choices(now, eta_table)
+        checked: int | None = None
+        created_at: datetime | None = None
+        while True:
+            row = await self._pool.fetchrow(
+                "SELECT * FROM ledger_request_refund("
+                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                cancellation_id,
+                event_key,
+                CancellationStatus.REFUND_REQUESTED.value,
+                keys,
+                earliest,
+                latest,
+                checked,
+                transition.status.value if transition is not None else None,
+                transition.cancel_sub_order if transition is not None else False,
+                transition.event_key if transition is not None else None,
+                transition.actor if transition is not None else None,
+                transition.kind if transition is not None else None,
+                transition.detail if transition is not None else None,
+            )
+            assert row is not None  # the function always returns one row
+            created_at = created_at or row["created_at"]
             try:
-                row = await conn.fetchrow(
-                    _RESERVE_REFUND,
-                    refund_idempotency_key(cancellation_id, generation),
-                    cancellation_id,
-                    sub["payment_id"],
-                    sub["cash_minor"],
-                    kind.value,
-                    sub["currency"],
-                    eta.earliest,
-                    eta.latest,
-                    generation,
-                    CancellationStatus.REFUND_REQUESTED.value,
-                    event_key,
-                    f"{kind.value} of {amount} requested",
-                )
-            except asyncpg.CheckViolationError as err:
-                raise RefundLimitExceeded(
-                    f"refunding {amount} would exceed payment {sub['payment_id']}"
-                ) from err
-            assert row is not None  # the payment row is locked: it exists
-            return _refund_record(row)
+                match row["outcome"]:
+                    case "requested" | "existing":
+                        return created_at or now, _refund_record(row)
+                    case "not_found":
+                        raise CancellationNotFound(cancellation_id)
+                    case "limit_exceeded":
+                        amount = Money(amount_minor=row["cash_minor"], currency=row["pay_currency"])
+                        raise RefundLimitExceeded(
+                            f"refunding {amount} would exceed payment {row['pay_payment_id']}"
+                        )
+                    case "declined":
+                        declined = _refund_record(row)
+                        _refuse_a_repeat(declined, RefundKind(row["next_kind"]), row["cash_minor"])
+                        # It may go through: again, past this declined generation (the
+                        # transition, if any, is recorded).
+                        checked = declined.view.generation
+                        transition = None
+                    case other:
+                        raise AssertionError(f"unknown outcome {other!r} of ledger_request_refund")
+            except LedgerError as err:
+                if created_at is not None and not isinstance(err, CancellationNotFound):
+                    raise _RefusedAfterTransition(created_at, err) from err
+                raise
 
     async def get_refund(self, *, cancellation_id: str) -> RefundRecord:
         async with self._pool.acquire() as conn:
@@ -534,7 +547,7 @@ class Ledger:
             event_key,
             "provider",
             "refund_submitted",
-            f"accepted by the provider as {provider_ref}",
+            _submitted_detail(provider_ref),
             provider_ref,
             eta.earliest,
             eta.latest,
@@ -542,6 +555,33 @@ class Ledger:
         if row is None:
             raise CancellationNotFound(f"no refund for {cancellation_id}")
         return _refund_record(row)
+
+    async def record_refund_submitted_and_confirmed(
+        self,
+        *,
+        cancellation_id: str,
+        provider_ref: str,
+        eta: EtaRange,
+        event_key: str,
+        confirm_event_key: str,
+    ) -> tuple[RefundRecord, RefundStage]:
+        """`record_refund_submitted`, then `record_refund_confirmed` when the refund was left
+        `submitted` by it, in one round trip and one transaction (migration 015), each with its
+        audit row once per its event key. For a refund the provider settled when it was created.
+        Returns the refund as it stands and the stage the submission left it in."""
+        row = await self._pool.fetchrow(
+            "SELECT * FROM ledger_refund_submitted_and_confirmed($1, $2, $3, $4, $5, $6, $7)",
+            cancellation_id,
+            provider_ref,
+            eta.earliest,
+            eta.latest,
+            event_key,
+            _submitted_detail(provider_ref),
+            confirm_event_key,
+        )
+        if row is None:
+            raise CancellationNotFound(f"no refund for {cancellation_id}")
+        return _refund_record(row), RefundStage(row["submitted_stage"])
 
     async def count_provider_call(self, *, idempotency_key: str) -> int | None:
         """A call to create this refund that the provider failed or refused: `attempts` counts
@@ -870,6 +910,42 @@ class Ledger:
             )
             return outcome
 
+    async def decide_coupon_and_complete(
+        self, *, cancellation_id: str, event_key: str, transition: TransitionInput
+    ) -> tuple[CouponOutcome | None, datetime | None]:
+        """The coupon decision of a sub-order no coupon paid for and the transition after it
+        (the completion), in one round trip and one transaction (migration 016), each audit row
+        once per its event key. Returns the decision (None: a coupon paid for the sub-order and
+        it is not decided yet; `decide_coupon` decides it, nothing was written) and, when the
+        transition was written, the cancellation's creation time (None: a coupon decision,
+        whose siblings are read before the transition)."""
+        no_coupon = decide_coupon(
+            redemption_id=None, footprint_fully_refunded={}, expires_at=None, now=datetime.now(UTC)
+        )
+        row = await self._pool.fetchrow(
+            "SELECT * FROM ledger_decide_coupon($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            cancellation_id,
+            event_key,
+            no_coupon.outcome.value,
+            no_coupon.reason,
+            transition.status.value,
+            transition.cancel_sub_order,
+            transition.event_key,
+            transition.actor,
+            transition.kind,
+            transition.detail,
+        )
+        assert row is not None  # the function always returns one row
+        match row["result"]:
+            case "not_found":
+                raise CancellationNotFound(cancellation_id)
+            case "coupon":
+                return None, None
+            case "decided" | "existing":
+                return _coupon_outcome(row), row["created_at"]
+            case other:
+                raise AssertionError(f"unknown result {other!r} of ledger_decide_coupon")
+
     async def coupon_siblings(self, *, cancellation_id: str) -> tuple[list[str], list[str]]:
         """The other cancellations of this sub-order's coupon footprint (R11): those whose
         refund is on its way (approved, refunding, or parked) with no coupon decision standing,
@@ -1185,6 +1261,48 @@ def _refund_record(row: asyncpg.Record) -> RefundRecord:
         submitted_at=row["submitted_at"],
         confirmed_at=row["confirmed_at"],
     )
+
+
+def _submitted_detail(provider_ref: str) -> str:
+    return f"accepted by the provider as {provider_ref}"
+
+
+class _RefusedAfterTransition(Exception):
+    """The refund was refused after the transition of the same call was recorded."""
+
+    def __init__(self, created_at: datetime, error: LedgerError) -> None:
+        super().__init__(str(error))
+        self.created_at = created_at
+        self.error = error
+
+
+def _eta_choices(
+    now: datetime, eta_table: Mapping[str, tuple[int, int, bool]]
+) -> tuple[list[str], list[str], list[str]]:
+    """The refund's ETA for each key of the ETA table (`void`, or a payment method), from one
+    moment, as ISO 8601 texts: `ledger_request_refund` picks the one of the refund it records."""
+    keys: list[str] = []
+    earliest: list[str] = []
+    latest: list[str] = []
+    for key in eta_table:
+        if key == RefundKind.VOID.value:
+            eta = refund_eta(PaymentMethod.CARD, RefundKind.VOID, now, eta_table)
+        elif key in _METHODS:
+            eta = refund_eta(PaymentMethod(key), RefundKind.REFUND, now, eta_table)
+        else:
+            continue
+        keys.append(key)
+        earliest.append(_iso(eta.earliest))
+        latest.append(_iso(eta.latest))
+    return keys, earliest, latest
+
+
+_METHODS = frozenset(m.value for m in PaymentMethod)
+
+
+def _iso(at: datetime) -> str:
+    """A moment as PostgreSQL reads it back exactly (naive: UTC, as asyncpg takes it)."""
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).isoformat()
 
 
 def _refuse_a_repeat(declined: RefundRecord, kind: RefundKind, amount_minor: int) -> None:

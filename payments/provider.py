@@ -173,6 +173,20 @@ class SimulatedProvider:
             for row in rows
         }
 
+    def _keep_settings(self, row: asyncpg.Record, read_at: float) -> None:
+        """The settings a call read with its own statement (`settings_found`, `s_*`): the next
+        calls use them as if `get_settings` had read them then."""
+        if not row["settings_found"]:
+            self._settings = None
+        elif self._settings is None or (
+            self._settings.transient_rate,
+            self._settings.latency_ms,
+        ) != (row["s_transient_rate"], row["s_latency_ms"]):
+            self._settings = SimulatorSettings(
+                transient_rate=row["s_transient_rate"], latency_ms=row["s_latency_ms"]
+            )
+        self._settings_read_at = read_at
+
     async def _current_settings(self) -> tuple[float, float]:
         """(transient rate, latency seconds): the table's row when there is one (read at most
         once a second), else this process's own."""
@@ -240,20 +254,27 @@ class SimulatedProvider:
         await self._network()
         new_refund = _new_refund(idempotency_key, payment_id, kind, amount)
         fast_refund = (*new_refund[:6], "succeeded") if self._settle_at_once else new_refund
-        # A void releases a share of an authorisation (R15): the full path keeps the account.
-        fast = (
-            None
-            if kind is RefundKind.VOID
-            else await self._pool.fetchrow(
-                _CREATE_WITHOUT_FAULTS, *fast_refund, self._confirm_after_polls
-            )
+        # A payment without faults, a void (R15: it releases its share of the authorisation)
+        # or a refund: one statement (migration 017), which also reads the settings.
+        read_at = time.monotonic()
+        fast = await self._pool.fetchrow(
+            "SELECT * FROM provider_sim.create_refund($1, $2, $3, $4, $5, $6, $7, $8)",
+            *fast_refund,
+            self._confirm_after_polls,
         )
-        if fast is not None and fast["provider_ref"] is not None:
-            if fast["outcome"] == "mismatch":
+        assert fast is not None  # the function always returns one row
+        self._keep_settings(fast, read_at)
+        match fast["outcome"]:
+            case "created" | "replayed":
+                return _to_refund(fast)
+            case "mismatch":
                 raise _key_reused()
-            return _to_refund(fast)
-        # A payment with faults, or a concurrent first call with the same key (its refund not
-        # yet visible to this statement): nothing was recorded or logged; the full path decides.
+            case "refused":
+                code = fast["refusal"]
+                raise ProviderFinalError(
+                    code, f"cannot release {amount} of payment {payment_id}: {_REFUSALS[code]}"
+                )
+        # A payment with faults: nothing was recorded or logged; the full path decides.
         lost_response = False
         key_reused = False
         release_refused: str | None = None
@@ -405,42 +426,6 @@ class SimulatedProvider:
         )
         return [_to_refund(row) for row in rows]
 
-
-# The call of a payment without faults, in one statement: record the refund (or find the one
-# this key already made), log the call, return the refund and the call's outcome. No row, or a
-# NULL provider_ref, when the payment has faults or a concurrent call with the same key has
-# inserted a refund this statement's snapshot cannot see yet: then nothing was written.
-_CREATE_WITHOUT_FAULTS = """
-WITH faulted AS (
-    SELECT 1 FROM provider_sim.faults WHERE payment_id = $3::text
-), inserted AS (
-    INSERT INTO provider_sim.refunds (provider_ref, idempotency_key, payment_id, kind,
-        amount_minor, currency, status, confirm_after_polls, fail_after_success)
-    SELECT $1::text, $2::text, $3, $4::text, $5::bigint, $6::text, $7::text, $8::int, false
-    WHERE NOT EXISTS (SELECT 1 FROM faulted)
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING *
-), found AS (
-    SELECT * FROM inserted
-    UNION ALL
-    SELECT * FROM provider_sim.refunds
-    WHERE idempotency_key = $2
-      AND NOT EXISTS (SELECT 1 FROM faulted)
-      AND NOT EXISTS (SELECT 1 FROM inserted)
-), call AS (
-    SELECT CASE
-        WHEN (amount_minor, trim(currency), payment_id, kind) <> ($5, $6::text, $3, $4)
-            THEN 'mismatch'
-        WHEN EXISTS (SELECT 1 FROM inserted) THEN 'created'
-        ELSE 'replayed'
-    END AS outcome
-    FROM found
-), logged AS (
-    INSERT INTO provider_sim.calls (operation, idempotency_key, payment_id, outcome)
-    SELECT 'create_refund', $2, $3, outcome FROM call
-)
-SELECT found.*, call.outcome FROM found, call
-"""
 
 # A status poll in one statement: an injected read error (the read refused, the refund
 # untouched), the row lock, the settlement rules (a pending refund succeeds

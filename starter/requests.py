@@ -35,7 +35,7 @@ from domain.models import (
 )
 from domain.rules import cancellation_id
 from infra.settings import TASK_QUEUE
-from ledger.order_events import refuse_if_shipped
+from ledger.order_events import refuse_if_shipped_else_amount
 from ledger.repository import Ledger
 from starter.order_events import OrderRefused
 from workflows import search_attributes as sa
@@ -134,11 +134,12 @@ async def start_cancellation(
     termination, when the first one never completed).
     """
     workflow_id = cancellation_id(request.order_id, request.seller_id)
-    if ledger is not None:
-        # R14: a shipped sub-order is refused before a workflow exists for it.
-        await refuse_if_shipped(ledger.pool, order_id=request.order_id, seller_id=request.seller_id)
+    # R14: a shipped sub-order is refused before a workflow exists for it; the amount for the
+    # summary comes with that look (one round trip).
     amount = (
-        await ledger.sub_order_amount(order_id=request.order_id, seller_id=request.seller_id)
+        await refuse_if_shipped_else_amount(
+            ledger.pool, order_id=request.order_id, seller_id=request.seller_id
+        )
         if ledger is not None
         else None
     )
