@@ -25,9 +25,13 @@ $(STAMP): pyproject.toml $(DEV_LOCK)
 run: install
 	$(BIN)/ordercancel dev
 
-# The gates first (lint), then the tests.
+# The gates first (lint), then the tests, on TEST_WORKERS pytest-xdist workers: most of the suite
+# waits on its servers. Each worker takes whole modules (a module's servers start once), the
+# slowest first (tests/conftest.py); each has its own PostgreSQL, time-skipping server and ports.
+# `make test TEST_WORKERS=0` runs in this one process (e.g. with `PYTEST_ARGS=--pdb`).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The gates alone: ruff (lint, format), mypy (files in pyproject's [tool.mypy]) and import-linter
 # (the layers: pyproject's [tool.importlinter]).

@@ -19,7 +19,36 @@ from temporalio.testing import WorkflowEnvironment
 
 from ledger.db import create_pool, migrate
 
-TEMPLATE_DB = "ordercancel_template"
+# One template per pytest-xdist worker (`make test` runs two): on a shared `DATABASE_URL` one
+# worker must not drop the template another is copying.
+TEMPLATE_DB = "ordercancel_template_" + os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+# `make test` runs the suite on pytest-xdist workers, a whole module per worker (`--dist
+# loadfile`, so a module's dev server starts once), handed out in collection order. The modules
+# that take longest go first (measured with `--durations`), so that no worker is left with a long
+# module at the end while the other idles; the signal flood (hostile_clients) a few places after
+# the chaos run, so that the two loads of the suite rarely run side by side. A module not named
+# here keeps its place after them.
+SLOWEST_FIRST = (
+    "test_chaos.py",
+    "test_rehearsal.py",
+    "test_refund_tools.py",
+    "test_bench.py",
+    "test_outbox.py",
+    "test_hostile_clients.py",
+    "test_hostile_input.py",
+    "test_scale_out.py",
+    "test_api_schemathesis.py",
+    "test_inbox.py",
+    "test_order_events_api.py",
+    "test_web_ui.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

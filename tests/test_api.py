@@ -14,21 +14,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import structlog
-from helpers.api import assert_problem, load_order
+from helpers.api import GARBAGE_KEY, NO_KEY, UNKNOWN_KEY, Api, assert_problem, load_order
 from helpers.api import request_body as api_request_body
-from helpers.openapi import OpenApiCheck
+from helpers.openapi import check_every_response
 from helpers.stacks import api_stack
 from helpers.wait import eventually
 from temporalio import workflow
-from temporalio.client import Client
 from temporalio.worker import (
     ExecuteWorkflowInput,
     Interceptor,
@@ -40,7 +37,7 @@ from api.keys import generate_key
 from api.signing import SIGNATURE_HEADER, signature_header
 from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
-from payments.provider import SimulatedProvider, SimulatorFaults
+from payments.provider import SimulatorFaults
 
 pytestmark = pytest.mark.e2e
 
@@ -48,54 +45,11 @@ SECRET = "whsec_test_" + "k" * 32
 OWN, OTHER = "S-41", "S-42"
 BUYER = "B-410"
 PRINCIPALS = ("buyer-service", f"seller:{OWN}", f"seller:{OTHER}", "sre", "payment-provider")
-NO_KEY, UNKNOWN_KEY, GARBAGE_KEY = "(no key)", "(unknown key)", "(garbage key)"
 # Long enough that a refund confirmed within a few seconds was woken by the webhook.
 POLL_INTERVAL = timedelta(seconds=30)
 
 
 # --- the stack ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Api:
-    http: httpx.AsyncClient
-    keys: dict[str, str]
-    pool: asyncpg.Pool
-    client: Client
-    provider: SimulatedProvider
-
-    def headers(self, principal: str | None) -> dict[str, str]:
-        if principal is None or principal == NO_KEY:
-            return {}
-        if principal == UNKNOWN_KEY:
-            return {"Authorization": f"Bearer {generate_key()}"}
-        if principal == GARBAGE_KEY:
-            return {"Authorization": "Bearer not-a-key"}
-        return {"Authorization": f"Bearer {self.keys[principal]}"}
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        principal: str | None,
-        *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        return await self.http.request(
-            method,
-            path,
-            json=json,
-            content=content,
-            headers={**self.headers(principal), **(headers or {})},
-        )
-
-    async def get(self, cancellation_id: str) -> dict[str, Any]:
-        response = await self.call("GET", f"/v1/cancellations/{cancellation_id}", "buyer-service")
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
 
 
 @asynccontextmanager
@@ -121,14 +75,8 @@ async def api_for_tests(
         webhook_secret=SECRET,
         interceptors=interceptors,
     ) as stack:
-        check = OpenApiCheck(stack.app.openapi())
-
-        async def documented(response: httpx.Response) -> None:
-            await response.aread()
-            check(response)
-
-        stack.http.event_hooks = {"response": [documented]}
-        yield Api(stack.http, stack.keys, stack.pool, stack.client, SimulatedProvider(stack.pool))
+        check_every_response(stack.http, stack.app.openapi())
+        yield Api(stack, settings)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +157,7 @@ async def parked(api: Api) -> str:
     assert decided.status_code == 200, decided.text
 
     async def is_parked() -> None:
-        assert (await api.get(cancellation_id))["status"] == "refund_failed"
+        assert (await api.view(cancellation_id, "buyer-service"))["status"] == "refund_failed"
 
     await eventually(is_parked)
     return cancellation_id
@@ -271,7 +219,7 @@ async def test_instant_path_answers_with_the_final_outcome(api: Api) -> None:
 
     # Once finished, read from the ledger: the three dots, coupon, audit trail. The money is
     # back: the last dot has no ETA any more; the refund keeps the estimate it was given.
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert (view["running"], view["source"], view["status"]) == (False, "ledger", "completed")
     assert [(d["label"], d["done"]) for d in view["dots"]] == [
         ("Dispute finished", True),
@@ -302,14 +250,14 @@ async def test_a_final_answer_is_followed_by_the_ledger_even_while_the_workflow_
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["status"], body["final"]) == ("completed", True)
-    view = await api.get(body["cancellation_id"])
+    view = await api.view(body["cancellation_id"], "buyer-service")
     assert (view["running"], view["source"], view["status"]) == (False, "ledger", "completed")
     assert view["audit"][-1]["kind"] == "completed"
 
 
 async def test_request_path_is_read_from_the_running_workflow(api: Api) -> None:
     cancellation_id = await pending(api)
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert (view["running"], view["source"]) == (True, "workflow")
     assert (view["status"], view["path"]) == ("awaiting_seller", "request")
     assert view["seller_deadline"] is not None
@@ -329,7 +277,7 @@ async def test_coupon_given_back_by_the_last_sibling_shows_on_both(api: Api) -> 
     )
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     for seller in (OWN, OTHER):
-        coupon = (await api.get(workflow_id_of(order_id, seller)))["coupon"]
+        coupon = (await api.view(workflow_id_of(order_id, seller), "buyer-service"))["coupon"]
         assert coupon["outcome"] == "restored", coupon
         assert coupon["redemption_id"] == f"R-{order_id}"
 
@@ -462,7 +410,7 @@ async def test_authorization_matrix(api: Api, endpoint: str) -> None:
     route, body_for, cancellation_id = await _target(api, endpoint)
     method, path = route.split(" ", 1)
     allowed = ALLOWED[endpoint]
-    before = await api.get(cancellation_id) if cancellation_id else None
+    before = await api.view(cancellation_id, "buyer-service") if cancellation_id else None
     callers = [NO_KEY, UNKNOWN_KEY, GARBAGE_KEY, *(p for p in PRINCIPALS if p not in allowed)]
     for principal in [*callers, *sorted(allowed)]:
         body = body_for(principal)
@@ -484,7 +432,7 @@ async def test_authorization_matrix(api: Api, endpoint: str) -> None:
         else:
             assert 200 <= response.status_code < 300, (principal, response.text)
         if cancellation_id and principal not in allowed:
-            after = await api.get(cancellation_id)
+            after = await api.view(cancellation_id, "buyer-service")
             assert (after["status"], after["audit"]) == (before["status"], before["audit"])  # type: ignore[index]
         if endpoint == "request" and principal not in allowed:
             missing = await api.call(
@@ -518,7 +466,7 @@ async def test_seller_decision_is_answered_at_once(api: Api) -> None:
     trail = await audit_length(api, cancellation_id)
     again = await api.call("POST", path, seller, json={"seller_id": OWN, "decision": "reject"})
     assert_problem(again, 409, "already_decided")
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert [e["kind"] for e in view["audit"]].count("decision_accept") == 1
     assert "decision_reject" not in [e["kind"] for e in view["audit"]]
     assert await audit_length(api, cancellation_id) >= trail  # the refund goes on, nothing else
@@ -563,7 +511,7 @@ async def test_decisions_not_allowed_now_are_409_and_change_nothing(api: Api) ->
     )
     assert_problem(again, 409, "not_pending")
     assert await audit_length(api, cancellation_id) == trail
-    assert (await api.get(cancellation_id))["status"] == "withdrawn"
+    assert (await api.view(cancellation_id, "buyer-service"))["status"] == "withdrawn"
     # A seller key speaks only for its own seller id.
     other = await pending(api)
     mismatch = await api.call(
@@ -573,7 +521,7 @@ async def test_decisions_not_allowed_now_are_409_and_change_nothing(api: Api) ->
         json={"seller_id": OTHER, "decision": "accept"},
     )
     assert_problem(mismatch, 403, "seller_mismatch")
-    assert (await api.get(other))["status"] == "awaiting_seller"
+    assert (await api.view(other, "buyer-service"))["status"] == "awaiting_seller"
 
 
 async def test_withdraw_and_retry_refusals(api: Api) -> None:
@@ -585,7 +533,7 @@ async def test_withdraw_and_retry_refusals(api: Api) -> None:
     assert_problem(wrong, 409, "wrong_buyer")
     retry = await api.call("POST", f"{base}/retry-refund", "sre", json={})
     assert_problem(retry, 409, "not_refund_failed")
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert view["status"] == "awaiting_seller"
     assert [e["kind"] for e in view["audit"]] == ["requested", "awaiting_seller"]
     # Parked refunds are retried by an operator, once per parking.
@@ -636,7 +584,7 @@ async def test_malformed_input_is_refused_field_by_field(api: Api) -> None:
     )
     assert_problem(not_json, 415, "unsupported_media_type")
     # The workflow saw none of it, and still takes a good decision.
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert [e["kind"] for e in view["audit"]] == ["requested", "awaiting_seller"]
     good = await api.call(
         "POST", path, f"seller:{OWN}", json={"seller_id": OWN, "decision": "reject"}
@@ -751,7 +699,7 @@ async def test_no_malformed_request_gets_a_5xx(api: Api) -> None:
     ):
         response = await api.http.get(f"{base}", headers=header)
         assert response.status_code == 401
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert view["status"] == "awaiting_seller"
     assert [e["kind"] for e in view["audit"]] == ["requested", "awaiting_seller"]
 
@@ -770,7 +718,7 @@ async def test_signed_event_wakes_a_pending_refund(api: Api) -> None:
     assert decided.status_code == 200
 
     async def submitted() -> dict[str, Any]:
-        view = await api.get(cancellation_id)
+        view = await api.view(cancellation_id, "buyer-service")
         assert view["status"] == "refund_submitted", view["status"]
         return view
 
@@ -789,11 +737,11 @@ async def test_signed_event_wakes_a_pending_refund(api: Api) -> None:
     }
 
     async def completed() -> None:
-        assert (await api.get(cancellation_id))["status"] == "completed"
+        assert (await api.view(cancellation_id, "buyer-service"))["status"] == "completed"
 
     await eventually(completed, timeout=POLL_INTERVAL.total_seconds() / 3)
     assert time.monotonic() - sent_at < POLL_INTERVAL.total_seconds()
-    view = await api.get(cancellation_id)
+    view = await api.view(cancellation_id, "buyer-service")
     assert view["refund"]["stage"] == "confirmed"
     recorded = await api.pool.fetchrow(
         "SELECT cancellation_id, outcome FROM payment_events WHERE event_id = $1",
@@ -822,7 +770,7 @@ async def test_signed_event_wakes_a_pending_refund(api: Api) -> None:
     )
     assert late.status_code == 200
     assert late.json()["outcome"] == "ignored" and late.json()["duplicate"] is False
-    after = await api.get(cancellation_id)
+    after = await api.view(cancellation_id, "buyer-service")
     assert (after["status"], after["refund"]["stage"]) == ("completed", "confirmed")
 
 

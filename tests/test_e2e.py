@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from helpers.orders import one_seller_order, orders_file
 from helpers.stacks import run_command
 
 # Shared with the other end-to-end modules (fixtures: `e2e_database_url`, `temporal_address`).
@@ -151,32 +152,7 @@ async def pending_cancellation(stack: Stack) -> tuple[WorkflowHandle[Any, Cancel
     """A fresh cancellation awaiting its seller; returns the handle and the seller id."""
     order_id = f"E2E-{next(_order_numbers)}-{uuid.uuid4().hex[:6]}"
     seller, buyer = "S-77", "B-900"
-    text = json.dumps(
-        {
-            "orders": [
-                {
-                    "order_id": order_id,
-                    "buyer_id": buyer,
-                    "currency": "EUR",
-                    "placed_at": "2026-03-10T10:00:00Z",
-                    "payment": {
-                        "payment_id": f"P-{order_id}",
-                        "method": "card",
-                        "validation": "validated",
-                        "capture": "captured",
-                    },
-                    "sub_orders": [
-                        {
-                            "seller_id": seller,
-                            "seller_accepted": True,
-                            "shipping_minor": 300,
-                            "lines": [{"sku": "E2E-SKU", "quantity": 2, "unit_price_minor": 1250}],
-                        }
-                    ],
-                }
-            ]
-        }
-    )
+    text = orders_file(one_seller_order(order_id, buyer_id=buyer, seller_id=seller))
     report = await load_orders(stack.pool, parse_orders_file(text))
     assert report.loaded == [order_id]
     handle = await start_cancellation(

@@ -24,7 +24,13 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers.orders import fast_refund_settings, one_seller_order, orders_file, unique
+from helpers.orders import (
+    fast_refund_settings,
+    one_seller_order,
+    order_document,
+    orders_file,
+    unique,
+)
 from helpers.stacks import ApiStack, api_stack, run_command
 from helpers.wait import eventually
 from hypothesis import given, settings
@@ -212,11 +218,7 @@ class Api:
 
     async def order(self, sellers: tuple[str, ...], buyer: str, **kw: Any) -> str:
         order_id = unique("INA")
-        order = one_seller_order(order_id, buyer_id=buyer, seller_id=sellers[0], **kw)
-        for seller in sellers[1:]:
-            order["sub_orders"].append(dict(order["sub_orders"][0], seller_id=seller))
-        if "coupons" in order:
-            order["coupons"][0]["footprint"] = list(sellers)
+        order = order_document(order_id, buyer_id=buyer, sellers=sellers, **kw)
         await load_orders(self.stack.pool, parse_orders_file(orders_file(order)))
         return order_id
 

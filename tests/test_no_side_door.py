@@ -14,17 +14,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
 
-import httpx
 import pytest
 import structlog
-from helpers.api import assert_problem, bearer, load_order, request_body
+from helpers.api import Api, assert_problem, load_order, request_body
 from helpers.policies import TEST_FLOOR, seller_window
-from helpers.stacks import ApiStack, api_stack
+from helpers.stacks import api_stack
 from helpers.wait import eventually
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,7 +34,7 @@ from cli.main import app as cli
 from domain.models import TimeoutPolicy
 from domain.rules import cancellation_id as workflow_id_of
 from infra.settings import Settings
-from payments.provider import SimulatedProvider, SimulatorFaults
+from payments.provider import SimulatorFaults
 
 SECRET = "whsec_test_" + "s" * 32
 OWN, OTHER = "S-51", "S-52"
@@ -59,33 +57,6 @@ pytestmark = pytest.mark.e2e
 # --- the stack ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Api:
-    stack: ApiStack
-    provider: SimulatedProvider
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        principal: str | None,
-        *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        auth = bearer(self.stack.keys, principal)
-        return await self.stack.http.request(
-            method, path, json=json, content=content, headers={**auth, **(headers or {})}
-        )
-
-    async def view(self, cancellation_id: str) -> dict[str, Any]:
-        response = await self.call("GET", f"/v1/cancellations/{cancellation_id}", "sre")
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-
 @pytest.fixture(scope="module")
 async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
     # The escalate policy, so that a request with a short window ends up with operators.
@@ -104,7 +75,7 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
         principals=PRINCIPALS,
         webhook_secret=SECRET,
     ) as stack:
-        yield Api(stack, SimulatedProvider(stack.pool))
+        yield Api(stack, settings)
 
 
 async def new_order(api: Api, seller: str = OWN) -> str:

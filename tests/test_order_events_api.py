@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,10 @@ from unittest import mock
 
 import httpx
 import pytest
-from helpers.openapi import OpenApiCheck
+from helpers.api import Api, request_body
+from helpers.openapi import check_every_response
 from helpers.orders import one_seller_order, unique
-from helpers.stacks import ApiStack, api_stack, run_command
+from helpers.stacks import api_stack, run_command
 from helpers.wait import eventually
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
@@ -41,43 +41,10 @@ PRINCIPALS = ("order-system", "buyer-service", f"seller:{SELLER}", "sre", "payme
 ORDERCANCEL = str(Path(sys.executable).with_name("ordercancel"))
 
 
-@dataclass
-class Api:
-    stack: ApiStack
-    settings: Settings
-
-    async def call(
-        self, method: str, path: str, principal: str, *, json: Any = None
-    ) -> httpx.Response:
-        auth = {"Authorization": f"Bearer {self.stack.keys[principal]}"}
-        return await self.stack.http.request(method, path, json=json, headers=auth)
-
-    async def post_order(self, document: dict[str, Any]) -> httpx.Response:
-        return await self.call("POST", "/v1/orders", "order-system", json=document)
-
-    async def event(self, order_id: str, **body: Any) -> httpx.Response:
-        body.setdefault("event_id", unique("E"))
-        body.setdefault("occurred_at", "2026-05-01T12:00:00Z")
-        return await self.call("POST", f"/v1/orders/{order_id}/events", "order-system", json=body)
-
-    async def request(self, order_id: str) -> httpx.Response:
-        return await self.call(
-            "POST",
-            "/v1/cancellations",
-            "buyer-service",
-            json={
-                "order_id": order_id,
-                "seller_id": SELLER,
-                "buyer_id": BUYER,
-                "reason": "ordered_by_mistake",
-            },
-        )
-
-    async def details(self, cancellation_id: str) -> dict[str, Any]:
-        response = await self.call("GET", f"/v1/cancellations/{cancellation_id}", "sre")
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
+async def request_cancellation(api: Api, order_id: str) -> httpx.Response:
+    """BUYER's request to cancel SELLER's sub-order, through the API."""
+    body = request_body(order_id, SELLER, BUYER, reason="ordered_by_mistake")
+    return await api.call("POST", "/v1/cancellations", "buyer-service", json=body)
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +62,7 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
         principals=PRINCIPALS,
         webhook_secret=SECRET,
     ) as stack:
-        check = OpenApiCheck(stack.app.openapi())
-
-        async def documented(response: httpx.Response) -> None:
-            await response.aread()
-            check(response)
-
-        stack.http.event_hooks = {"response": [documented]}
+        check_every_response(stack.http, stack.app.openapi())
         yield Api(stack, settings)
 
 
@@ -187,7 +148,7 @@ async def test_validated_by_an_event_a_request_waits_and_a_shipment_rejects_it(a
     assert validated.status_code == 200, validated.text
     assert validated.json()["outcome"] == "applied"
 
-    requested = await api.request(order_id)
+    requested = await request_cancellation(api, order_id)
     assert requested.status_code == 202, requested.text
     assert (requested.json()["path"], requested.json()["status"]) == ("request", "awaiting_seller")
 
@@ -201,7 +162,7 @@ async def test_validated_by_an_event_a_request_waits_and_a_shipment_rejects_it(a
     )
 
     async def rejected() -> dict[str, Any]:
-        view = await api.details(cancellation_id)
+        view = await api.view(cancellation_id)
         assert view["status"] == "rejected", view["status"]
         assert not view["running"]
         return view
@@ -227,7 +188,7 @@ async def test_validated_by_an_event_a_request_waits_and_a_shipment_rejects_it(a
     other = unvalidated_order()
     assert (await api.post_order(other)).status_code == 200
     await api.event(other["order_id"], type="sub_order_shipped", seller_id=SELLER)
-    refused = await api.request(other["order_id"])
+    refused = await request_cancellation(api, other["order_id"])
     assert (refused.status_code, refused.json()["code"]) == (409, "already_shipped")
 
 
@@ -360,7 +321,7 @@ async def test_order_shipped_from_anyone_else_is_refused_and_changes_nothing(api
     document = one_seller_order(unique("O"), buyer_id=BUYER, seller_id=SELLER, validated=True)
     order_id = document["order_id"]
     assert (await api.post_order(document)).status_code == 200
-    requested = await api.request(order_id)
+    requested = await request_cancellation(api, order_id)
     assert requested.status_code == 202, requested.text
     handle = api.stack.client.get_workflow_handle(requested.json()["cancellation_id"])
     base = {"event_id": "E-forged", "occurred_at": "2026-05-01T12:00:00Z"}
@@ -371,7 +332,7 @@ async def test_order_shipped_from_anyone_else_is_refused_and_changes_nothing(api
     )
 
     async def refused_twice() -> dict[str, Any]:
-        view = await api.details(handle.id)
+        view = await api.view(handle.id)
         kinds = [e["kind"] for e in view["audit"]]
         assert kinds.count("order_shipped_refused") == 2, kinds
         return view
@@ -439,7 +400,7 @@ async def test_a_shipment_between_the_check_and_the_opening_is_still_already_shi
         assert shipped.status_code == 200, shipped.text
 
     with mock.patch.object(CancellationService, "check_cancellable", check_then_ship):
-        refused = await api.request(order_id)
+        refused = await request_cancellation(api, order_id)
 
     assert (refused.status_code, refused.json()["code"]) == (409, "already_shipped")
     assert (
@@ -493,7 +454,7 @@ async def test_nothing_to_capture_once_all_is_released_and_a_late_event_names_th
     document = unvalidated_order()
     order_id = document["order_id"]
     assert (await api.post_order(document)).status_code == 200
-    requested = await api.request(order_id)  # the instant path: voided at once
+    requested = await request_cancellation(api, order_id)  # the instant path: voided at once
     assert requested.status_code == 200, requested.text
     assert (requested.json()["path"], requested.json()["status"]) == ("instant", "completed")
     cancellation_id = requested.json()["cancellation_id"]

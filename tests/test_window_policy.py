@@ -10,17 +10,15 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
-from helpers.api import bearer, request_body
+from helpers.api import Api, request_body
 from helpers.orders import one_seller_order, orders_file, unique
-from helpers.stacks import ApiStack, api_stack
+from helpers.stacks import api_stack
 from helpers.wait import eventually
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -181,28 +179,6 @@ def test_the_cli_refuses_a_window_on_a_request_and_a_policy_below_the_floor(
 # --- end to end: the API, the worker, a real dev server -------------------------------------
 
 
-@dataclass
-class Api:
-    stack: ApiStack
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self.stack.pool
-
-    async def call(
-        self, method: str, path: str, principal: str, *, json: Any = None
-    ) -> httpx.Response:
-        return await self.stack.http.request(
-            method, path, json=json, headers=bearer(self.stack.keys, principal)
-        )
-
-    async def view(self, cancellation_id: str) -> dict[str, Any]:
-        response = await self.call("GET", f"/v1/cancellations/{cancellation_id}", "sre")
-        assert response.status_code == 200, response.text
-        found: dict[str, Any] = response.json()
-        return found
-
-
 @pytest.fixture(scope="module")
 async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api]:
     settings = Settings(
@@ -220,7 +196,7 @@ async def api(temporal_address: str, e2e_database_url: str) -> AsyncIterator[Api
         principals=("buyer-service", "sre", "sre:alice"),
         webhook_secret=SECRET,
     ) as stack:
-        yield Api(stack)
+        yield Api(stack, settings)
 
 
 @pytest.mark.e2e

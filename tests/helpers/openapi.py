@@ -42,3 +42,14 @@ class OpenApiCheck:
         schema = {**content[media]["schema"], "components": self._components}
         errors = list(Draft202012Validator(schema).iter_errors(response.json()))
         assert not errors, f"{where}: body does not match the schema: {errors[0].message}"
+
+
+def check_every_response(http: httpx.AsyncClient, document: dict[str, Any]) -> None:
+    """Check every response `http` receives against `document` (the app's OpenAPI document)."""
+    check = OpenApiCheck(document)
+
+    async def documented(response: httpx.Response) -> None:
+        await response.aread()
+        check(response)
+
+    http.event_hooks = {"response": [documented]}

@@ -1,5 +1,5 @@
-"""Orders and settings made up on the spot for a test: ids no other run has used, orders of one
-seller in the orders-file format, refund timings short enough to wait for."""
+"""Orders and settings made up on the spot for a test: ids no other run has used, orders in the
+orders-file format (one builder, `order_document`), refund timings short enough to wait for."""
 
 from __future__ import annotations
 
@@ -27,17 +27,20 @@ def fast_refund_settings(**overrides: Any) -> Settings:
     )
 
 
-def one_seller_order(
+def order_document(
     order_id: str,
     *,
     buyer_id: str,
-    seller_id: str,
+    sellers: tuple[str, ...],
     validated: bool = True,
     coupon: bool = False,
+    quantity: int = 2,
+    unit_price_minor: int = 1250,
 ) -> dict[str, Any]:
-    """An order of one seller for the orders file. Validated: paid by card and captured, the
-    seller has accepted (request path). Not validated: only authorised (instant path). With
-    `coupon`, a coupon paid for it (restored when it is cancelled and refunded)."""
+    """An order of `sellers` for `buyer_id`, in the orders-file format. Validated: paid by card
+    and captured, accepted by the sellers (request path). Not validated: only authorised (instant
+    path, a void). With `coupon`, a coupon over every seller (restored when they are all
+    cancelled and refunded)."""
     order: dict[str, Any] = {
         "order_id": order_id,
         "buyer_id": buyer_id,
@@ -51,24 +54,38 @@ def one_seller_order(
         },
         "sub_orders": [
             {
-                "seller_id": seller_id,
+                "seller_id": seller,
                 "seller_accepted": validated,
                 "shipping_minor": 300,
-                "lines": [{"sku": "E2E-SKU", "quantity": 2, "unit_price_minor": 1250}],
+                "lines": [
+                    {
+                        "sku": f"SKU-{seller}",
+                        "quantity": quantity,
+                        "unit_price_minor": unit_price_minor,
+                    }
+                ],
             }
+            for seller in sellers
         ],
     }
     if coupon:
         order["coupons"] = [
             {
                 "redemption_id": f"R-{order_id}",
-                "coupon_code": "E2E5",
+                "coupon_code": "TEST5",
                 "discount_minor": 500,
                 "expires_at": "2099-01-01T00:00:00Z",
-                "footprint": [seller_id],
+                "footprint": list(sellers),
             }
         ]
     return order
+
+
+def one_seller_order(
+    order_id: str, *, buyer_id: str, seller_id: str, **options: Any
+) -> dict[str, Any]:
+    """`order_document` of the one seller `seller_id`."""
+    return order_document(order_id, buyer_id=buyer_id, sellers=(seller_id,), **options)
 
 
 def orders_file(*orders: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 15, interval: float = 0.2
+    check: Callable[[], Awaitable[T]], *, timeout: float = 15, interval: float = 0.1
 ) -> T:
     """Retry `check` until it stops raising AssertionError (visibility and status lag), then
     return its value; after `timeout` seconds re-raise the last failure."""
