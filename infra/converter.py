@@ -27,7 +27,12 @@ from temporalio.contrib.pydantic import (
     PydanticJSONPlainPayloadConverter,
     PydanticPayloadConverter,
 )
-from temporalio.converter import DataConverter
+from temporalio.converter import (
+    CompositePayloadConverter,
+    DataConverter,
+    DefaultPayloadConverter,
+    JSONPlainPayloadConverter,
+)
 
 from domain.errors import UndecodablePayload
 
@@ -54,14 +59,19 @@ class SharedAdapterJSONConverter(PydanticJSONPlainPayloadConverter):
         return adapter.validate_json(payload.data)
 
 
+# The encodings, as PydanticPayloadConverter orders them, built once: each is stateless (the
+# JSON one's adapters are the process's), as the SDK's own default ones are, shared by every
+# instance. The SDK makes an instance for every workflow run and more (about ten per
+# cancellation), and building the pydantic serializer each time showed in the profiles.
+_ENCODINGS = tuple(
+    SharedAdapterJSONConverter() if isinstance(c, JSONPlainPayloadConverter) else c
+    for c in DefaultPayloadConverter.default_encoding_payload_converters
+)
+
+
 class MessagePayloadConverter(PydanticPayloadConverter):
     def __init__(self) -> None:
-        super().__init__()
-        json = SharedAdapterJSONConverter()
-        self.converters = {
-            encoding: json if isinstance(c, PydanticJSONPlainPayloadConverter) else c
-            for encoding, c in self.converters.items()
-        }
+        CompositePayloadConverter.__init__(self, *_ENCODINGS)
 
     def from_payloads(
         self, payloads: Sequence[Payload], type_hints: list[type] | None = None
