@@ -589,6 +589,11 @@ async def run_bench(
             ),
         )
 
+    # The workers write their logs and profiles there when they stop: a missing directory
+    # would lose them silently (the worker's exit is not watched for that).
+    for wanted in (options.logs_dir, options.profile_dir):
+        if wanted is not None:
+            wanted.mkdir(parents=True, exist_ok=True)
     try:
         async with database(settings, workdir) as db, AsyncExitStack() as servers:
             report["machine"]["postgres"] = "embedded" if db.embedded else "DATABASE_URL"
