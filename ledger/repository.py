@@ -395,12 +395,7 @@ class Ledger:
         created_at: datetime | None = await self._pool.fetchval(
             _TRANSITION,
             transition.cancellation_id,
-            transition.status.value,
-            transition.cancel_sub_order,
-            transition.event_key,
-            transition.actor,
-            transition.kind,
-            transition.detail,
+            *_transition_args(transition),
         )
         if created_at is None:
             raise CancellationNotFound(transition.cancellation_id)
@@ -490,12 +485,7 @@ class Ledger:
                 earliest,
                 latest,
                 checked,
-                transition.status.value if transition is not None else None,
-                transition.cancel_sub_order if transition is not None else False,
-                transition.event_key if transition is not None else None,
-                transition.actor if transition is not None else None,
-                transition.kind if transition is not None else None,
-                transition.detail if transition is not None else None,
+                *_transition_args(transition),
             )
             assert row is not None  # the function always returns one row
             created_at = created_at or row["created_at"]
@@ -928,12 +918,7 @@ class Ledger:
             event_key,
             no_coupon.outcome.value,
             no_coupon.reason,
-            transition.status.value,
-            transition.cancel_sub_order,
-            transition.event_key,
-            transition.actor,
-            transition.kind,
-            transition.detail,
+            *_transition_args(transition),
         )
         assert row is not None  # the function always returns one row
         match row["result"]:
@@ -1207,6 +1192,21 @@ def refund_times(refund: RefundRecord | None) -> dict[RefundStage, datetime | No
         RefundStage.SUBMITTED: refund.submitted_at,
         RefundStage.CONFIRMED: refund.confirmed_at,
     }
+
+
+def _transition_args(transition: TransitionInput | None) -> tuple[Any, ...]:
+    """A transition as the ledger's statements and functions take it: status, whether the
+    sub-order is cancelled, event key, actor, kind, detail (None: no transition)."""
+    if transition is None:
+        return (None, False, None, None, None, None)
+    return (
+        transition.status.value,
+        transition.cancel_sub_order,
+        transition.event_key,
+        transition.actor,
+        transition.kind,
+        transition.detail,
+    )
 
 
 def _coupon_outcome(row: asyncpg.Record) -> CouponOutcome:
