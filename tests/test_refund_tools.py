@@ -390,7 +390,10 @@ async def test_the_cli_interrupted_after_the_first_retry_run_again_finishes_the_
         "--concurrency",
         "1",
         "--rate",
-        "30/m",  # one every 2 s: time to interrupt after the first
+        # One every 15 s: the interrupt comes once the first retry is in the ledger, which the
+        # workflow writes after its update returns (seconds later on a loaded machine: at 30/m
+        # all four had gone before the first one showed).
+        "4/m",
     ]
     proc = await asyncio.create_subprocess_exec(
         *command,
