@@ -46,7 +46,7 @@ def dispatch(log_format: LogFormat = None) -> None:
         runtime = metrics_runtime(address) if address else None
         if runtime is not None:
             metrics = DispatchMetrics.for_runtime(runtime)
-            structlog.get_logger().info("metrics_serving", url=f"http://{address}/metrics")
+            structlog.get_logger(__name__).info("metrics_serving", url=f"http://{address}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

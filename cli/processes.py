@@ -23,7 +23,7 @@ def worker(log_format: LogFormat = None) -> None:
     async def main() -> None:
         runtime, metrics_url = worker_metrics_runtime(settings.metrics_port, settings.metrics_host)
         if metrics_url:
-            structlog.get_logger().info("metrics_serving", url=metrics_url)
+            structlog.get_logger(__name__).info("metrics_serving", url=metrics_url)
         async with open_stack(settings, runtime=runtime) as stack:
             await run_worker(settings, stack.client, stack.pool)
 

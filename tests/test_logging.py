@@ -187,3 +187,29 @@ def test_an_expected_activity_failure_is_one_line_and_an_unexpected_one_keeps_it
         _fail(KeyError("no such column"))
     (line,) = logs.lines()
     assert "Traceback" in line["exception"] and "KeyError" in line["exception"]
+
+
+def test_a_logger_used_before_a_reconfiguration_follows_it_and_its_level() -> None:
+    """structlog caches a logger on first use: its lines still take the format, output and
+    level configured later (the service's lines are written by structlog itself)."""
+    log = structlog.get_logger("ordercancel.cached")
+    with captured_logs("json", "info"):
+        log.info("first use")
+    with captured_logs("console", "warning") as logs:
+        log.info("below the level")
+        log.warning("in console format", order_id="O-3")
+    assert "below the level" not in logs.text
+    assert "in console format" in logs.text and "order_id=O-3" in logs.text
+    assert not logs.text.lstrip().startswith("{")
+
+
+def test_a_closed_output_does_not_fail_the_code_that_logs() -> None:
+    import io
+
+    from infra import logging as service_logging
+
+    closed = io.StringIO()
+    closed.close()
+    with captured_logs():
+        service_logging.OUTPUT.stream = closed
+        structlog.get_logger("ordercancel.test").info("nowhere to go")  # no exception

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -12,6 +13,7 @@ from typing import Any, Literal
 import structlog
 from temporalio import activity, workflow
 
+from infra import logging as service_logging
 from infra.logging import configure_logging
 
 
@@ -40,15 +42,14 @@ def captured_logs(
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     saved_structlog = structlog.get_config()
+    saved_output = dataclasses.replace(service_logging.OUTPUT)
     saved_flags = (
         workflow.logger.workflow_info_on_message,
         activity.logger.activity_info_on_message,
     )
-    configure_logging(fmt, level)
-    formatter = root.handlers[0].formatter
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter)
+    configure_logging(fmt, level, stream=stream)
+    (handler,) = root.handlers
     root.handlers[:] = [*saved_handlers, handler]
     try:
         yield CapturedLogs(stream)
@@ -56,6 +57,8 @@ def captured_logs(
         root.removeHandler(handler)
         root.setLevel(saved_level)
         structlog.configure(**saved_structlog)
+        for each in dataclasses.fields(saved_output):
+            setattr(service_logging.OUTPUT, each.name, getattr(saved_output, each.name))
         workflow.logger.workflow_info_on_message, activity.logger.activity_info_on_message = (
             saved_flags
         )
