@@ -47,7 +47,14 @@ with workflow.unsafe.imports_passed_through():
         WithdrawRequest,
     )
     from workflows import messages, steps
-    from workflows.handlers import REFUSALS_RECORDED, CancellationInbox
+    from workflows.handlers import (
+        REFUSALS_RECORDED,
+        CancellationInbox,
+        answered,
+        next_key,
+        note,
+        show_latest_message,
+    )
     from workflows.visibility import Visibility
 
 # Statuses a cancellation has before the seller's decision; a run that finds the ledger past
@@ -110,6 +117,7 @@ class OrderCancellation(CancellationInbox):
         self._decided_by = ""
         self._decision_reason = ""
         self._withdrawal: WithdrawRequest | None = None
+        self._shipped_event: str | None = None
         self._retry: RetryRefundRequest | None = None
         self._deadline: datetime | None = None
         self._seller_signals = 0
@@ -202,7 +210,8 @@ class OrderCancellation(CancellationInbox):
         self._visible.start(request)
         self._opened = opened
         self._visible.opened(opened)
-        self._note(
+        note(
+            self,
             f"buyer:{request.buyer_id}",
             "requested",
             f"reason {request.reason.value} ({request.reason.fault.value} fault)",
@@ -245,7 +254,10 @@ class OrderCancellation(CancellationInbox):
                 if window <= timedelta(0):
                     raise TimeoutError
                 await self._wait(
-                    self._answered, "seller", timeout=window, summary="Seller response window"
+                    lambda: answered(self),
+                    "seller",
+                    timeout=window,
+                    summary="Seller response window",
                 )
             except TimeoutError:
                 timed_out = True
@@ -256,7 +268,7 @@ class OrderCancellation(CancellationInbox):
             if late:
                 self._withdraw_late_decision()
             if timed_out or late:
-                if not self._answered() and self._on_timeout(opened):
+                if not answered(self) and self._on_timeout(opened):
                     await self._transition(
                         CancellationStatus.ESCALATED,
                         "timer",
@@ -264,7 +276,7 @@ class OrderCancellation(CancellationInbox):
                         "seller did not answer in time; an operator decides (resolve_escalation)",
                     )
         if self._status is CancellationStatus.ESCALATED:
-            await self._wait(self._answered, "seller")
+            await self._wait(lambda: answered(self), "seller")
 
         if self._withdrawal is not None and self._decision is None:
             await self._transition(
@@ -306,10 +318,10 @@ class OrderCancellation(CancellationInbox):
             actor=self._decided_by,
             kind="approved",
             detail=self._decision_reason,
-            event_key=self._key("approved"),
+            event_key=next_key(self, "approved"),
             cancel_sub_order=True,
         )
-        refund_key = self._key("refund_requested")
+        refund_key = next_key(self, "refund_requested")
         try:
             refund = await steps.approve_and_request_refund(
                 transition, opened.amount, refund_key=refund_key
@@ -353,7 +365,8 @@ class OrderCancellation(CancellationInbox):
 
     def _withdraw_late_decision(self) -> None:
         """The seller's signal reached the server after the deadline: the timer decides."""
-        self._note(
+        note(
+            self,
             self._decided_by,
             "seller_decision_refused",
             f"{RefusalCode.NOT_PENDING.value}: received after the deadline"
@@ -393,20 +406,22 @@ class OrderCancellation(CancellationInbox):
                 if completes and self._lean():
                     # One step: the coupon decision and the completion.
                     decision = await steps.complete_with_coupon(
-                        self._key("coupon"),
+                        next_key(self, "coupon"),
                         TransitionInput(
                             cancellation_id=self._id,
                             status=CancellationStatus.COMPLETED,
                             actor="system",
                             kind="completed",
-                            event_key=self._key("completed"),
+                            event_key=next_key(self, "completed"),
                         ),
                     )
                 else:
-                    decision = await steps.restore_coupon(self._id, event_key=self._key("coupon"))
+                    decision = await steps.restore_coupon(
+                        self._id, event_key=next_key(self, "coupon")
+                    )
                     completes = False
                 coupon = self._take_coupon(decision)
-                self._note("system", f"coupon_{coupon.outcome.value}", coupon.reason)
+                note(self, "system", f"coupon_{coupon.outcome.value}", coupon.reason)
                 # Siblings that decided partial_refund may be waiting on this decision.
                 await steps.coupon_settled(decision.notify)
                 if completes:
@@ -458,7 +473,7 @@ class OrderCancellation(CancellationInbox):
             coupon = self._take_coupon(decision)
             if before is None or coupon.outcome is not before.outcome:
                 # The ledger has the row (written by the sibling that restored it).
-                self._note("system", f"coupon_{coupon.outcome.value}", coupon.reason)
+                note(self, "system", f"coupon_{coupon.outcome.value}", coupon.reason)
             self._visible.show_coupon(coupon, waiting_on=self._coupon_waiting)
 
     # --- the refund: requested -> submitted -> confirmed, or parked (R7-R10) ----------------
@@ -487,7 +502,10 @@ class OrderCancellation(CancellationInbox):
                     if self._lean():
                         # Confirmed at once when the provider answers synchronously.
                         self._refund = await steps.submit_refund_and_confirm(
-                            step, self._refund, policy, confirm_key=self._key("refund_confirmed")
+                            step,
+                            self._refund,
+                            policy,
+                            confirm_key=next_key(self, "refund_confirmed"),
                         )
                         confirmed_now = self._refund.stage is RefundStage.CONFIRMED
                     else:
@@ -521,7 +539,7 @@ class OrderCancellation(CancellationInbox):
 
     async def _request_refund(self, opened: OpenCancellationResult) -> None:
         """Dot 1: the ledger records the refund (a new generation after a decline)."""
-        event_key = self._key("refund_requested")
+        event_key = next_key(self, "refund_requested")
         self._refund = await steps.request_refund(self._id, opened.amount, event_key=event_key)
         if self._refund.stage is RefundStage.REQUESTED:
             self._set_status(
@@ -614,7 +632,8 @@ class OrderCancellation(CancellationInbox):
             )
             return
         if self._refund.stage is not RefundStage.REVERSED:
-            self._note(
+            note(
+                self,
                 "system",
                 "reversal_not_confirmed",
                 f"event {event.event_id}: the provider still reports the refund succeeded",
@@ -633,8 +652,8 @@ class OrderCancellation(CancellationInbox):
 
     async def _record_note(self, actor: str, kind: str, detail: str) -> None:
         """An audit row with no status change, here and in the ledger (R12)."""
-        self._note(actor, kind, detail)
-        await steps.record_event(self._id, actor, kind, detail, event_key=self._key(kind))
+        note(self, actor, kind, detail)
+        await steps.record_event(self._id, actor, kind, detail, event_key=next_key(self, kind))
 
     # --- a history kept short: continue as new where the run waits (R20) -------------------
 
@@ -720,7 +739,7 @@ class OrderCancellation(CancellationInbox):
         opened = self._opened
         assert opened is not None
         self._visible.resumed(opened)
-        self._show_latest_message()
+        show_latest_message(self)
         self._visible.show(
             self._status,
             self._refund,
@@ -741,7 +760,7 @@ class OrderCancellation(CancellationInbox):
         return RefundStepInput(
             cancellation_id=self._id,
             idempotency_key=self._refund.idempotency_key,
-            event_key=self._key(kind),
+            event_key=next_key(self, kind),
         )
 
     async def _finish(self) -> CancellationResult:
@@ -755,9 +774,9 @@ class OrderCancellation(CancellationInbox):
                 f"{self._refused} messages were refused in all; the first"
                 f" {REFUSALS_RECORDED} are recorded"
             )
-            self._note("system", "refusals_counted", detail)
+            note(self, "system", "refusals_counted", detail)
             await steps.record_event(
-                self._id, "system", "refusals_counted", detail, event_key=self._key("refusals")
+                self._id, "system", "refusals_counted", detail, event_key=next_key(self, "refusals")
             )
         return CancellationResult(
             cancellation_id=self._id,
@@ -788,7 +807,7 @@ class OrderCancellation(CancellationInbox):
         (`logged_by_activity`); this writes the line only for changes no activity logs. A line
         from workflow code costs several times one from an activity (docs/performance.md)."""
         self._status = status
-        self._note(actor, kind, detail)
+        note(self, actor, kind, detail)
         if not logged_by_activity:
             workflow.logger.info(
                 "cancellation_%s", kind, extra={"status": status.value, "actor": actor}
@@ -815,7 +834,7 @@ class OrderCancellation(CancellationInbox):
         ledger did not record. Text the ledger refuses for its data (it cannot come from a
         message, whose models refuse it: defence in depth) is recorded escaped; a transition
         the ledger refuses for good fails the workflow with the status as the ledger has it."""
-        event_key = self._key(kind)
+        event_key = next_key(self, kind)
         try:
             await steps.record_transition(
                 self._id,
