@@ -52,6 +52,12 @@ ROWS: list[tuple[str, str, str]] = [
     ("worker RSS MiB (peak)", "rss_mib.worker_peak", "{:.0f}"),
     ("Temporal server RSS MiB (peak)", "rss_mib.server_peak", "{:.0f}"),
 ]
+# Rows whose figure is not the same work on every side: only the product has a ledger, and
+# other processes are the machine's noise. Their ratios say nothing (a reference side's
+# PostgreSQL CPU of 0.0001 s is its idle background, and 0.0073 against it is not "73x").
+NOT_COMPARED = frozenset(
+    {"cpu_s_per_cancellation.postgres", "cpu_s_per_cancellation.other_processes"}
+)
 
 
 def dig(node: Any, path: str) -> Any:
@@ -90,10 +96,11 @@ def bench_table(report: dict[str, Any]) -> Table:
         table.add_column("product/reference-4", justify="right")
     for label, path, fmt in ROWS:
         lim, prod = dig(limit, path), dig(product, path)
-        row = [label, _fmt(lim, fmt), _fmt(prod, fmt), _ratio(prod, lim)]
+        compared = path not in NOT_COMPARED
+        row = [label, _fmt(lim, fmt), _fmt(prod, fmt), ratio_text(prod, lim, fmt, compared)]
         if reference is not None:
             ref = dig(reference, path)
-            row += [_fmt(ref, fmt), _ratio(prod, ref)]
+            row += [_fmt(ref, fmt), ratio_text(prod, ref, fmt, compared)]
         table.add_row(*row)
     return table
 
@@ -109,10 +116,14 @@ def _caption(report: dict[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
-def _ratio(a: Any, b: Any) -> str:
-    return (
-        f"{a / b:.2f}" if isinstance(a, int | float) and isinstance(b, int | float) and b else "-"
-    )
+def ratio_text(a: Any, b: Any, fmt: str = "{}", compared: bool = True) -> str:
+    """a/b to two decimals; "-" when the row is not compared, either figure is missing, or b
+    is nothing at the precision it is printed with."""
+    if not compared or not (isinstance(a, int | float) and isinstance(b, int | float)):
+        return "-"
+    if float(fmt.format(b)) == 0:
+        return "-"
+    return f"{a / b:.2f}"
 
 
 def targets_table(report: dict[str, Any]) -> Table:
