@@ -219,12 +219,22 @@ def test_ratios_to_both_references_and_the_targets_judged_by_round(
     )
     assert len(report["round_ratios_reference_4"]) == ROUNDS
     targets = report["targets"]
+    shape_targets = {"billable actions per cancellation": 9, "history events per cancellation": 40}
     assert set(targets) == {
         "throughput vs reference-4",
         "throughput vs limit",
         "p95 (seller window excluded) vs limit",
         "worker CPU per cancellation vs limit",
+        *shape_targets,
     }
+    history = product["history"]
+    for name, most in shape_targets.items():
+        shape = targets.pop(name)
+        figure = history[
+            "actions_per_cancellation" if "actions" in name else "events_per_cancellation"
+        ]
+        assert shape["ratio"] == figure and shape["target"] == f"<= {most}"
+        assert shape["verdict"] == ("met" if figure <= most else "missed")
     for name, target in targets.items():
         assert len(target["rounds"]) == ROUNDS, name
         low, high = target["spread"]

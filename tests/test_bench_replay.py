@@ -33,6 +33,7 @@ async def test_replay_reports_cpu_per_history() -> None:
         assert row["events"] > 20
         # The workflow thread's CPU is part of the process's, and neither is nothing.
         assert 0 < row["workflow_thread_cpu_ms"] < row["process_cpu_ms"]
+    assert report["bytecode"] is True  # as the bench's workers, whatever the environment
 
 
 async def test_replay_refuses_an_unknown_history() -> None:

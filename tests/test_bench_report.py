@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from tools.bench.report import bench_table, ratio_text
+from tools.bench.report import bench_table, ratio_text, target_figure
 
 
 def test_ratio_text() -> None:
@@ -48,3 +48,10 @@ def test_the_table_compares_cpu_of_the_same_work_only() -> None:
     assert "1.21" in worker and "1.43" in worker
     assert postgres.split("│")[4].strip() == "-" and postgres.split("│")[6].strip() == "-"
     assert other.split("│")[6].strip() == "-"
+
+
+def test_a_target_figure_is_printed_on_the_side_of_the_target_it_is() -> None:
+    assert target_figure(1.2004, "<= 1.2") == "1.2004"
+    assert target_figure(1.23, "<= 1.2") == "1.23"
+    assert target_figure(0.8999, ">= 0.9") == "0.8999"
+    assert target_figure(1.1996, "<= 1.2") == "1.20"  # meets, and reads as meeting

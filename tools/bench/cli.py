@@ -16,12 +16,23 @@ import typer
 from rich.console import Console
 
 bench_app = typer.Typer(
-    help="Benchmarks: the cancellation mix against the engine's limit; parked cancellations.",
+    help=(
+        "Benchmarks: the cancellation mix against the engine's limit (a no-op workflow of the"
+        " same shape) and reference-4 (a fixed no-op shape), alternated on one machine; parked"
+        " cancellations; the workflow code's CPU by replay (docs/performance.md)."
+    ),
     invoke_without_command=True,
     no_args_is_help=False,
 )
 
 _err = Console(stderr=True)
+
+
+def _console(as_json: bool) -> Console:
+    """Where the tables go (stderr beside JSON), at the terminal's width, or wide enough for
+    the three-side table when written to a file or a pipe (rich would cut it to 80 columns)."""
+    stream = sys.stderr if as_json else sys.stdout
+    return Console(stderr=as_json, width=None if stream.isatty() else 160)
 
 
 def _run_until_stopped(main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
@@ -120,7 +131,7 @@ def bench(
         int,
         typer.Option(
             help="Measured slices per side, the sides alternated (A B, B A, ...) so that the"
-            " machine's drift in speed weighs on both alike; 1: each side in one go"
+            " machine's drift in speed weighs on every side alike; 1: each side in one go"
         ),
     ] = 4,
     server_db: Annotated[str, typer.Option(help="Dev server's SQLite: file or memory")] = "file",
@@ -181,7 +192,7 @@ def bench(
         profile_dir=profile,
         bytecode=bytecode,
     )
-    console = Console(stderr=as_json)
+    console = _console(as_json)
     progress, factory = _progress_factory(console)
 
     async def main() -> dict[str, Any]:
@@ -191,7 +202,8 @@ def bench(
     report = _run_until_stopped(main)
 
     def render() -> None:
-        console.print(shape_table(report))
+        if report.get("shape_check"):  # the limit's shapes, checked: only when it ran
+            console.print(shape_table(report))
         console.print(bench_table(report))
         if report.get("targets"):
             console.print(targets_table(report))
@@ -247,7 +259,7 @@ def parked(
         server_db=server_db,
         drain=drain,
     )
-    console = Console(stderr=as_json)
+    console = _console(as_json)
     progress, factory = _progress_factory(console)
 
     async def main() -> dict[str, Any]:
@@ -283,7 +295,7 @@ def sweep(
     from tools.bench.sweep import run_sweep, sweep_chart, sweep_table
 
     base = BenchOptions(count=count, stats_settle=stats_settle)
-    console = Console(stderr=as_json)
+    console = _console(as_json)
     progress, factory = _progress_factory(console)
 
     async def main() -> dict[str, Any]:
@@ -313,6 +325,10 @@ def replay(
     profile: Annotated[
         Path | None, typer.Option(help="Write a cProfile of the workflow thread here")
     ] = None,
+    bytecode: Annotated[
+        bool,
+        typer.Option(help="Keep compiled bytecode, as an installed package (and the bench) does"),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON report here")] = None,
 ) -> None:
@@ -321,8 +337,10 @@ def replay(
     from tools.bench.replay import replay_table, run_replay
 
     try:
-        report = asyncio.run(run_replay(tag=tag, names=history, rounds=rounds, profile=profile))
+        report = asyncio.run(
+            run_replay(tag=tag, names=history, rounds=rounds, profile=profile, bytecode=bytecode)
+        )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    console = Console(stderr=as_json)
+    console = _console(as_json)
     _write(report, as_json, out, lambda: console.print(replay_table(report)))

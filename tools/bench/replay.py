@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import cProfile
 import re
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +61,47 @@ def load_histories(
     return histories
 
 
+@contextmanager
+def bytecode_cache() -> Iterator[str | None]:
+    """Compiled bytecode for what the sandbox loads again for every workflow, as an installed
+    package has it (and as the bench gives its workers): where the environment forbids writing
+    bytecode (PYTHONDONTWRITEBYTECODE=1, an editable install), the sandbox would compile the
+    workflow module's source for every replay, about 3 ms each. Yields the cache directory,
+    None when the environment writes bytecode anyway."""
+    if not sys.dont_write_bytecode:
+        yield None
+        return
+    saved = sys.pycache_prefix
+    with tempfile.TemporaryDirectory(prefix="bench-replay-pycache-") as cache:
+        sys.dont_write_bytecode, sys.pycache_prefix = False, cache
+        try:
+            yield cache
+        finally:
+            sys.dont_write_bytecode, sys.pycache_prefix = True, saved
+
+
 async def run_replay(
     tag: str = DEFAULT_TAG,
     names: Sequence[str] | None = None,
     rounds: int = 20,
     profile: Path | None = None,
+    bytecode: bool = True,
 ) -> dict[str, Any]:
-    """Replay each history once to warm up, then `rounds` times; CPU per replay."""
+    """Replay each history once to warm up, then `rounds` times; CPU per replay. `bytecode`:
+    with a bytecode cache (`bytecode_cache`), as the bench's workers have one."""
+    if bytecode:
+        with bytecode_cache():
+            return await _run_replay(tag, names, rounds, profile, bytecode)
+    return await _run_replay(tag, names, rounds, profile, bytecode)
+
+
+async def _run_replay(
+    tag: str,
+    names: Sequence[str] | None,
+    rounds: int,
+    profile: Path | None,
+    bytecode: bool,
+) -> dict[str, Any]:
     histories = load_histories(tag, names)
     threads: list[int] = []
     profiler = cProfile.Profile(time.thread_time) if profile else None
@@ -118,7 +155,7 @@ async def run_replay(
         if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(str(profile))
-    return {"tag": tag, "rounds": rounds, "histories": rows}
+    return {"tag": tag, "rounds": rounds, "bytecode": bytecode, "histories": rows}
 
 
 def replay_table(report: dict[str, Any]) -> Any:

@@ -126,25 +126,54 @@ def ratio_text(a: Any, b: Any, fmt: str = "{}", compared: bool = True) -> str:
     return f"{a / b:.2f}"
 
 
+def target_figure(value: float, target: str) -> str:
+    """`value` to two decimals, or more where two would put it on the other side of `target`
+    (">= 0.8", "<= 1.2"): a ratio of 1.2004 against "<= 1.2" is 1.2004, not a "1.20" that
+    reads as met beside the verdict "missed"."""
+    op, _, number = target.partition(" ")
+    limit = float(number)
+
+    def meets(x: float) -> bool:
+        return x >= limit if op == ">=" else x <= limit
+
+    for digits in (2, 3, 4):
+        text = f"{value:.{digits}f}"
+        if meets(float(text)) == meets(value):
+            return text
+    return f"{value:.6f}"
+
+
 def targets_table(report: dict[str, Any]) -> Table:
     """Issue 19's targets: the run's ratio, its spread over the rounds, the verdict."""
     table = Table(title="targets (met / missed in every round, else noisy: not judged)")
-    for column in ("target", "", "ratio", "rounds", "verdict"):
+    for column in ("target", "", "figure", "rounds", "verdict"):
         table.add_column(column)
     for name, t in report["targets"].items():
         spread = t["spread"]
+        goal = t["target"]
         table.add_row(
             name,
-            t["target"],
-            "-" if t["ratio"] is None else f"{t['ratio']:.2f}",
-            "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
+            goal,
+            "-" if t["ratio"] is None else target_figure(t["ratio"], goal),
+            "-"
+            if spread is None
+            else f"{target_figure(spread[0], goal)}-{target_figure(spread[1], goal)}",
             t["verdict"] + (f" ({t['why']})" if t["why"] else ""),
         )
     return table
 
 
 def shape_table(report: dict[str, Any]) -> Table:
-    table = Table(title="event shape per path: limit reproduces product")
+    limit_run = any(
+        check.get("limit") is not None for check in report.get("shape_check", {}).values()
+    )
+    table = Table(
+        title="event shape per path: limit reproduces product"
+        if limit_run
+        else "event shape per path (no limit side in this run)"
+    )
+    # upserts: every search-attribute upsert event, the SDK's `TemporalChangeVersion` ones (one
+    # per patch, not billed) included.
     for column in ("path", "events", "activities", "timers", "upserts", "match"):
         table.add_column(column)
     for key, check in report.get("shape_check", {}).items():

@@ -458,9 +458,20 @@ TARGETS: list[tuple[str, str, str, str, float, bool]] = [
         False,
     ),
 ]
+# Issue 19's shape targets on the default mix: (name, the product's figure, the most allowed).
+SHAPE_TARGETS: list[tuple[str, str, int]] = [
+    ("billable actions per cancellation", "history.actions_per_cancellation", 9),
+    ("history events per cancellation", "history.events_per_cancellation", 40),
+]
 # Another load on the machine above this (CPU s per s, beside the bench's own processes) in
 # any slice makes the run too noisy to judge: its sides did not run on the same machine.
 NOISY_OTHER_CPU = 0.25
+
+
+def _round_sizes(slices: list[list[Unit]]) -> str:
+    """How many units the rounds of one side take: `50`, or `49-50` when they differ."""
+    sizes = sorted({len(s) for s in slices})
+    return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
 
 
 def _dig(node: Any, path: str) -> Any:
@@ -482,6 +493,14 @@ def judge_targets(sides: dict[str, Any], drift: dict[str, Any]) -> dict[str, dic
     found: dict[str, dict[str, Any]] = {}
     for name, other, slice_key, side_key, target, higher in TARGETS:
         if other not in sides:
+            found[name] = {
+                "target": f"{'>=' if higher else '<='} {target}",
+                "ratio": None,
+                "rounds": [],
+                "spread": None,
+                "verdict": "not run",
+                "why": f"the {other} side was not run (--sides)",
+            }
             continue
         p, o = _dig(product, side_key), _dig(sides[other], side_key)
         value = p / o if isinstance(p, int | float) and isinstance(o, int | float) and o else None
@@ -516,6 +535,18 @@ def judge_targets(sides: dict[str, Any], drift: dict[str, Any]) -> dict[str, dic
             "spread": [min(rounds), max(rounds)] if rounds else None,
             "verdict": verdict,
             "why": "; ".join(reasons),
+        }
+    # The shape's targets: counts from every history of the sample, not ratios of a round (a
+    # path's shape is the same in every round).
+    for name, side_key, limit in SHAPE_TARGETS:
+        value = _dig(product, side_key)
+        found[name] = {
+            "target": f"<= {limit}",
+            "ratio": value,
+            "rounds": [],
+            "spread": None,
+            "verdict": "no figure" if value is None else "met" if value <= limit else "missed",
+            "why": "",
         }
     return found
 
@@ -773,8 +804,9 @@ async def run_bench(
             names = list(stacks)
             slices = {name: split(stacks[name].units, options.rounds) for name in names}
             note(
-                f"measured run: {options.rounds} round(s) of "
-                + " and ".join(f"{name} {len(slices[name][0])}+ units" for name in names)
+                f"measured run: {options.rounds} round(s) per side, each of "
+                + " and ".join(f"{name} {_round_sizes(slices[name])} units" for name in names)
+                + " (a unit is one order: one cancellation, two for a coupon order)"
             )
             for name, rnd in slice_order(options.rounds, names):
                 stack = stacks[name]
