@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,11 @@ async def run_replay(
 ) -> dict[str, Any]:
     """Replay each history once to warm up, then `rounds` times; CPU per replay. `bytecode`:
     with a bytecode cache (`bytecode_cache`), as the bench's workers have one."""
-    if bytecode:
-        with bytecode_cache():
-            return await _run_replay(tag, names, rounds, profile, bytecode)
-    return await _run_replay(tag, names, rounds, profile, bytecode)
+    with bytecode_cache() if bytecode else nullcontext():
+        return await _replay_each(tag, names, rounds, profile, bytecode)
 
 
-async def _run_replay(
+async def _replay_each(
     tag: str,
     names: Sequence[str] | None,
     rounds: int,

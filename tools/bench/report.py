@@ -164,14 +164,7 @@ def targets_table(report: dict[str, Any]) -> Table:
 
 
 def shape_table(report: dict[str, Any]) -> Table:
-    limit_run = any(
-        check.get("limit") is not None for check in report.get("shape_check", {}).values()
-    )
-    table = Table(
-        title="event shape per path: limit reproduces product"
-        if limit_run
-        else "event shape per path (no limit side in this run)"
-    )
+    table = Table(title="event shape per path: limit reproduces product")
     # upserts: every search-attribute upsert event, the SDK's `TemporalChangeVersion` ones (one
     # per patch, not billed) included.
     for column in ("path", "events", "activities", "timers", "upserts", "match"):
