@@ -83,6 +83,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports: each is held until all are chosen (two `free_port()`
+    calls in a row can return the same port, the first one being free again by the second)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def _port_taken(host: str, port: int) -> bool:
     """Whether binding would fail; probed like the Go server binds (SO_REUSEADDR), so a port
     merely in TIME_WAIT from an earlier run does not count as taken."""

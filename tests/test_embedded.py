@@ -20,7 +20,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from devstack.embedded import EmbeddedPostgres, TemporalDevServer, free_port
+from devstack.embedded import EmbeddedPostgres, TemporalDevServer, free_port, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATUS = SearchAttributeKey.for_keyword("CancellationStatus")
@@ -160,9 +160,10 @@ async def test_temporal_dev_server_persists_workflows_and_search_attributes(
     namespace = "embedded-test"
     db_file = tmp_path / "temporal" / "dev.db"
     log_file = tmp_path / "temporal.log"
+    port, ui_port = free_ports(2)
     server = TemporalDevServer(
-        port=free_port(),
-        ui_port=free_port(),
+        port=port,
+        ui_port=ui_port,
         db_file=db_file,
         namespace=namespace,
         search_attributes={"CancellationStatus": "Keyword"},

@@ -350,7 +350,9 @@ async def test_an_interrupted_bulk_retry_run_again_finishes_the_rest(stack: Refu
     with pytest.raises(asyncio.CancelledError):
         await run
     assert 1 <= len(seen) < 6
-    assert all(r.outcome is RetryOutcome.RETRIED for r in seen)
+    assert all(r.outcome is RetryOutcome.RETRIED for r in seen), [
+        (r.cancellation_id, r.outcome, r.detail) for r in seen
+    ]
 
     # Run again: only what is still parked is retried (a cancellation visibility still shows
     # as parked but that was retried is refused and skipped).

@@ -25,7 +25,7 @@ from temporalio.worker import Interceptor
 
 from api.app import borrowed, create_app
 from api.keys import KeyStore, generate_key
-from devstack.embedded import TemporalDevServer, free_port
+from devstack.embedded import TemporalDevServer, free_ports
 from infra.client import connect
 from infra.settings import Settings
 from ledger.db import create_pool
@@ -73,9 +73,10 @@ def with_database(url: str, database: str) -> str:
 @asynccontextmanager
 async def dev_server(data_dir: Path, *, ui: bool = False) -> AsyncIterator[TemporalDevServer]:
     """A Temporal dev server (with its Web UI when `ui`), the search attributes registered."""
+    port, ui_port = free_ports(2)  # distinct: the Web UI's cannot be the server's
     server = TemporalDevServer(
-        port=free_port(),
-        ui_port=free_port() if ui else None,
+        port=port,
+        ui_port=ui_port if ui else None,
         db_file=data_dir / "temporal.db",
         search_attributes=CLI_TYPES,
     )
