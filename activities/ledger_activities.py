@@ -333,7 +333,7 @@ class LedgerActivities:
 def _log_requested(refund: RefundView) -> None:
     if refund.stage is RefundStage.REQUESTED:
         # The status change the workflow makes of it (its one log line, see
-        # `OrderCancellation._set_status`).
+        # `workflows.order_cancellation._set_status`).
         log.info(
             "refund_requested",
             status=CancellationStatus.REFUND_REQUESTED.value,

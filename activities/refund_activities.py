@@ -39,7 +39,7 @@ REFUND_STATUS_UNREADABLE = "RefundStatusUnreadable"
 log = structlog.get_logger(__name__)
 
 # The status change each recorded stage is to the workflow: its one log line is written here
-# (`OrderCancellation._set_status`).
+# (`workflows.order_cancellation._set_status`).
 _STAGE_STATUS = {
     RefundStage.SUBMITTED: CancellationStatus.REFUND_SUBMITTED,
     RefundStage.CONFIRMED: CancellationStatus.REFUND_CONFIRMED,
