@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from temporalio import workflow
@@ -876,30 +877,20 @@ async def _transition(
     ledger did not record. Text the ledger refuses for its data (it cannot come from a
     message, whose models refuse it: defence in depth) is recorded escaped; a transition
     the ledger refuses for good fails the workflow with the status as the ledger has it."""
-    event_key = next_key(wf, kind)
+    record = partial(
+        steps.record_transition,
+        wf._id,
+        status,
+        event_key=next_key(wf, kind),
+        cancel_sub_order=cancel_sub_order,
+    )
     try:
-        await steps.record_transition(
-            wf._id,
-            status,
-            actor,
-            kind,
-            detail,
-            event_key=event_key,
-            cancel_sub_order=cancel_sub_order,
-        )
+        await record(actor, kind, detail)
     except ActivityError as err:
         if not steps.data_refused(err):
             raise
         actor, detail = rules.safe_text(actor, 200), rules.safe_text(detail, 2000)
-        await steps.record_transition(
-            wf._id,
-            status,
-            actor,
-            kind,
-            detail,
-            event_key=event_key,
-            cancel_sub_order=cancel_sub_order,
-        )
+        await record(actor, kind, detail)
     # `record_transition` logged the change once it was recorded.
     _set_status(wf, status, actor, kind, detail, logged_by_activity=True)
 
