@@ -70,6 +70,23 @@ def test_slices_cover_every_unit_once_in_order() -> None:
         assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
+def test_every_round_has_the_mix_in_the_same_proportions() -> None:
+    # A round with more silent sellers (whose window holds a slot) or coupon orders than
+    # another would differ from it by its units, not by the machine's noise.
+    for count, rounds in ((200, 4), (500, 4), (33, 7)):
+        units, _ = build_units(
+            "t", "product", allocate(count, DEFAULT_MIX), silent_window=ONE_S, rounds=rounds
+        )
+        slices = split(units, rounds)
+        assert sorted(u.index for part in slices for u in part) == sorted(u.index for u in units)
+        for path in PATHS:
+            per_round = [sum(u.path == path for u in part) for part in slices]
+            assert max(per_round) - min(per_round) <= 1, (count, rounds, path, per_round)
+    # One round: the same order as before rounds were dealt (earlier runs stay comparable).
+    one, _ = build_units("t", "product", allocate(200, DEFAULT_MIX), silent_window=ONE_S)
+    assert [u.index for u in one][:5] == [130, 47, 75, 32, 29]
+
+
 def test_sides_alternate_so_drift_weighs_on_both() -> None:
     assert slice_order(4, ["product", "limit"]) == [
         ("product", 0),

@@ -141,8 +141,15 @@ def build_units(
     *,
     silent_window: timedelta,
     seed: int = 7,
+    rounds: int = 1,
 ) -> tuple[list[Unit], list[CheckoutOrderIn]]:
-    """The units of one side, shuffled (paths interleave as in real traffic), and their orders."""
+    """The units of one side, shuffled (paths interleave as in real traffic), and their orders.
+
+    With `rounds`, the units come in that many consecutive slices of (nearly) equal size, the
+    ones `run.split` cuts, and each slice has the mix in the same proportions (each path's
+    count differs by at most one between slices): a round's ratio then differs from another's
+    by the machine's noise, not by holding more silent sellers (whose window keeps a slot) or
+    coupon orders. Each slice is shuffled on its own."""
     units: list[Unit] = []
     orders: list[CheckoutOrderIn] = []
     index = 0
@@ -185,5 +192,22 @@ def build_units(
                 )
             )
             index += 1
-    random.Random(seed).shuffle(units)
-    return units, orders
+    return _stratified(units, rounds, random.Random(seed)), orders
+
+
+def _stratified(units: list[Unit], rounds: int, rng: random.Random) -> list[Unit]:
+    """`units` (grouped by path) dealt into `rounds` slices of `run.split`'s sizes, each slice
+    taking every path in proportion, then each slice shuffled. One slice: a plain shuffle."""
+    n = len(units)
+    sizes = [(r + 1) * n // rounds - r * n // rounds for r in range(max(rounds, 1))]
+    # Slot k of the path-grouped order goes to the slice whose share it falls in: the slices'
+    # positions interleaved in proportion to their sizes.
+    slots = sorted((j / size, r) for r, size in enumerate(sizes) for j in range(size))
+    dealt: list[list[Unit]] = [[] for _ in sizes]
+    for unit, (_, r) in zip(units, slots, strict=True):
+        dealt[r].append(unit)
+    ordered: list[Unit] = []
+    for part in dealt:
+        rng.shuffle(part)
+        ordered += part
+    return ordered

@@ -632,7 +632,11 @@ async def run_bench(
                 run_id, "calibration", _calibration_counts(), silent_window=options.silent_window
             )
             product_units, product_orders = build_units(
-                run_id, "product", counts, silent_window=options.silent_window
+                run_id,
+                "product",
+                counts,
+                silent_window=options.silent_window,
+                rounds=options.rounds,
             )
             note(f"loading {len(calib_orders) + len(product_orders)} orders")
             loader = await counting_pool(db.dsn, SqlCounter(), min_size=1, max_size=2)
@@ -715,7 +719,11 @@ async def run_bench(
                     run_id, "warmup", _calibration_counts(), silent_window=options.silent_window
                 )
                 limit_units, _ = build_units(
-                    run_id, "limit", counts, silent_window=options.silent_window
+                    run_id,
+                    "limit",
+                    counts,
+                    silent_window=options.silent_window,
+                    rounds=options.rounds,
                 )
                 srv = await servers.enter_async_context(
                     temporal(settings, workdir, "limit", server_db=options.server_db)
@@ -759,7 +767,11 @@ async def run_bench(
                     run_id, "qwarm", _calibration_counts(), silent_window=options.silent_window
                 )
                 ref_units, _ = build_units(
-                    run_id, "reference", counts, silent_window=options.silent_window
+                    run_id,
+                    "reference",
+                    counts,
+                    silent_window=options.silent_window,
+                    rounds=options.rounds,
                 )
                 srv = await servers.enter_async_context(
                     temporal(settings, workdir, "reference", server_db=options.server_db)
