@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,20 @@ from typing import Any
 import psutil
 import pytest
 from helpers.stacks import run_command
+from temporalio.api.enums.v1 import EventType
 
-from tools.bench.mix import DEFAULT_MIX, PATHS, allocate, build_units, unit_count
+from domain.models import CancellationReason, RequestCancellationInput
+from tools.bench.driver import run_units
+from tools.bench.mix import (
+    DEFAULT_MIX,
+    INSTANT,
+    PATHS,
+    SILENT,
+    Unit,
+    allocate,
+    build_units,
+    unit_count,
+)
 from tools.bench.run import slice_order, split
 
 pytestmark = pytest.mark.e2e
@@ -82,9 +95,11 @@ def test_every_round_has_the_mix_in_the_same_proportions() -> None:
         for path in PATHS:
             per_round = [sum(u.path == path for u in part) for part in slices]
             assert max(per_round) - min(per_round) <= 1, (count, rounds, path, per_round)
-    # One round: the same order as before rounds were dealt (earlier runs stay comparable).
-    one, _ = build_units("t", "product", allocate(200, DEFAULT_MIX), silent_window=ONE_S)
-    assert [u.index for u in one][:5] == [130, 47, 75, 32, 29]
+        # The silent sellers first in each round: their window runs while the rest does.
+        for part in slices:
+            waits = [u.window > timedelta(0) for u in part]
+            assert waits == sorted(waits, reverse=True), (count, rounds)
+            assert any(waits) or count < 100, (count, rounds)
 
 
 def test_sides_alternate_so_drift_weighs_on_both() -> None:
@@ -359,3 +374,69 @@ def servers_under(root: Path) -> list[str]:
             if str(root) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 found.append(cmdline)
     return found
+
+
+class _Event:
+    def __init__(self, event_type: int) -> None:
+        self.event_type = event_type
+
+
+class _Handle:
+    """A workflow that waits for its seller at once and ends when the test says so."""
+
+    def __init__(self, workflow_id: str, done: asyncio.Event) -> None:
+        self.id = workflow_id
+        self._done = done
+
+    async def fetch_history_events(self, wait_new_event: bool = False) -> AsyncIterator[_Event]:
+        yield _Event(EventType.EVENT_TYPE_TIMER_STARTED)
+
+    async def result(self) -> str:
+        await self._done.wait()
+        return "completed"
+
+
+class _SilentSide:
+    """A side whose silent cancellations end only when the test lets them."""
+
+    name = "product"
+    always_decides: str | None = None
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.window_over = asyncio.Event()
+        self.others_done = asyncio.Event()
+        self.others_done.set()
+
+    async def start(self, key: str, request: RequestCancellationInput, unit: Unit) -> Any:
+        self.started.append(unit.path)
+        done = self.window_over if unit.path == SILENT else self.others_done
+        return _Handle(f"wf-{unit.index}", done)
+
+    async def decide(self, handle: Any, request: RequestCancellationInput, decision: str) -> None:
+        raise AssertionError("no seller decides on this side's paths")
+
+    async def status(self, result: Any) -> str:
+        return str(result)
+
+
+async def test_a_silent_sellers_window_does_not_hold_a_slot() -> None:
+    # Two slots, both taken by silent sellers: the instant cancellation behind them runs while
+    # their windows do; before, it waited for a window to end (the machine idled meanwhile).
+    side = _SilentSide()
+    request = RequestCancellationInput(
+        order_id="O-1", seller_id="S-1", buyer_id="B-1", reason=CancellationReason.OUT_OF_STOCK
+    )
+    silent = [Unit(index=i, path=SILENT, requests=[request], window=ONE_S) for i in (0, 1)]
+    instant = Unit(index=2, path=INSTANT, requests=[request])
+    run = asyncio.create_task(run_units(side, [*silent, instant], concurrency=2, timeout=10))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while INSTANT not in side.started:
+        assert loop.time() < deadline, side.started
+        await asyncio.sleep(0.01)
+    assert not run.done()  # the silent ones still wait out their window
+    side.window_over.set()
+    finished = await asyncio.wait_for(run, 5)
+    assert sorted(t.path for t in finished.timings) == [INSTANT, SILENT, SILENT]
+    assert all(t.error is None for t in finished.timings), finished.timings

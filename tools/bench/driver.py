@@ -4,14 +4,16 @@ Both sides are driven the same way. A unit starts its workflow(s); on a path whe
 decides, the driver waits until the workflow waits for the seller (its history shows the
 seller-window timer, read with a long poll that costs the worker nothing) and sends update
 `decide` at once, as a seller answering immediately would; then it waits for the result.
-`--concurrency` bounds the workflows in flight (a coupon unit holds two).
+`--concurrency` bounds the workflows in flight (a coupon unit holds two), but for a silent
+seller's once it waits out its window (the seller's time, not the machine's: its slot goes to the
+next unit meanwhile, as a new buyer would not wait for another's seller).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -218,8 +220,16 @@ class Slots:
 
 
 async def run_request(
-    side: Side, unit: Unit, request: RequestCancellationInput, timeout: float
+    side: Side,
+    unit: Unit,
+    request: RequestCancellationInput,
+    timeout: float,
+    *,
+    on_waiting: Callable[[], Awaitable[None]] | None = None,
 ) -> Timing:
+    """One cancellation from start to its end. `on_waiting` is awaited once a silent seller's
+    workflow waits out its window: the window is the seller's time, not load on the machine,
+    so the caller can give its slot to the next cancellation meanwhile."""
     key = shape_key(unit.path, request)
     decision = DECISIONS.get(unit.path) or side.always_decides
     # The silent seller's window, where the timer decides (not on a side that always decides).
@@ -230,6 +240,10 @@ async def run_request(
     try:
         handle = await side.start(key, request, unit)
         timing.workflow_id = handle.id
+        if window and on_waiting is not None:
+            if not await asyncio.wait_for(wait_for_seller_window(handle), timeout):
+                raise RuntimeError("the workflow closed before waiting for the seller")
+            await on_waiting()
         if decision is not None:
             if not await asyncio.wait_for(wait_for_seller_window(handle), timeout):
                 raise RuntimeError("the workflow closed before waiting for the seller")
@@ -274,13 +288,21 @@ async def run_units(
     tasks: list[asyncio.Task[None]] = []
 
     async def one(unit: Unit, request: RequestCancellationInput) -> None:
+        held = True
+
+        async def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                await slots.release(1)
+
         try:
-            timing = await run_request(side, unit, request, timeout)
+            timing = await run_request(side, unit, request, timeout, on_waiting=free)
             run.timings.append(timing)
             if on_done is not None:
                 on_done(timing)
         finally:
-            await slots.release(1)
+            await free()
 
     async def in_turn(unit: Unit) -> None:
         # A coupon order's sub-orders one after the other: a sibling that decides while the
