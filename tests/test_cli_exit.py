@@ -1,6 +1,6 @@
 """How `ordercancel` ends: with the command's exit code and all it printed, its `atexit` work done,
 but without the interpreter's finalization, where the Temporal SDK's runtime threads can crash a
-process that has already done its work (`cli.main.leave`). Each case is a real process."""
+process that has already done its work (`infra/process_exit.py`). Each case is a real process."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _leave_with(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     marker = tmp_path / "atexit-ran"
     script = (
         "import atexit, sys\n"
-        "from cli.main import leave\n"
+        "from infra.process_exit import leave\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
         "print('the result', end='')\n"
         "print('a warning', end='', file=sys.stderr)\n"

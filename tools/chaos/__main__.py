@@ -3,7 +3,8 @@ from a checkout (`make chaos`); not installed with the product and not in the im
 
 import typer
 
+from infra.process_exit import run_then_leave
 from tools.chaos.cli import chaos_command
 
 if __name__ == "__main__":
-    typer.run(chaos_command)
+    run_then_leave(lambda: typer.run(chaos_command))
