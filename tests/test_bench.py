@@ -130,6 +130,7 @@ def test_sides_alternate_so_drift_weighs_on_both() -> None:
         (["--rounds", "0"], "Invalid value for --rounds: 0 rounds: between 1 and 9"),
         (["--rounds", "10"], "Invalid value for --rounds: 10 rounds: between 1 and 9"),
         (["--mix", "instant=1,later=2"], "Invalid value for --mix: unknown path 'later'"),
+        (["--sides", "product,nope"], "Invalid value for --sides: unknown side 'nope'"),
     ],
 )
 async def test_bad_bench_options_are_refused_before_anything_starts(

@@ -163,6 +163,14 @@ def bench(
         parsed_mix = parse_mix(mix) if mix else dict(DEFAULT_MIX)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--mix") from err
+    chosen = tuple(side.strip() for side in sides.split(","))
+    known = BenchOptions.sides
+    unknown = [side for side in chosen if side not in known]
+    if unknown or not chosen:
+        raise typer.BadParameter(
+            f"unknown side {', '.join(map(repr, unknown))}: choose among {', '.join(known)}",
+            param_hint="--sides",
+        )
     units = unit_count(allocate(count, parsed_mix))
     if not 1 <= rounds <= units:
         raise typer.BadParameter(
@@ -183,7 +191,7 @@ def bench(
         cache=cache,
         metrics=metrics,
         unsandboxed=unsandboxed,
-        sides=tuple(side.strip() for side in sides.split(",")),
+        sides=chosen,
         rounds=rounds,
         server_db=server_db,
         logs_dir=logs,
