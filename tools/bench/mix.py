@@ -148,8 +148,9 @@ def build_units(
     With `rounds`, the units come in that many consecutive slices of (nearly) equal size, the
     ones `run.split` cuts, and each slice has the mix in the same proportions (each path's
     count differs by at most one between slices): a round's ratio then differs from another's
-    by the machine's noise, not by holding more silent sellers (whose window keeps a slot) or
-    coupon orders. Each slice is shuffled on its own, its silent sellers first."""
+    by the machine's noise, not by holding more silent sellers or coupon orders. Each slice is
+    shuffled on its own, its silent sellers first (their window then runs while the rest of
+    the slice does)."""
     units: list[Unit] = []
     orders: list[CheckoutOrderIn] = []
     index = 0
@@ -199,7 +200,7 @@ def _stratified(units: list[Unit], rounds: int, rng: random.Random) -> list[Unit
     """`units` (grouped by path) dealt into `rounds` slices of `run.split`'s sizes, each slice
     taking every path in proportion, then each slice shuffled, its silent sellers first."""
     n = len(units)
-    sizes = [(r + 1) * n // rounds - r * n // rounds for r in range(max(rounds, 1))]
+    sizes = [(r + 1) * n // rounds - r * n // rounds for r in range(rounds)]
     # Slot k of the path-grouped order goes to the slice whose share it falls in: the slices'
     # positions interleaved in proportion to their sizes.
     slots = sorted((j / size, r) for r, size in enumerate(sizes) for j in range(size))
